@@ -1,0 +1,432 @@
+"""CommonKV decoder with a real latent KV cache.
+
+Self-contained (imports only torch and transformers): this file is copied into every converted
+checkpoint and loaded with `trust_remote_code=True` where the commonkv package is not installed.
+
+A converted layer does not project keys and values from its input. It computes (or reuses) a latent
+`c = A_g x` of width r, shared by the layers of group g, and stores only that latent:
+
+    keys   = RoPE(k_norm(B_k c + b_k))          reconstructed for every cached token
+    values = softmax(q kᵀ) · C, then B_v per KV head   ("matrix fusion": attention runs over the latent)
+
+In a merged group only the anchor (first layer) stores its latent; the other layers read it and
+allocate nothing. Positions: keys are rotated at their cache slot index and queries at theirs, so
+scores depend only on slot differences, which equal position differences for every real token
+(left padding included), because RoPE scores are invariant to a common shift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, DynamicLayer
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+try:  # the checkpoint copy imports its sibling; the package imports the module in its own folder
+    from .configuration_commonkv import CommonKVConfig, LayerRole
+except ImportError:  # pragma: no cover - flat import when loaded as a plain module
+    from configuration_commonkv import CommonKVConfig, LayerRole
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cache
+# ----------------------------------------------------------------------------------------------------------
+class LatentLayer(CacheLayerMixin):
+    """Cache layer that stores one latent `[B, 1, T, r]` instead of keys and values."""
+
+    is_sliding = False
+    is_croppable = True
+    _layer_type = "commonkv_latent"
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.latent: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.latent = key_states.new_empty((key_states.shape[0], 1, 0, key_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states=None, *args, **kwargs):
+        """Append `[B, 1, t, r]` latents; returns the whole latent `[B, 1, T, r]` (second item unused)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states)
+        self.latent = torch.cat([self.latent, key_states], dim=-2)
+        return self.latent, None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.latent] if self.latent is not None else []
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return 0 if self.latent is None else self.latent.shape[-2]
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def offload(self):
+        if self.latent is not None:
+            self.latent = self.latent.to("cpu", non_blocking=True)
+
+    def prefetch(self):
+        if self.latent is not None and self.latent.device != self.device:
+            self.latent = self.latent.to(self.device, non_blocking=True)
+
+    def reset(self) -> None:
+        self.latent = None
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("Pass a negative number of tokens to crop from the end of the cache.")
+        if tokens_to_remove and self.latent is not None:
+            self.latent = self.latent[..., :tokens_to_remove, :]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.latent is not None:
+            self.latent = self.latent.index_select(0, beam_idx.to(self.latent.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.latent is not None:
+            self.latent = self.latent.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.latent is not None:
+            self.latent = self.latent[indices, ...]
+
+
+class CommonKVCache(Cache):
+    """Per layer: keys/values (`keep`), one latent (`per_layer`, merged anchors) or nothing (merged others)."""
+
+    def __init__(self, config: CommonKVConfig):
+        self.roles = config.layer_roles()
+        layers = []
+        for role in self.roles:
+            if not role.stores:
+                layers.append(DummyLayer())
+            elif role.latent:
+                layers.append(LatentLayer())
+            else:
+                layers.append(DynamicLayer())
+        super().__init__(layers=layers)
+
+    def latent(self, layer_idx: int) -> torch.Tensor:
+        """The latent a layer attends over: its own, or its merged group's anchor's (already updated)."""
+        source = self.layers[self.roles[layer_idx].source]
+        if source.latent is None:
+            raise RuntimeError(f"layer {layer_idx} reads the latent of layer {self.roles[layer_idx].source}, "
+                               "which has not run yet in this forward pass.")
+        return source.latent
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache, counted once per unique storage (what the memory really holds)."""
+        seen: dict[int, int] = {}
+        for layer in self.layers:
+            tensors = layer.tensors() if isinstance(layer, LatentLayer) else [layer.keys, layer.values]
+            for t in tensors:
+                if t is not None and t.numel():
+                    storage = t.untyped_storage()
+                    seen[storage.data_ptr()] = storage.nbytes()
+        return sum(seen.values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Blocks
+# ----------------------------------------------------------------------------------------------------------
+class CommonKVRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class CommonKVMLP(nn.Module):
+    def __init__(self, config: CommonKVConfig):
+        super().__init__()
+        bias = config.mlp_bias
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class KVGroup(nn.Module):
+    """The down-projection A_g (r × d) shared by the layers of one group."""
+
+    def __init__(self, hidden_size: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(hidden_size, rank, bias=False)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, h, T, hd]; cos/sin: [B or 1, T, hd]."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, h_kv, T, e] → [B, h_kv·n_rep, T, e], each KV head repeated for the query heads that read it."""
+    if n_rep == 1:
+        return x
+    b, h, t, e = x.shape
+    return x[:, :, None].expand(b, h, n_rep, t, e).reshape(b, h * n_rep, t, e)
+
+
+def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Reference attention that accepts a value width different from the key width (latent values)."""
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+class CommonKVAttention(nn.Module):
+    def __init__(self, config: CommonKVConfig, role: LayerRole):
+        super().__init__()
+        arch = config.arch
+        self.config = config
+        self.role = role
+        self.layer_idx = role.layer
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.sliding_window = (
+            config.sliding_window if config.layer_types[role.layer] == "sliding_attention" else None
+        )
+        d, d_kv = config.hidden_size, self.num_kv_heads * self.head_dim
+        qkv_bias = arch.get("qkv_bias", config.attention_bias)
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=arch.get("o_bias", config.attention_bias))
+        if role.latent:
+            self.k_up = nn.Linear(role.rank, d_kv, bias=True)
+            self.v_up = nn.Linear(role.rank, d_kv, bias=True)
+        else:
+            self.k_proj = nn.Linear(d, d_kv, bias=qkv_bias)
+            self.v_proj = nn.Linear(d, d_kv, bias=qkv_bias)
+        if arch.get("qk_norm", False):
+            self.q_norm = CommonKVRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = CommonKVRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def _norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        norm = getattr(self, name, None)
+        return norm(x) if norm is not None else x
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # [B, q, d], after the input norm
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos/sin [B|1, T, hd] for every slot 0..T-1
+        attention_mask: torch.Tensor | None,
+        cache: CommonKVCache,
+        down: nn.Module | None,
+    ) -> torch.Tensor:
+        b, q_len, _ = hidden_states.shape
+        cos, sin = rope
+        query = self._norm("q_norm", self.q_proj(hidden_states).view(b, q_len, -1, self.head_dim)).transpose(1, 2)
+        query = apply_rope(query, cos[:, -q_len:], sin[:, -q_len:])
+
+        if self.role.latent:
+            if self.role.stores:
+                cache.layers[self.layer_idx].update(down(hidden_states).unsqueeze(1))
+            latent = cache.latent(self.layer_idx)  # [B, 1, T, r]
+            key = self.k_up(latent).view(b, -1, self.num_kv_heads, self.head_dim)
+            key = apply_rope(self._norm("k_norm", key).transpose(1, 2), cos, sin)
+            if self.config.commonkv.get("value_path", "fused") == "fused":
+                return self._fused_output(query, key, latent, attention_mask)
+            value = self.v_up(latent).view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        else:
+            shape = (b, q_len, -1, self.head_dim)
+            key = self._norm("k_norm", self.k_proj(hidden_states).view(shape)).transpose(1, 2)
+            key = apply_rope(key, cos[:, -q_len:], sin[:, -q_len:])
+            value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+            key, value = cache.layers[self.layer_idx].update(key, value)
+
+        out, _ = self._attend(query, key, value, attention_mask)
+        return self.o_proj(out.reshape(b, q_len, -1))
+
+    def _attend(self, query, key, value, attention_mask):
+        impl = self.config._attn_implementation
+        if impl == "eager" or value.shape[-1] != key.shape[-1] and impl != "sdpa":
+            fn: Callable = eager_attention
+        else:
+            fn = ALL_ATTENTION_FUNCTIONS[impl]
+        return fn(self, query, key, value, attention_mask, scaling=self.scaling, dropout=0.0,
+                  sliding_window=self.sliding_window)
+
+    def _fused_output(self, query, key, latent, attention_mask) -> torch.Tensor:
+        """softmax(q kᵀ)·C in latent space, then each query head's KV-head slice of B_v, then o_proj."""
+        b, _, q_len, _ = query.shape
+        value = latent.expand(-1, self.num_kv_heads, -1, -1)  # a view: no copy of the latent
+        out, _ = self._attend(query, key, value, attention_mask)  # [B, q, H, r]
+        out = out.reshape(b, q_len, self.num_kv_heads, self.num_key_value_groups, -1)
+        w = self.v_up.weight.view(self.num_kv_heads, self.head_dim, -1)  # [h_kv, hd, r]
+        out = torch.einsum("bqjnr,jdr->bqjnd", out, w) + self.v_up.bias.view(1, 1, self.num_kv_heads, 1, -1)
+        return self.o_proj(out.reshape(b, q_len, -1))
+
+
+class CommonKVDecoderLayer(nn.Module):
+    def __init__(self, config: CommonKVConfig, role: LayerRole):
+        super().__init__()
+        self.self_attn = CommonKVAttention(config, role)
+        self.mlp = CommonKVMLP(config)
+        self.input_layernorm = CommonKVRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = CommonKVRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, rope, attention_mask, cache, down) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.self_attn(self.input_layernorm(hidden_states), rope, attention_mask, cache, down)
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------
+class CommonKVPreTrainedModel(PreTrainedModel):
+    config_class = CommonKVConfig
+    config: CommonKVConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["CommonKVDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+
+class CommonKVModel(CommonKVPreTrainedModel):
+    def __init__(self, config: CommonKVConfig):
+        super().__init__(config)
+        roles = config.layer_roles()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([CommonKVDecoderLayer(config, role) for role in roles])
+        self.kv_groups = nn.ModuleDict({
+            str(g): KVGroup(config.hidden_size, int(group["rank"]))
+            for g, group in enumerate(config.commonkv["groups"])
+            if group["mode"] != "keep"
+        })
+        self.norm = CommonKVRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,  # ignored: see the module docstring on positions
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,  # attention-backend extras from generate(); not used by this model
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        cache = self._cache_for(past_key_values)
+
+        past_len, q_len = cache.get_seq_length(), inputs_embeds.shape[1]
+        slots = torch.arange(past_len + q_len, device=inputs_embeds.device).unsqueeze(0)
+        rope = self.rotary_emb(inputs_embeds, slots)
+        mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                           past_key_values=cache, position_ids=slots[:, past_len:])
+        masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+        if "sliding_attention" in self.config.layer_types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+
+        hidden_states = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            role = layer.self_attn.role
+            down = self.kv_groups[str(role.group)].down if role.latent else None
+            mask = masks[self.config.layer_types[i]]
+            hidden_states = layer(hidden_states, rope, mask, cache, down)
+        return BaseModelOutputWithPast(
+            last_hidden_state=self.norm(hidden_states), past_key_values=cache if use_cache else None
+        )
+
+    def _cache_for(self, past_key_values: Cache | None) -> CommonKVCache:
+        """Our cache, also when generate() or a caller hands us an empty stock cache."""
+        if isinstance(past_key_values, CommonKVCache):
+            return past_key_values
+        if past_key_values is None or past_key_values.get_seq_length() == 0:
+            return CommonKVCache(self.config)
+        raise ValueError(
+            "A CommonKV model needs its own CommonKVCache; a filled cache of another type cannot be continued. "
+            "To resolve, pass past_key_values=None (or an empty cache) on the first call."
+        )
+
+
+class CommonKVForCausalLM(CommonKVPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: CommonKVConfig):
+        super().__init__(config)
+        self.model = CommonKVModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        kwargs.pop("return_dict", None)
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+
+__all__ = ["CommonKVForCausalLM", "CommonKVModel", "CommonKVCache", "LatentLayer", "CommonKVPreTrainedModel"]
