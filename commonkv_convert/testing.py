@@ -18,7 +18,10 @@ _TINY_COMMON: dict = {
     "hidden_size": 64,
     "num_hidden_layers": 4,
     "intermediate_size": 128,
-    "vocab_size": 256,
+    "vocab_size": 258,  # 256 bytes + <eos> + <pad> of the byte tokenizer below
+    "eos_token_id": 256,
+    "pad_token_id": 257,
+    "bos_token_id": None,
     "max_position_embeddings": 512,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
@@ -49,12 +52,45 @@ def build_tiny_model(family: str, out_dir: Path, seed: int = 0) -> Path:
     """
     kwargs = dict(TINY_FAMILIES[family])
     config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):  # seed the build without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _randomize_attention_extras(model, seed)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
+    byte_tokenizer().save_pretrained(out_dir)
     return out_dir
+
+
+def byte_tokenizer():
+    """A real fast tokenizer over raw bytes (ids 0-255) plus <eos>=256 and <pad>=257, built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_chars = sorted(alphabet, key=lambda ch: _BYTE_OF[ch])
+    vocab = {ch: i for i, ch in enumerate(byte_chars)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(["<eos>", "<pad>"])
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<pad>")
+
+
+def _byte_map() -> dict[str, int]:
+    """GPT-2's printable stand-in character for each byte, inverted (char -> byte value)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF = _byte_map()
 
 
 def _randomize_attention_extras(model: PreTrainedModel, seed: int) -> None:

@@ -164,6 +164,12 @@ def open_model(
     return SourceModel(root, model, commit, config, weight_map, shards)
 
 
+def read_model_config(model: str, *, revision: str | None = None, token: str | None = None) -> dict:
+    """config.json of a directory or Hub id, fetching nothing else (for `commonkv inspect`)."""
+    local = _local_dir(model)
+    return _read_config(local or _snapshot(model, revision, token, [CONFIG_NAME]))
+
+
 def _local_dir(model: str) -> Path | None:
     """The directory MODEL names, or None when MODEL should be read as a Hub id."""
     if not model.strip():

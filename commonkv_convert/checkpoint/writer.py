@@ -134,8 +134,11 @@ class CheckpointWriter:
             self._flush()
         self._name_shards(tmp)
         self._check_out_dir()
-        self._publish(tmp)
+        old = self._move_aside()
+        self._swap_in(tmp, old)
         self._finalized = True
+        if old is not None:
+            shutil.rmtree(old)
         return self.out_dir
 
     def _require_open(self) -> Path:
@@ -169,7 +172,7 @@ class CheckpointWriter:
 
     def _flush(self) -> None:
         tmp = self._require_open()
-        save_file(self._buffer, str(tmp / f".shard-{len(self._shards):05d}"), metadata={"format": "pt"})
+        save_file(self._buffer, str(tmp / f".shard-{len(self._shards):05d}.safetensors"), metadata={"format": "pt"})
         self._shards.append(list(self._buffer))
         self._total_bytes += self._buffer_bytes
         self._buffer = {}
@@ -179,26 +182,27 @@ class CheckpointWriter:
         """Give shards their final names now that their count is known; an index only for several."""
         names = _shard_names(len(self._shards))
         for k, name in enumerate(names):
-            (tmp / f".shard-{k:05d}").rename(tmp / name)
+            (tmp / f".shard-{k:05d}.safetensors").rename(tmp / name)
         if len(names) > 1:
             weight_map = {tensor: name for name, tensors in zip(names, self._shards) for tensor in tensors}
             index = {"metadata": {"total_size": self._total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             _dump_json(tmp / INDEX_NAME, index)
 
-    def _publish(self, tmp: Path) -> None:
-        """Rename into place; an old output is moved aside first and deleted only once the new one is in."""
-        old = None
-        if self.out_dir.exists():
-            old = self.out_dir.with_name(f".{self.out_dir.name}.old-{secrets.token_hex(6)}")
-            self.out_dir.rename(old)
+    def _move_aside(self) -> Path | None:
+        """Rename an output being overwritten out of the way; it is deleted once the new one is in."""
+        if not self.out_dir.exists():
+            return None
+        old = self.out_dir.with_name(f".{self.out_dir.name}.old-{secrets.token_hex(6)}")
+        self.out_dir.rename(old)
+        return old
+
+    def _swap_in(self, tmp: Path, old: Path | None) -> None:
         try:
             tmp.rename(self.out_dir)
         except OSError:
             if old is not None:
                 old.rename(self.out_dir)
             raise
-        if old is not None:
-            shutil.rmtree(old)
 
     def _discard(self) -> None:
         if self._tmp is not None:

@@ -1,0 +1,129 @@
+"""Calibrate layer by layer: one decoder layer in memory at a time, only statistics kept.
+
+Like llm-compressor's sequential pipeline: the hidden states of all calibration samples are pushed through
+layer 0, then layer 1, ... Each layer is materialized from the source shards, run with transformers' own
+implementation of the family (so the statistics are those of the real model), and freed. What is kept per
+layer: the Gram X Xᵀ of its attention inputs on a fit split and a held-out split, the cross-Grams with the
+inputs of the previous `max_group - 1` layers (the anchors a merged group could read from), and token-mean
+cosine similarities with the previous layer (hidden states, raw keys, raw values).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoConfig
+
+from .architectures import ArchFacts
+from .checkpoint.reader import SourceModel
+from .progress import Reporter
+
+
+@dataclass
+class LayerStats:
+    layer: int
+    gram: dict[str, torch.Tensor]  # split ("fit" | "held_out") -> X_l X_lᵀ  [d, d] float64
+    cross: dict[str, dict[int, torch.Tensor]]  # split -> {j: X_l X_jᵀ} for earlier layers j in the window
+    cos_prev: dict[str, float] = field(default_factory=dict)  # hidden / key / value vs layer l-1
+    tokens: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class CalibrationResult:
+    """Filled while `calibrate` is consumed: final hidden states of the validation sequences."""
+
+    final_hidden: torch.Tensor | None = None
+
+
+def base_config(config: dict):
+    """The source model's transformers config object (sdpa attention), for running its layers exactly."""
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "transformers_version")}
+    cfg = AutoConfig.for_model(config["model_type"], **fields)
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def load_layer(source: SourceModel, facts: ArchFacts, cfg, layer: int) -> torch.nn.Module:
+    """Materialize one source decoder layer (fp32) from the shards; nothing else of the model is loaded."""
+    layer_cls = facts.transformers_class("DecoderLayer")
+    with torch.device("meta"):
+        module = layer_cls(cfg, layer)
+    prefix = facts.layer_prefix(layer)
+    state = {name: source.get_tensor(prefix + name, torch.float32) for name in module.state_dict()}
+    module.load_state_dict(state, assign=True, strict=True)
+    return module.eval()
+
+
+def calibrate(
+    source: SourceModel,
+    facts: ArchFacts,
+    tokens: torch.Tensor,
+    *,
+    max_group: int,
+    held_out: int,
+    validation: int,
+    batch_size: int = 8,
+    reporter: Reporter | None = None,
+    result: CalibrationResult | None = None,
+) -> Iterator[LayerStats]:
+    """Yield LayerStats for layers 0..L-1 in order.
+
+    tokens: [N, T]; the last `held_out` sequences form the held-out split, and the first `validation` of
+    those also get their final hidden states recorded in `result` for the post-write logit check.
+    """
+    reporter = reporter or Reporter()
+    result = result or CalibrationResult()
+    cfg = base_config(source.config)
+    n = tokens.shape[0]
+    splits = {"fit": slice(0, n - held_out), "held_out": slice(n - held_out, n)}
+    rotary = facts.transformers_class("RotaryEmbedding")(config=cfg)
+    positions = torch.arange(tokens.shape[1]).unsqueeze(0)
+    hidden = torch.nn.functional.embedding(tokens, source.get_tensor("model.embed_tokens.weight", torch.float32))
+    rope = rotary(hidden[:1], positions)
+    window: deque[torch.Tensor] = deque(maxlen=max(max_group - 1, 1))  # attention inputs of previous layers
+    previous: dict[str, torch.Tensor] | None = None
+
+    with torch.inference_mode(), reporter.stage("Calibrating", facts.num_layers) as bar:
+        for i in range(facts.num_layers):
+            layer = load_layer(source, facts, cfg, i)
+            x = layer.input_layernorm(hidden)  # [N, T, d]
+            stats = LayerStats(i, gram={}, cross={})
+            first = i - len(window) if max_group > 1 else i
+            for split, rows in splits.items():
+                xs = x[rows].reshape(-1, x.shape[-1]).double()
+                stats.gram[split] = xs.T @ xs
+                stats.cross[split] = {
+                    first + k: xs.T @ prev[rows].reshape(-1, x.shape[-1]).double()
+                    for k, prev in enumerate(window)
+                } if max_group > 1 else {}
+                stats.tokens[split] = xs.shape[0]
+            current = {
+                "hidden": hidden,
+                "key": layer.self_attn.k_proj(x),
+                "value": layer.self_attn.v_proj(x),
+            }
+            if previous is not None:
+                stats.cos_prev = {k: _token_cosine(current[k], previous[k]) for k in current}
+            previous = current
+            if max_group > 1:
+                window.append(x)
+            hidden = torch.cat([
+                layer(hidden[s:s + batch_size], attention_mask=None, position_embeddings=rope)
+                for s in range(0, n, batch_size)
+            ])
+            del layer
+            bar.advance(f"layer {i}")
+            yield stats
+
+        norm = facts.transformers_class("RMSNorm")(facts.hidden_size, eps=source.config.get("rms_norm_eps", 1e-6))
+        norm.weight.copy_(source.get_tensor("model.norm.weight", torch.float32))
+        start = n - held_out
+        result.final_hidden = norm(hidden[start:start + validation]).clone()
+
+
+def _token_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over tokens of cos(a_t, b_t) — the per-token similarity the CommonKV paper plots."""
+    return float(torch.nn.functional.cosine_similarity(a.flatten(0, -2), b.flatten(0, -2), dim=-1).mean())

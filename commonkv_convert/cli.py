@@ -1,0 +1,209 @@
+"""`commonkv` command line: thin Typer commands that build options and call the library.
+
+Errors are handled once, here: a CommonKVError becomes one line on stderr and its exit code; a traceback
+only with COMMONKV_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import CommonKVError, UserInputError
+from .progress import RichReporter
+from .recipe import ConvertOptions
+
+app = typer.Typer(
+    name="commonkv",
+    help="Compress the KV cache of Hugging Face decoder LLMs (CommonKV cross-layer SVD sharing).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+EXIT_CODES = """Exit codes: 0 ok · 1 other failure · 2 bad arguments · 3 model source · 4 unsupported architecture ·
+5 calibration data · 6 no plan reaches the ratio · 7 validation failed."""
+
+
+def handle_errors(fn):
+    """Map CommonKVError (and KeyboardInterrupt) to one line and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CommonKVError as error:
+            if os.environ.get("COMMONKV_DEBUG"):
+                raise
+            err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("[bold red]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"commonkv {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Compress the KV cache of Hugging Face decoder LLMs."""
+
+
+@app.command(epilog="Examples:\n\n  commonkv convert ./SmolLM2-135M --ratio 0.5\n\n"
+             "  commonkv convert meta-llama/Llama-3.1-8B out/llama-ckv --ratio 0.5 --group-size 2\n\n"
+             "  commonkv convert ./model --ratio 0.7 --dry-run\n\n" + EXIT_CODES)
+@handle_errors
+def convert(
+    model: Annotated[str, typer.Argument(help="Local model directory or Hub id (org/name).")],
+    out_dir: Annotated[Optional[Path], typer.Argument(help="Output directory (default: ./NAME-commonkv-RATIO).")] = None,
+    ratio: Annotated[Optional[float], typer.Option(help="Fraction of KV-cache memory to remove, in [0, 1).")] = None,
+    group_size: Annotated[Optional[int], typer.Option(help="Most adjacent layers that may share one latent (1: no merging).")] = None,
+    calib: Annotated[Optional[Path], typer.Option(help="Calibration text, .txt or .jsonl with {\"text\": ...} lines.")] = None,
+    samples: Annotated[Optional[int], typer.Option(help="Number of calibration sequences.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Tokens per calibration sequence.")] = None,
+    rank_step: Annotated[Optional[int], typer.Option(help="Latent ranks are multiples of this.")] = None,
+    plain_svd: Annotated[bool, typer.Option("--plain-svd", help="Plain SVD of the weights (to compare).")] = False,
+    allocator: Annotated[Optional[str], typer.Option(help="optimal (search) or uniform (baseline).")] = None,
+    no_keep: Annotated[bool, typer.Option("--no-keep", help="Give every layer a latent (exactness checks).")] = False,
+    max_shard_size: Annotated[Optional[str], typer.Option(help="Largest weight shard, e.g. 2GB.")] = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle (.bin) weights.")] = False,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe with these options; flags override it.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT_DIR if it exists.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
+    no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the post-write checks.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Convert MODEL into a checkpoint whose KV cache is smaller by RATIO."""
+    from .convert import convert as run_convert
+
+    flags = dict(ratio=ratio, group_size=group_size, calib=calib, samples=samples, seq_len=seq_len,
+                 rank_step=rank_step, allocator=allocator, max_shard_size=max_shard_size, revision=revision,
+                 plain_svd=plain_svd or None, allow_pickle=allow_pickle or None,
+                 validate=False if no_validate else None, allow_keep=False if no_keep else None)
+    if recipe is not None:
+        options = ConvertOptions.from_yaml(recipe, **flags)
+    else:
+        options = ConvertOptions(**{k: v for k, v in flags.items() if v is not None})
+    if out_dir is None and not dry_run:
+        out_dir = Path(f"{Path(model.rstrip('/')).name}-commonkv-{options.ratio:g}")
+    reporter = RichReporter(err, quiet=quiet or as_json)
+    command = "commonkv " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    result = run_convert(model, out_dir, options, reporter=reporter, dry_run=dry_run, overwrite=overwrite,
+                         command=command)
+    if as_json:
+        payload = result.report if not dry_run else {"plan": _plan_rows(result.analysis)}
+        out.print_json(json.dumps(payload))
+        return
+    out.print(_plan_table(result.analysis))
+    a = result.analysis
+    out.print(f"KV elements per token: {a.facts.kv_elements_per_token} → {a.elements} "
+              f"(ratio requested {a.requested_ratio:g}, achieved {a.achieved_ratio:.4f})")
+    if dry_run:
+        return
+    report = result.report
+    validation = report.get("validation", {})
+    if validation:
+        out.print(f"Validation: cache bytes {validation['cache_bytes']} (plan {validation['cache_bytes_expected']}, "
+                  f"measured ratio {validation['measured_ratio']:.4f}); top-1 agreement with source "
+                  f"{validation.get('top1_agreement', float('nan')):.3f}, KL {validation.get('kl_source_to_converted', float('nan')):.4f}")
+    out.print(f"Wrote {result.out_dir} in {report['wall_time_s']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB")
+
+
+def _plan_rows(analysis) -> list[dict]:
+    rows = []
+    for opt in analysis.plan:
+        k = sum(e[0] for e in opt.errors.values()) / opt.size
+        v = sum(e[1] for e in opt.errors.values()) / opt.size
+        rows.append({"layers": opt.layers, "mode": opt.mode, "rank": opt.rank,
+                     "elements_before": 2 * analysis.facts.d_kv * opt.size, "elements_after": opt.cost,
+                     "key_error": round(k, 5), "value_error": round(v, 5)})
+    return rows
+
+
+def _plan_table(analysis) -> Table:
+    table = Table(title="CommonKV plan")
+    for col in ("layers", "mode", "rank", "KV elements/token", "est. key err", "est. value err"):
+        table.add_column(col, justify="right" if col != "mode" else "left")
+    for row in _plan_rows(analysis):
+        layers = row["layers"]
+        span = str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
+        table.add_row(span, row["mode"], str(row["rank"] or "-"),
+                      f"{row['elements_before']} → {row['elements_after']}",
+                      f"{row['key_error']:.4f}", f"{row['value_error']:.4f}")
+    return table
+
+
+@app.command(epilog="Examples:\n\n  commonkv inspect ./SmolLM2-135M\n\n  commonkv inspect ./SmolLM2-135M-commonkv-0.5 --json")
+@handle_errors
+def inspect(
+    path: Annotated[str, typer.Argument(help="Model directory or Hub id (plain or converted).")],
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+) -> None:
+    """Architecture facts and KV-cache bytes per token; groups and achieved ratio for a converted model."""
+    from .inspection import describe
+
+    info = describe(path, revision=revision)
+    if as_json:
+        out.print_json(json.dumps(info))
+        return
+    table = Table(title=f"{path}", show_header=False)
+    for key, value in info.items():
+        if key != "groups":
+            table.add_row(key, str(value))
+    out.print(table)
+    if info.get("groups"):
+        groups = Table(title="groups")
+        for col in ("layers", "mode", "rank", "elements/token"):
+            groups.add_column(col)
+        for g in info["groups"]:
+            groups.add_row(",".join(map(str, g["layers"])), g["mode"], str(g.get("rank", "-")), str(g["elements"]))
+        out.print(groups)
+
+
+@app.command(epilog="Example:\n\n  commonkv generate ./SmolLM2-135M-commonkv-0.5 \"The capital of France is\"")
+@handle_errors
+def generate(
+    path: Annotated[Path, typer.Argument(help="Converted checkpoint directory.")],
+    prompt: Annotated[str, typer.Argument(help="Prompt text.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the tokenizer's chat template.")] = False,
+) -> None:
+    """Generate from a converted checkpoint, streaming tokens to the terminal."""
+    from .generate import stream_generate
+
+    if max_new_tokens < 1:
+        raise UserInputError(f"--max-new-tokens {max_new_tokens} is below 1. To resolve, pass e.g. 64.")
+    stats = stream_generate(path, prompt, max_new_tokens=max_new_tokens, device=device, dtype=dtype, chat=chat,
+                            write=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    err.print(f"\n[dim]{stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tok/s, "
+              f"cache {stats['cache_bytes'] / 2**20:.2f} MiB (full cache would be {stats['full_cache_bytes'] / 2**20:.2f} MiB)[/]")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

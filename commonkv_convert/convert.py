@@ -1,0 +1,357 @@
+"""The conversion pipeline: load → calibrate → similarity → factorize → budget → write → validate.
+
+This module only wires the stages together; the math lives in factorize/budget/similarity and the file
+I/O in checkpoint/.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .architectures import ArchFacts, resolve
+from .budget import Option, allocate, candidate_options, keep_option, plan_cost, uniform
+from .calibrate import CalibrationResult, LayerStats, calibrate
+from .calibration_data import DEFAULT_CALIBRATION, fingerprint, read_texts, token_sequences
+from .checkpoint.card import render_card
+from .checkpoint.reader import SourceModel, open_model
+from .checkpoint.writer import CheckpointWriter
+from .errors import ModelSourceError, UserInputError
+from .factorize import Candidate, balance_transform, factorize, rank_grid, value_output_metric
+from .progress import Reporter
+from .recipe import ConvertOptions
+from .similarity import adjacent_pairs, latent_similarity
+
+RUNTIME_DIR = Path(__file__).parent / "runtime"
+RUNTIME_FILES = ("configuration_commonkv.py", "modeling_commonkv.py")
+
+
+@dataclass
+class Analysis:
+    """Everything measured before writing: the plan, the candidates it was chosen from, similarities."""
+
+    facts: ArchFacts
+    plan: list[Option]
+    candidates: dict[tuple[int, int], Candidate]
+    pairs: list[dict]
+    group_similarity: dict[tuple[int, int], float]
+    calibration: dict
+    final_hidden: torch.Tensor | None
+    validation_tokens: torch.Tensor
+    requested_ratio: float
+
+    @property
+    def elements(self) -> int:
+        return plan_cost(self.plan)
+
+    @property
+    def achieved_ratio(self) -> float:
+        return 1.0 - self.elements / self.facts.kv_elements_per_token
+
+
+@dataclass
+class ConversionResult:
+    out_dir: Path | None
+    analysis: Analysis
+    report: dict = field(default_factory=dict)
+
+
+def convert(model: str, out_dir: Path | None, options: ConvertOptions, *, reporter: Reporter | None = None,
+            dry_run: bool = False, overwrite: bool = False, command: str = "") -> ConversionResult:
+    """Convert `model` (local dir or Hub id) and write the checkpoint to `out_dir` (unless dry_run)."""
+    reporter = reporter or Reporter()
+    start = time.perf_counter()
+    options.check()
+    if not dry_run:
+        if out_dir is None:
+            raise UserInputError("No output directory given. To resolve, pass OUT_DIR or use --dry-run.")
+        if out_dir.exists() and not overwrite:
+            raise UserInputError(f"{out_dir} exists. To resolve, pass --overwrite or choose another output directory.")
+    with open_model(model, revision=options.revision, allow_pickle=options.allow_pickle) as source:
+        analysis = analyze_source(source, options, reporter)
+        if dry_run:
+            return ConversionResult(None, analysis)
+        block = config_block(source, analysis, options)
+        written = write_checkpoint(source, analysis, block, out_dir, options, overwrite, command, reporter)
+    report = build_report(analysis, block)
+    if options.validate:
+        report["validation"] = validate_checkpoint(written, analysis, reporter)
+    report["wall_time_s"] = round(time.perf_counter() - start, 2)
+    report["peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)
+    _write_report(written, report)
+    return ConversionResult(written, analysis, report)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# analysis: calibrate, factorize every span as soon as its layers are calibrated, allocate
+# ---------------------------------------------------------------------------------------------------------
+def analyze_source(source: SourceModel, options: ConvertOptions, reporter: Reporter) -> Analysis:
+    facts = resolve(source.config)
+    if options.group_size > facts.num_layers:
+        raise UserInputError(f"--group-size {options.group_size} exceeds the model's {facts.num_layers} layers. "
+                             f"To resolve, pass a value from 1 to {facts.num_layers}.")
+    tokenizer = load_tokenizer(source)
+    calib_path = Path(options.calib) if options.calib else DEFAULT_CALIBRATION
+    tokens = token_sequences(read_texts(calib_path), tokenizer, options.samples, options.seq_len)
+    held_out = max(1, round(options.samples * options.held_out))
+    validation = min(2, held_out)
+
+    candidates: dict[tuple[int, int], Candidate] = {}
+    group_sim: dict[tuple[int, int], float] = {}
+    window: deque[LayerStats] = deque(maxlen=options.group_size)
+    everything: dict[int, LayerStats] = {}
+    transforms: dict[int, torch.Tensor] = {}
+    result = CalibrationResult()
+    stream = calibrate(source, facts, tokens, max_group=options.group_size, held_out=held_out,
+                       validation=validation, reporter=reporter, result=result)
+    for stats in stream:
+        window.append(stats)
+        everything[stats.layer] = _summary(stats)
+        live = {s.layer: s for s in window}
+        transforms[stats.layer] = _row_transform(source, facts, stats, options)
+        weights = {l: transforms[l] @ _kv_weight(source, l) for l in live}
+        for size in range(1, min(options.group_size, stats.layer + 1) + 1):
+            first = stats.layer - size + 1
+            span = {l: weights[l] for l in range(first, stats.layer + 1)}
+            full = size * 2 * facts.d_kv
+            # a per-layer latent as wide as K and V together only pays when keeping is not allowed
+            limit = min(full if (size == 1 and not options.allow_keep) else full - options.rank_step,
+                        facts.hidden_size)
+            ranks = rank_grid(limit, options.rank_step) if limit >= options.rank_step else torch.tensor([limit])
+            cand = factorize(span, first, _grams(live, "fit"), _grams(live, "held_out"), ranks,
+                             whiten=not options.plain_svd)
+            if size > 1:
+                group_sim[(first, size)] = latent_similarity(cand, live)
+            candidates[(first, size)] = _compact(cand, transforms)
+    pairs = adjacent_pairs(everything, {s: v for (s, n), v in group_sim.items() if n == 2})
+
+    budget = int((1.0 - options.ratio) * facts.kv_elements_per_token + 1e-9)
+    if options.allocator == "uniform":
+        plan = uniform(candidates, facts.num_layers, options.group_size, budget, facts.d_kv)
+    else:
+        opts = [keep_option(l, facts.d_kv) for l in range(facts.num_layers)] if options.allow_keep else []
+        for cand in candidates.values():
+            opts.extend(candidate_options(cand))
+        plan = allocate(opts, facts.num_layers, budget)
+    calibration = {
+        "source": str(calib_path) if options.calib else "bundled:calibration_default.jsonl",
+        "samples": options.samples, "seq_len": options.seq_len, "held_out_samples": held_out,
+        "sha256": fingerprint(tokens),
+    }
+    return Analysis(facts, plan, candidates, pairs, group_sim, calibration, result.final_hidden,
+                    tokens[-held_out:][:validation], options.ratio)
+
+
+def _grams(live: dict[int, LayerStats], split: str):
+    def gram(i: int, j: int) -> torch.Tensor:
+        if i == j:
+            return live[i].gram[split]
+        return live[i].cross[split][j] if j < i else live[j].cross[split][i].T
+    return gram
+
+
+def _summary(stats: LayerStats) -> LayerStats:
+    """Keep only the scalars of a layer once it leaves the window (Grams are d × d each)."""
+    return LayerStats(stats.layer, gram={}, cross={}, cos_prev=stats.cos_prev, tokens=stats.tokens)
+
+
+def _compact(cand: Candidate, transforms: dict[int, torch.Tensor]) -> Candidate:
+    """Undo the row transform on the up-projections and drop to float32 for storage."""
+    cand.down = cand.down.float()
+    cand.up = {l: torch.linalg.solve(transforms[l], b).float() for l, b in cand.up.items()}
+    return cand
+
+
+def _row_transform(source: SourceModel, facts: ArchFacts, stats: LayerStats, options: ConvertOptions) -> torch.Tensor:
+    w = _kv_weight(source, stats.layer)
+    if not options.balance:
+        return torch.eye(w.shape[0], dtype=w.dtype)
+    metric = None
+    if options.value_metric == "output":
+        w_o = source.get_tensor(facts.layer_prefix(stats.layer) + "self_attn.o_proj.weight", torch.float64)
+        metric = value_output_metric(w_o, facts.num_kv_heads, facts.head_dim)
+    return balance_transform(w[: facts.d_kv], w[facts.d_kv:], metric, stats.gram["fit"], options.value_weight)
+
+
+def _kv_weight(source: SourceModel, layer: int) -> torch.Tensor:
+    """[W_k; W_v] (2·d_kv × d) in float64."""
+    return torch.cat([source.get_tensor(ArchFacts.kv_name(layer, w), torch.float64) for w in "kv"])
+
+
+def load_tokenizer(source: SourceModel):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.path)
+    except (OSError, ValueError, TypeError) as err:
+        raise ModelSourceError(f"{source.path} has no usable tokenizer ({str(err).splitlines()[0][:120]}). "
+                               "To resolve, add the tokenizer files of the base model to the directory.") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# write
+# ---------------------------------------------------------------------------------------------------------
+def config_block(source: SourceModel, analysis: Analysis, options: ConvertOptions) -> dict:
+    facts = analysis.facts
+    groups = []
+    for opt in analysis.plan:
+        group = {"layers": opt.layers, "mode": opt.mode}
+        if opt.mode != "keep":
+            group.update(rank=opt.rank, anchor=opt.start)
+            if opt.mode == "merged":
+                group["merge"] = "anchor"
+        group["elements"] = opt.cost
+        if opt.mode != "keep":
+            group["est_error"] = {
+                "key": round(sum(e[0] for e in opt.errors.values()) / opt.size, 6),
+                "value": round(sum(e[1] for e in opt.errors.values()) / opt.size, 6),
+            }
+        groups.append(group)
+    return {
+        "format_version": 1,
+        "tool_version": __version__,
+        "base_model": {"id": source.model_id, "revision": source.revision, "model_type": facts.family.model_type},
+        "ratio": {"requested": analysis.requested_ratio, "achieved": round(analysis.achieved_ratio, 6)},
+        "groups": groups,
+        "merge_mode": "anchor",
+        "value_path": "fused",
+        "arch": facts.runtime_block(),
+        "calibration": analysis.calibration,
+        "options": options.to_dict(),
+    }
+
+
+def checkpoint_config(source_config: dict, block: dict) -> dict:
+    config = {k: v for k, v in source_config.items() if k not in ("architectures", "auto_map", "quantization_config")}
+    config.update(
+        model_type="commonkv",
+        architectures=["CommonKVForCausalLM"],
+        base_model_type=source_config["model_type"],
+        auto_map={
+            "AutoConfig": "configuration_commonkv.CommonKVConfig",
+            "AutoModelForCausalLM": "modeling_commonkv.CommonKVForCausalLM",
+        },
+        commonkv=block,
+    )
+    return config
+
+
+def write_checkpoint(source: SourceModel, analysis: Analysis, block: dict, out_dir: Path, options: ConvertOptions,
+                     overwrite: bool, command: str, reporter: Reporter) -> Path:
+    facts, plan = analysis.facts, analysis.plan
+    replaced = {l for opt in plan if opt.mode != "keep" for l in opt.layers}
+    dtype = source.get_tensor(ArchFacts.kv_name(0, "k")).dtype
+    skip = {ArchFacts.kv_name(l, w, p) for l in replaced for w in "kv" for p in ("weight", "bias")}
+    names = [n for n in source.tensor_names() if n not in skip]
+    with CheckpointWriter(out_dir, max_shard_size=options.max_shard_size, overwrite=overwrite) as writer, \
+            reporter.stage("Writing", len(names) + len(plan)) as bar:
+        for name in names:
+            writer.add_tensor(name, source.get_tensor(name))
+            bar.advance()
+        for g, opt in enumerate(plan):
+            if opt.mode != "keep":
+                cand = analysis.candidates[(opt.start, opt.size)]
+                down, ups = cand.factors(opt.rank)
+                writer.add_tensor(f"model.kv_groups.{g}.down.weight", down.to(dtype))
+                for layer in opt.layers:
+                    _add_up_projections(writer, source, facts, layer, ups[layer], dtype)
+            bar.advance()
+        writer.write_json("config.json", checkpoint_config(source.config, block))
+        for name in RUNTIME_FILES:
+            writer.copy_file(RUNTIME_DIR / name, name)
+        for path in source.tokenizer_files():
+            writer.copy_file(path, path.name)
+        writer.write_text("commonkv_recipe.yaml", options.to_yaml())
+        writer.write_text("README.md", render_card(block, source.model_id, out_dir.name, command,
+                                                   facts.kv_elements_per_token, analysis.elements))
+        return writer.finalize()
+
+
+def _add_up_projections(writer: CheckpointWriter, source: SourceModel, facts: ArchFacts, layer: int,
+                        up: torch.Tensor, dtype: torch.dtype) -> None:
+    prefix = facts.layer_prefix(layer) + "self_attn."
+    for which, rows in (("k", slice(0, facts.d_kv)), ("v", slice(facts.d_kv, None))):
+        bias_name = ArchFacts.kv_name(layer, which, "bias")
+        bias = source.get_tensor(bias_name) if source.has_tensor(bias_name) else torch.zeros(facts.d_kv)
+        writer.add_tensor(f"{prefix}{which}_up.weight", up[rows].to(dtype).contiguous())
+        writer.add_tensor(f"{prefix}{which}_up.bias", bias.to(dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# validate and report
+# ---------------------------------------------------------------------------------------------------------
+def validate_checkpoint(out_dir: Path, analysis: Analysis, reporter: Reporter) -> dict:
+    """Reload with the runtime; compare logits with the source's and cache bytes with the plan."""
+    from .runtime import load_checkpoint
+
+    with reporter.stage("Validating", 2) as bar:
+        model = load_checkpoint(out_dir, dtype=torch.float32)
+        tokens = analysis.validation_tokens
+        with torch.inference_mode():
+            out = model(tokens, use_cache=True)
+            bar.advance("logits")
+            ref_logits = model.lm_head(analysis.final_hidden) if analysis.final_hidden is not None else None
+            result = {"sequences": tokens.shape[0], "tokens_per_sequence": tokens.shape[1]}
+            if ref_logits is not None:
+                result.update(compare_logits(ref_logits, out.logits))
+            cache = out.past_key_values
+            expected = model.config.kv_elements_per_token() * tokens.numel() * out.logits.new_empty(0).element_size()
+            measured = cache.nbytes()
+            full = model.config.full_kv_elements_per_token() * tokens.numel() * out.logits.new_empty(0).element_size()
+            result.update(cache_bytes=measured, cache_bytes_expected=expected, full_cache_bytes=full,
+                          measured_ratio=round(1 - measured / full, 6), bytes_match=measured == expected)
+            bar.advance("cache bytes")
+    return result
+
+
+def compare_logits(reference: torch.Tensor, logits: torch.Tensor) -> dict:
+    ref_logp = reference.float().log_softmax(-1)
+    logp = logits.float().log_softmax(-1)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()
+    return {
+        "top1_agreement": round(float((reference.argmax(-1) == logits.argmax(-1)).float().mean()), 4),
+        "kl_source_to_converted": round(float(kl), 6),
+        "max_abs_logit_diff": round(float((reference - logits).abs().max()), 6),
+    }
+
+
+def build_report(analysis: Analysis, block: dict) -> dict:
+    return {
+        "tool_version": __version__,
+        "base_model": block["base_model"],
+        "ratio": block["ratio"],
+        "kv_elements_per_token": {"full": analysis.facts.kv_elements_per_token, "converted": analysis.elements},
+        "groups": block["groups"],
+        "similarity": {
+            "adjacent": analysis.pairs,
+            "groups": [{"layers": list(range(s, s + n)), "latent": round(v, 4)}
+                       for (s, n), v in sorted(analysis.group_similarity.items())
+                       if any(o.start == s and o.size == n for o in analysis.plan)],
+        },
+        "calibration": analysis.calibration,
+    }
+
+
+def _write_report(out_dir: Path, report: dict) -> None:
+    import json
+
+    tmp = out_dir / ".commonkv_report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.rename(out_dir / "commonkv_report.json")
+
+
+def peak_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def discard(out_dir: Path) -> None:
+    shutil.rmtree(out_dir, ignore_errors=True)

@@ -1,0 +1,73 @@
+"""Conversion options: one dataclass drives the CLI flags, the library call and the recipe YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import UserInputError
+
+
+@dataclass
+class ConvertOptions:
+    ratio: float = field(default=0.5, metadata={"help": "Fraction of KV-cache memory to remove, in [0, 1)."})
+    group_size: int = field(default=4, metadata={
+        "help": "Largest number of adjacent layers that may share one latent (1 = per-layer latents only)."})
+    calib: Path | None = field(default=None, metadata={"help": "Calibration text (.txt or .jsonl); default: bundled prompts."})
+    samples: int = field(default=32, metadata={"help": "Calibration sequences."})
+    seq_len: int = field(default=256, metadata={"help": "Tokens per calibration sequence."})
+    held_out: float = field(default=0.25, metadata={"help": "Share of sequences kept out of the fit to measure errors."})
+    rank_step: int = field(default=8, metadata={"help": "Latent ranks are multiples of this."})
+    plain_svd: bool = field(default=False, metadata={"help": "Plain SVD of the weights instead of activation-aware."})
+    allocator: str = field(default="optimal", metadata={"help": "optimal (search) or uniform (same group size and rank)."})
+    allow_keep: bool = field(default=True, metadata={
+        "help": "Let the allocator leave layers uncompressed (off: every layer gets a latent, up to full rank)."})
+    balance: bool = field(default=True, metadata={"help": "Equalize key and value energy before the joint SVD."})
+    value_metric: str = field(default="output", metadata={
+        "help": "Measure value error after o_proj (output) or as is (plain)."})
+    value_weight: float = field(default=1.0, metadata={"help": "Weight of value error relative to key error."})
+    max_shard_size: str = field(default="2GB", metadata={"help": "Largest safetensors shard."})
+    allow_pickle: bool = field(default=False, metadata={"help": "Allow loading pickle (.bin) weights."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    validate: bool = field(default=True, metadata={"help": "Compare logits and cache bytes after writing."})
+
+    def check(self) -> None:
+        """Reject nonsense before any work starts; each message names the fix."""
+        if not 0.0 <= self.ratio < 1.0:
+            raise UserInputError(f"--ratio {self.ratio} is outside [0, 1). To resolve, pass e.g. --ratio 0.5.")
+        if self.group_size < 1:
+            raise UserInputError(f"--group-size {self.group_size} is below 1. To resolve, pass 1 (no merging) or more.")
+        if self.samples < 2:
+            raise UserInputError("--samples must be at least 2 (one to fit, one to measure). To resolve, pass --samples 32.")
+        if self.seq_len < 8:
+            raise UserInputError(f"--seq-len {self.seq_len} is too short. To resolve, pass --seq-len 256.")
+        if not 0.0 < self.held_out < 1.0:
+            raise UserInputError(f"--held-out {self.held_out} is outside (0, 1). To resolve, pass e.g. 0.25.")
+        if self.rank_step < 1:
+            raise UserInputError(f"--rank-step {self.rank_step} is below 1. To resolve, pass e.g. 8.")
+        if self.allocator not in ("optimal", "uniform"):
+            raise UserInputError(f"--allocator {self.allocator!r} is unknown. To resolve, pass optimal or uniform.")
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, path: Path, **overrides) -> "ConvertOptions":
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise UserInputError(f"Cannot read recipe {path}: {err}. To resolve, pass a valid YAML file.") from None
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserInputError(f"Recipe {path} has unknown keys {unknown}. To resolve, use only: {sorted(known)}.")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        if data.get("calib") is not None:
+            data["calib"] = Path(data["calib"])
+        return cls(**data)

@@ -1,0 +1,135 @@
+"""The runtime: real latent cache bytes, exact generation, padding, decode, remote-code loading."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.cache_utils import DummyLayer
+
+from commonkv_convert.runtime import load_checkpoint
+from commonkv_convert.runtime.modeling_commonkv import LatentLayer
+from commonkv_convert.testing import TINY_FAMILIES
+
+FAMILIES = list(TINY_FAMILIES)
+
+
+def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("batch,length", [(1, 7), (2, 33), (3, 64)])
+def test_cache_bytes_equal_plan(merged_dirs, batch, length):
+    model = load_checkpoint(merged_dirs["llama"], dtype=torch.float32)
+    with torch.inference_mode():
+        cache = model(_ids(batch, length), use_cache=True).past_key_values
+        cache = model(_ids(batch, 1, 1), past_key_values=cache, use_cache=True).past_key_values
+    expected = model.config.kv_elements_per_token() * batch * (length + 1) * 4
+    assert cache.nbytes() == expected
+    assert expected < model.config.full_kv_elements_per_token() * batch * (length + 1) * 4 * 0.5 + 1
+
+
+def test_merged_group_holds_one_latent(merged_dirs):
+    model = load_checkpoint(merged_dirs["qwen3"], dtype=torch.float32)
+    with torch.inference_mode():
+        cache = model(_ids(2, 16), use_cache=True).past_key_values
+    for group in model.config.commonkv["groups"]:
+        anchor, *others = group["layers"]
+        assert isinstance(cache.layers[anchor], LatentLayer)
+        assert cache.layers[anchor].latent.shape == (2, 1, 16, group["rank"])
+        for layer in others:
+            assert isinstance(cache.layers[layer], DummyLayer)
+            assert cache.layers[layer].keys is None and cache.layers[layer].values is None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exact_conversion_generates_source_tokens(family, tiny_model_dirs, exact_dirs):
+    source = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[family], dtype=torch.float32).eval()
+    converted = load_checkpoint(exact_dirs[family], dtype=torch.float32)
+    prompt = _ids(1, 12, 3)
+    kwargs = dict(max_new_tokens=24, do_sample=False, pad_token_id=257)
+    assert torch.equal(source.generate(prompt, **kwargs), converted.generate(prompt, **kwargs))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_left_padded_batch_matches_single_prompts(family, merged_dirs):
+    model = load_checkpoint(merged_dirs[family], dtype=torch.float32)
+    prompts = [_ids(1, n, n)[0] for n in (5, 11, 8)]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((3, width), 257)
+    mask = torch.zeros((3, width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = p
+        mask[row, width - len(p):] = 1
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=257)
+    batched = model.generate(ids, attention_mask=mask, **kwargs)[:, width:]
+    for row, p in enumerate(prompts):
+        alone = model.generate(p[None], **kwargs)[0, len(p):]
+        assert torch.equal(batched[row], alone), f"prompt {row}"
+
+
+@pytest.mark.parametrize("family", ["llama-mqa", "mistral", "qwen3"])
+def test_step_by_step_decode_equals_full_forward(family, merged_dirs):
+    model = load_checkpoint(merged_dirs[family], dtype=torch.float32)
+    ids = _ids(2, 24)
+    with torch.inference_mode():
+        full = model(ids).logits
+        out = model(ids[:, :10], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for t in range(10, 24):
+            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_fused_value_path_equals_explicit(merged_dirs, impl):
+    model = load_checkpoint(merged_dirs["qwen2"], dtype=torch.float32, attn_implementation=impl)
+    ids = _ids(2, 20)
+    with torch.inference_mode():
+        fused = model(ids).logits
+        model.config.commonkv["value_path"] = "explicit"
+        explicit = model(ids).logits
+        model.config.commonkv["value_path"] = "fused"
+    assert (fused - explicit).abs().max() < 1e-4
+
+
+def _run_isolated(code: str, tmp_path, checkpoint) -> subprocess.CompletedProcess:
+    """A fresh interpreter in which the commonkv package cannot be imported."""
+    script = "import sys; sys.modules['commonkv_convert'] = None\n" + textwrap.dedent(code)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "CKPT": str(checkpoint)}
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
+                          cwd=tmp_path, timeout=300)
+
+
+def test_copied_checkpoint_loads_with_remote_code_only(merged_dirs, tmp_path):
+    copy = tmp_path / "copied-checkpoint"
+    shutil.copytree(merged_dirs["llama"], copy)
+    ok = _run_isolated("""
+        import os, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(os.environ["CKPT"], trust_remote_code=True)
+        assert type(model).__name__ == "CommonKVForCausalLM", type(model)
+        out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False, pad_token_id=257)
+        print("OK", out.shape[1], out.past_key_values.nbytes() if hasattr(out, "past_key_values") else "")
+    """, tmp_path, copy)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert ok.stdout.startswith("OK 7")
+
+    refused = _run_isolated("""
+        import os
+        from transformers import AutoModelForCausalLM
+        try:
+            AutoModelForCausalLM.from_pretrained(os.environ["CKPT"])
+        except ValueError as err:
+            print("REFUSED", "trust_remote_code" in str(err))
+        else:
+            print("LOADED")
+    """, tmp_path, copy)
+    assert refused.stdout.rstrip().endswith("REFUSED True"), refused.stdout + refused.stderr[-2000:]
