@@ -96,11 +96,12 @@ def uniform(candidates: dict[tuple[int, int], Candidate], num_layers: int, group
     per_group = budget // len(spans)
     plan = []
     for start, size in spans:
-        cand = candidates[(start, size)]
-        fitting = [o for o in candidate_options(cand) if o.cost <= per_group]
+        cand = candidates.get((start, size))
+        fitting = [o for o in candidate_options(cand) if o.cost <= per_group] if cand else []
         if not fitting:
-            raise PlanError(f"A uniform plan cannot reach this ratio with rank ≥ {int(cand.ranks[0])}. "
-                            "To resolve, lower --ratio or use the allocator.")
+            raise PlanError(f"A uniform plan cannot reach {budget} cache elements per token with layers "
+                            f"{start}-{start + size - 1} as one group. To resolve, lower --ratio or --rank-step, "
+                            "or use the optimal allocator.")
         plan.append(fitting[-1])
     return plan
 

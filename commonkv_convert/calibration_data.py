@@ -13,12 +13,17 @@ from .errors import CalibrationError
 DEFAULT_CALIBRATION = Path(__file__).parent / "configs" / "calibration_default.jsonl"
 
 
-def read_texts(path: Path) -> list[str]:
-    """Texts of a .txt file (one document) or a .jsonl file ({"text": ...} per line)."""
+def check_file(path: Path) -> None:
+    """Fail early (before any download) on a calibration path that cannot be read as .txt or .jsonl."""
     if not path.is_file():
         raise CalibrationError(f"Calibration file {path} does not exist. To resolve, pass an existing .txt or .jsonl file.")
     if path.suffix not in (".txt", ".jsonl"):
         raise CalibrationError(f"Calibration file {path} is neither .txt nor .jsonl. To resolve, pass one of those.")
+
+
+def read_texts(path: Path) -> list[str]:
+    """Texts of a .txt file (one document) or a .jsonl file ({"text": ...} per line)."""
+    check_file(path)
     raw = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix == ".txt":
         texts = [raw]

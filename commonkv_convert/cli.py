@@ -1,7 +1,7 @@
 """`commonkv` command line: thin Typer commands that build options and call the library.
 
-Errors are handled once, here: a CommonKVError becomes one line on stderr and its exit code; a traceback
-only with COMMONKV_DEBUG=1.
+Errors are handled once, here: a CommonKVError becomes one line on stderr and its exit code, any other
+exception one line and exit 1; a traceback only with COMMONKV_DEBUG=1.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -38,7 +39,8 @@ EXIT_CODES = """Exit codes: 0 ok · 1 other failure · 2 bad arguments · 3 mode
 
 
 def handle_errors(fn):
-    """Map CommonKVError (and KeyboardInterrupt) to one line and an exit code."""
+    """Map CommonKVError to one line and its exit code; KeyboardInterrupt to 130; any other exception (a bug)
+    to one line and exit 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -47,13 +49,28 @@ def handle_errors(fn):
         except CommonKVError as error:
             if os.environ.get("COMMONKV_DEBUG"):
                 raise
-            err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            _one_line(str(error))
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:
             err.print("[bold red]interrupted[/]")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, typer.BadParameter):
+            raise
+        except Exception as error:  # a bug, not bad input: still one line, the traceback on request
+            if os.environ.get("COMMONKV_DEBUG"):
+                raise
+            first = (str(error).strip().splitlines() or [""])[0]
+            _one_line(f"unexpected {type(error).__name__}: {first}. This is a bug in commonkv. "
+                      "To resolve, rerun with COMMONKV_DEBUG=1 to see the traceback and report it.")
+            raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _one_line(message: str) -> None:
+    """`error: MESSAGE` on stderr as one unwrapped line, any [brackets] in MESSAGE printed as they are."""
+    text = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    err.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def _version(value: bool) -> None:

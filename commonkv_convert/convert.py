@@ -9,6 +9,7 @@ from __future__ import annotations
 import resource
 import shutil
 import sys
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class Analysis:
     final_hidden: torch.Tensor | None
     validation_tokens: torch.Tensor
     requested_ratio: float
+    store: "CandidateStore"
 
     @property
     def elements(self) -> int:
@@ -77,10 +79,13 @@ def convert(model: str, out_dir: Path | None, options: ConvertOptions, *, report
             raise UserInputError(f"{out_dir} exists. To resolve, pass --overwrite or choose another output directory.")
     with open_model(model, revision=options.revision, allow_pickle=options.allow_pickle) as source:
         analysis = analyze_source(source, options, reporter)
-        if dry_run:
-            return ConversionResult(None, analysis)
-        block = config_block(source, analysis, options)
-        written = write_checkpoint(source, analysis, block, out_dir, options, overwrite, command, reporter)
+        try:
+            if dry_run:
+                return ConversionResult(None, analysis)
+            block = config_block(source, analysis, options)
+            written = write_checkpoint(source, analysis, block, out_dir, options, overwrite, command, reporter)
+        finally:
+            analysis.store.close()
     report = build_report(analysis, block)
     if options.validate:
         report["validation"] = validate_checkpoint(written, analysis, reporter)
@@ -105,6 +110,7 @@ def analyze_source(source: SourceModel, options: ConvertOptions, reporter: Repor
     validation = min(2, held_out)
 
     candidates: dict[tuple[int, int], Candidate] = {}
+    store = CandidateStore()
     group_sim: dict[tuple[int, int], float] = {}
     window: deque[LayerStats] = deque(maxlen=options.group_size)
     everything: dict[int, LayerStats] = {}
@@ -125,12 +131,14 @@ def analyze_source(source: SourceModel, options: ConvertOptions, reporter: Repor
             # a per-layer latent as wide as K and V together only pays when keeping is not allowed
             limit = min(full if (size == 1 and not options.allow_keep) else full - options.rank_step,
                         facts.hidden_size)
+            if limit < 1:
+                continue  # no latent of this span can be narrower than keeping it: not a candidate
             ranks = rank_grid(limit, options.rank_step) if limit >= options.rank_step else torch.tensor([limit])
             cand = factorize(span, first, _grams(live, "fit"), _grams(live, "held_out"), ranks,
                              whiten=not options.plain_svd)
             if size > 1:
                 group_sim[(first, size)] = latent_similarity(cand, live)
-            candidates[(first, size)] = _compact(cand, transforms)
+            candidates[(first, size)] = store.put(_undo_transform(cand, transforms))
     pairs = adjacent_pairs(everything, {s: v for (s, n), v in group_sim.items() if n == 2})
 
     budget = int((1.0 - options.ratio) * facts.kv_elements_per_token + 1e-9)
@@ -147,7 +155,7 @@ def analyze_source(source: SourceModel, options: ConvertOptions, reporter: Repor
         "sha256": fingerprint(tokens),
     }
     return Analysis(facts, plan, candidates, pairs, group_sim, calibration, result.final_hidden,
-                    tokens[-held_out:][:validation], options.ratio)
+                    tokens[-held_out:][:validation], options.ratio, store)
 
 
 def _grams(live: dict[int, LayerStats], split: str):
@@ -163,11 +171,35 @@ def _summary(stats: LayerStats) -> LayerStats:
     return LayerStats(stats.layer, gram={}, cross={}, cos_prev=stats.cos_prev, tokens=stats.tokens)
 
 
-def _compact(cand: Candidate, transforms: dict[int, torch.Tensor]) -> Candidate:
-    """Undo the row transform on the up-projections and drop to float32 for storage."""
-    cand.down = cand.down.float()
-    cand.up = {l: torch.linalg.solve(transforms[l], b).float() for l, b in cand.up.items()}
+def _undo_transform(cand: Candidate, transforms: dict[int, torch.Tensor]) -> Candidate:
+    """Map the up-projections back from the balanced row space to real keys and values."""
+    cand.up = {l: torch.linalg.solve(transforms[l], b) for l, b in cand.up.items()}
     return cand
+
+
+class CandidateStore:
+    """Factors of every candidate span live on disk until the plan picks a few: memory stays O(window).
+
+    A 30-layer model with group size 4 has ~110 candidates; in memory they would cost more than the model.
+    """
+
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="commonkv-candidates-")
+
+    def put(self, cand: Candidate) -> Candidate:
+        path = Path(self._dir.name) / f"{cand.layers[0]}-{len(cand.layers)}.pt"
+        torch.save({"down": cand.down.float(), "up": {l: b.float() for l, b in cand.up.items()}}, path)
+        cand.down, cand.up = None, {}
+        cand.path = path
+        return cand
+
+    @staticmethod
+    def factors(cand: Candidate, rank: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        saved = torch.load(cand.path, weights_only=True)
+        return saved["down"][:rank], {l: b[:, :rank] for l, b in saved["up"].items()}
+
+    def close(self) -> None:
+        self._dir.cleanup()
 
 
 def _row_transform(source: SourceModel, facts: ArchFacts, stats: LayerStats, options: ConvertOptions) -> torch.Tensor:
@@ -259,7 +291,7 @@ def write_checkpoint(source: SourceModel, analysis: Analysis, block: dict, out_d
         for g, opt in enumerate(plan):
             if opt.mode != "keep":
                 cand = analysis.candidates[(opt.start, opt.size)]
-                down, ups = cand.factors(opt.rank)
+                down, ups = analysis.store.factors(cand, opt.rank)
                 writer.add_tensor(f"model.kv_groups.{g}.down.weight", down.to(dtype))
                 for layer in opt.layers:
                     _add_up_projections(writer, source, facts, layer, ups[layer], dtype)

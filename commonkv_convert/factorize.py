@@ -39,6 +39,7 @@ class Candidate:
     ranks: torch.Tensor  # [n] int64 rank grid
     err_k: dict[int, torch.Tensor]  # layer -> [n] relative held-out key error ‖K − K̂‖² / ‖K‖²
     err_v: dict[int, torch.Tensor]  # layer -> [n] relative held-out value error
+    path: object = None  # where the factors were offloaded to, if they were (convert.CandidateStore)
 
     def factors(self, rank: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """(down [r, d], {layer: up [2·d_kv, r]}) truncated to `rank`."""

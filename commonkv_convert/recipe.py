@@ -50,6 +50,15 @@ class ConvertOptions:
             raise UserInputError(f"--rank-step {self.rank_step} is below 1. To resolve, pass e.g. 8.")
         if self.allocator not in ("optimal", "uniform"):
             raise UserInputError(f"--allocator {self.allocator!r} is unknown. To resolve, pass optimal or uniform.")
+        if self.value_metric not in ("output", "plain"):
+            raise UserInputError(f"value_metric {self.value_metric!r} is unknown. To resolve, pass output or plain.")
+        # Imported here: both pull in torch, which `commonkv --version` and `--help` should not wait for.
+        from .calibration_data import check_file
+        from .checkpoint.writer import parse_size
+
+        parse_size(self.max_shard_size)
+        if self.calib is not None:
+            check_file(Path(self.calib))
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
@@ -63,11 +72,33 @@ class ConvertOptions:
             data = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as err:
             raise UserInputError(f"Cannot read recipe {path}: {err}. To resolve, pass a valid YAML file.") from None
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        if not isinstance(data, dict):
+            raise UserInputError(f"Recipe {path} is not a mapping of option: value. To resolve, write lines like "
+                                 "`ratio: 0.5`.")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(map(str, data)) - set(fields))
         if unknown:
-            raise UserInputError(f"Recipe {path} has unknown keys {unknown}. To resolve, use only: {sorted(known)}.")
+            raise UserInputError(f"Recipe {path} has unknown keys {unknown}. To resolve, use only: {sorted(fields)}.")
+        data = {key: _recipe_value(path, key, value, fields[key].default) for key, value in data.items()}
         data.update({k: v for k, v in overrides.items() if v is not None})
-        if data.get("calib") is not None:
-            data["calib"] = Path(data["calib"])
         return cls(**data)
+
+
+def _recipe_value(path: Path, key: str, value, default):
+    """A recipe value of the field's type (an int where a float is expected is fine), or a one-line error."""
+    if value is None and default is None:  # calib, revision: null means the default
+        return None
+    if key == "calib" and isinstance(value, str):
+        return Path(value)
+    if key == "revision" and isinstance(value, (str, int)) and not isinstance(value, bool):
+        return str(value)  # YAML reads an all-digit commit prefix as a number
+    if key == "max_shard_size" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    kind = type(default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if default is not None and isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+        return value
+    example = {"calib": "calib.jsonl", "revision": "main"}.get(key, default)
+    raise UserInputError(f"Recipe {path}: {key} is {value!r}, which is not a valid value. "
+                         f"To resolve, write e.g. `{key}: {example}`.")

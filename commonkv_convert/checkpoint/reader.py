@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 import torch
+from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
 from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
@@ -117,7 +118,14 @@ class SourceModel:
         """Read one tensor from its shard; `dtype` casts it (e.g. to fp32 for the math)."""
         if name not in self.weight_map:
             raise KeyError(f"{name} is not a tensor of {self.model_id}")
-        tensor = self._shard(self.weight_map[name]).get_tensor(name)
+        file = self.weight_map[name]
+        if file.suffix == ".safetensors":
+            # A fresh memory map per read, unmapped right after: pages of tensors already read do not stay
+            # resident in this process, so peak memory does not grow with the model's size.
+            with _open_shard(file) as shard:
+                tensor = shard.get_tensor(name)
+        else:
+            tensor = self._shard(file).get_tensor(name)
         return tensor if dtype is None else tensor.to(dtype)
 
     def tokenizer_files(self) -> list[Path]:
@@ -292,6 +300,11 @@ _OFFLINE = (
     "{repo} is not (fully) in the local Hugging Face cache and the Hub cannot be reached (offline). "
     "To resolve, download it once with network access (hf download {repo}) or pass a local directory."
 )
+_OFFLINE_SET = (
+    "{repo} is not (fully) in the local Hugging Face cache and HF_HUB_OFFLINE is set, so the Hub is not "
+    "contacted (offline). To resolve, unset HF_HUB_OFFLINE and download it once (hf download {repo}), "
+    "or pass a local directory."
+)
 # Checked in order: the first class that matches gives the message (subclasses before their bases).
 _HUB_ERRORS: tuple[tuple[type[BaseException], str], ...] = (
     (
@@ -331,6 +344,8 @@ def _snapshot(repo_id: str, revision: str | None, token: str | None, patterns: l
         folder = snapshot_download(repo_id, revision=revision, token=token, allow_patterns=patterns)
     except tuple(kind for kind, _ in _HUB_ERRORS) as err:
         message = next(text for kind, text in _HUB_ERRORS if isinstance(err, kind))
+        if message is _OFFLINE and hub_constants.HF_HUB_OFFLINE:
+            message = _OFFLINE_SET
         reason = _first_line(err)
         raise ModelSourceError(message.format(repo=repo_id, revision=revision or "main", reason=reason)) from err
     return Path(folder)

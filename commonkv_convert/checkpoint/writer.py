@@ -16,8 +16,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import struct
+
 import torch
-from safetensors.torch import save_file
 
 from commonkv_convert.errors import UserInputError
 
@@ -61,6 +62,13 @@ def _dump_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
 def _shard_names(count: int) -> list[str]:
     if count == 1:
         return [WEIGHTS_NAME]
@@ -81,7 +89,8 @@ class CheckpointWriter:
         self.overwrite = overwrite
         self._tmp: Path | None = None
         self._created_parents: list[Path] = []
-        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer: dict[str, tuple[str, list[int], int, int]] = {}  # name -> dtype, shape, data offsets
+        self._data = None  # the open data file of the shard being filled
         self._buffer_bytes = 0
         self._shards: list[list[str]] = []  # tensor names of each flushed shard, in order
         self._names: set[str] = set()
@@ -104,16 +113,23 @@ class CheckpointWriter:
             self._discard()
 
     def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        """Buffer a private contiguous CPU copy; flush a shard first when this one would overflow it."""
-        self._require_open()
+        """Stream the tensor's bytes to the current shard's data file; start a new shard when it would overflow.
+
+        Nothing is buffered in memory, so writing a checkpoint costs one tensor of RAM at a time.
+        """
+        tmp = self._require_open()
         if name in self._names:
             raise ValueError(f"Tensor {name} was already added to {self.out_dir}.")
+        if tensor.dtype not in _DTYPES:
+            raise ValueError(f"Tensor {name} has dtype {tensor.dtype}, which safetensors cannot store.")
         size = tensor.numel() * tensor.element_size()
         if self._buffer and self._buffer_bytes + size > self.max_shard_size:
             self._flush()
-        # A copy: safetensors refuses tensors that share storage, and callers may reuse theirs.
-        copy = tensor.detach().to(device="cpu", memory_format=torch.contiguous_format, copy=True)
-        self._buffer[name] = copy
+        if self._data is None:
+            self._data = open(tmp / f".shard-{len(self._shards):05d}.data", "wb")  # noqa: SIM115 - closed in _flush
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        self._data.write(flat.view(torch.uint8).numpy().tobytes() if size else b"")
+        self._buffer[name] = (_DTYPES[tensor.dtype], list(tensor.shape), self._buffer_bytes, self._buffer_bytes + size)
         self._names.add(name)
         self._buffer_bytes += size
 
@@ -171,8 +187,20 @@ class CheckpointWriter:
         return target
 
     def _flush(self) -> None:
+        """Close the data file and prepend the safetensors header (8-byte length + JSON, space-padded)."""
         tmp = self._require_open()
-        save_file(self._buffer, str(tmp / f".shard-{len(self._shards):05d}.safetensors"), metadata={"format": "pt"})
+        data_path = tmp / f".shard-{len(self._shards):05d}.data"
+        self._data.close()
+        self._data = None
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        for name, (dtype, shape, begin, end) in self._buffer.items():
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        with open(tmp / f".shard-{len(self._shards):05d}.safetensors", "wb") as shard, open(data_path, "rb") as data:
+            shard.write(struct.pack("<Q", len(encoded)) + encoded)
+            shutil.copyfileobj(data, shard, 16 * 2**20)
+        data_path.unlink()
         self._shards.append(list(self._buffer))
         self._total_bytes += self._buffer_bytes
         self._buffer = {}
@@ -205,6 +233,9 @@ class CheckpointWriter:
             raise
 
     def _discard(self) -> None:
+        if self._data is not None:
+            self._data.close()
+            self._data = None
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
