@@ -19,6 +19,7 @@ from transformers import AutoConfig
 
 from .architectures import ArchFacts
 from .checkpoint.reader import SourceModel
+from .memory import release_memory
 from .progress import Reporter
 
 
@@ -115,6 +116,7 @@ def calibrate(
                 for s in range(0, n, batch_size)
             ])
             del layer
+            release_memory()
             bar.advance(f"layer {i}")
             yield stats
 

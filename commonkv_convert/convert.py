@@ -6,7 +6,6 @@ I/O in checkpoint/.
 
 from __future__ import annotations
 
-import resource
 import shutil
 import sys
 import tempfile
@@ -25,14 +24,16 @@ from .calibration_data import DEFAULT_CALIBRATION, fingerprint, read_texts, toke
 from .checkpoint.card import render_card
 from .checkpoint.reader import SourceModel, open_model
 from .checkpoint.writer import CheckpointWriter
-from .errors import ModelSourceError, UserInputError
+from .errors import ModelSourceError, UserInputError, ValidationError
 from .factorize import Candidate, balance_transform, factorize, rank_grid, value_output_metric
+from .memory import peak_rss_bytes, release_memory
 from .progress import Reporter
 from .recipe import ConvertOptions
 from .similarity import adjacent_pairs, latent_similarity
 
 RUNTIME_DIR = Path(__file__).parent / "runtime"
 RUNTIME_FILES = ("configuration_commonkv.py", "modeling_commonkv.py")
+VALIDATION_LOGITS = 64  # positions per validation sequence whose logits are compared (vocab-sized each)
 
 
 @dataclass
@@ -79,6 +80,7 @@ def convert(model: str, out_dir: Path | None, options: ConvertOptions, *, report
             raise UserInputError(f"{out_dir} exists. To resolve, pass --overwrite or choose another output directory.")
     with open_model(model, revision=options.revision, allow_pickle=options.allow_pickle) as source:
         analysis = analyze_source(source, options, reporter)
+        release_memory()
         try:
             if dry_run:
                 return ConversionResult(None, analysis)
@@ -89,6 +91,12 @@ def convert(model: str, out_dir: Path | None, options: ConvertOptions, *, report
     report = build_report(analysis, block)
     if options.validate:
         report["validation"] = validate_checkpoint(written, analysis, reporter)
+        if not report["validation"]["bytes_match"]:
+            discard(written)
+            raise ValidationError(
+                f"The converted cache holds {report['validation']['cache_bytes']} bytes but the plan says "
+                f"{report['validation']['cache_bytes_expected']}; the output was removed. To resolve, report this "
+                "bug with the command you ran.")
     report["wall_time_s"] = round(time.perf_counter() - start, 2)
     report["peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)
     _write_report(written, report)
@@ -324,23 +332,30 @@ def validate_checkpoint(out_dir: Path, analysis: Analysis, reporter: Reporter) -
     """Reload with the runtime; compare logits with the source's and cache bytes with the plan."""
     from .runtime import load_checkpoint
 
-    with reporter.stage("Validating", 2) as bar:
+    release_memory()
+    tokens = analysis.validation_tokens
+    with reporter.stage("Validating", tokens.shape[0]) as bar, torch.inference_mode():
         model = load_checkpoint(out_dir, dtype=torch.float32)
-        tokens = analysis.validation_tokens
-        with torch.inference_mode():
-            out = model(tokens, use_cache=True)
-            bar.advance("logits")
-            ref_logits = model.lm_head(analysis.final_hidden) if analysis.final_hidden is not None else None
-            result = {"sequences": tokens.shape[0], "tokens_per_sequence": tokens.shape[1]}
-            if ref_logits is not None:
-                result.update(compare_logits(ref_logits, out.logits))
-            cache = out.past_key_values
-            expected = model.config.kv_elements_per_token() * tokens.numel() * out.logits.new_empty(0).element_size()
-            measured = cache.nbytes()
-            full = model.config.full_kv_elements_per_token() * tokens.numel() * out.logits.new_empty(0).element_size()
-            result.update(cache_bytes=measured, cache_bytes_expected=expected, full_cache_bytes=full,
-                          measured_ratio=round(1 - measured / full, 6), bytes_match=measured == expected)
-            bar.advance("cache bytes")
+        metrics, measured = [], 0
+        for i in range(tokens.shape[0]):  # one sequence at a time: logits are T × vocab floats
+            out = model(tokens[i:i + 1], use_cache=True, logits_to_keep=VALIDATION_LOGITS)
+            if analysis.final_hidden is not None:
+                reference = model.lm_head(analysis.final_hidden[i:i + 1, -VALIDATION_LOGITS:])
+                metrics.append(compare_logits(reference, out.logits))
+            measured += out.past_key_values.nbytes()
+            del out
+            bar.advance()
+    width = torch.empty(0, dtype=torch.float32).element_size()
+    expected = model.config.kv_elements_per_token() * tokens.numel() * width
+    full = model.config.full_kv_elements_per_token() * tokens.numel() * width
+    result = {"sequences": tokens.shape[0], "tokens_per_sequence": tokens.shape[1],
+              "compared_positions": min(VALIDATION_LOGITS, tokens.shape[1])}
+    if metrics:
+        result.update(top1_agreement=round(sum(m["top1_agreement"] for m in metrics) / len(metrics), 4),
+                      kl_source_to_converted=round(sum(m["kl_source_to_converted"] for m in metrics) / len(metrics), 6),
+                      max_abs_logit_diff=max(m["max_abs_logit_diff"] for m in metrics))
+    result.update(cache_bytes=measured, cache_bytes_expected=expected, full_cache_bytes=full,
+                  measured_ratio=round(1 - measured / full, 6), bytes_match=measured == expected)
     return result
 
 
@@ -378,11 +393,6 @@ def _write_report(out_dir: Path, report: dict) -> None:
     tmp = out_dir / ".commonkv_report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.rename(out_dir / "commonkv_report.json")
-
-
-def peak_rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def discard(out_dir: Path) -> None:

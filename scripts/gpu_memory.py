@@ -140,9 +140,10 @@ class SdpaRecorder:
     def _wrapped(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                  enable_gqa=False, **kw):
         pattern = (
-            PHASE["name"], tuple(query.shape[1:2]) + (query.shape[-1],),
-            tuple(key.shape[1:2]) + (key.shape[-1],), tuple(value.shape[1:2]) + (value.shape[-1],),
-            0 in value.stride()[:2], attn_mask is not None, bool(is_causal), bool(enable_gqa), str(query.dtype),
+            PHASE["name"], "one" if query.shape[-2] == 1 else "several",
+            (query.shape[1], query.shape[-1]), (key.shape[1], key.shape[-1]), (value.shape[1], value.shape[-1]),
+            value.shape[1] > 1 and value.stride(1) == 0, attn_mask is not None, bool(is_causal), bool(enable_gqa),
+            str(query.dtype),
         )
         entry = self.calls.get(pattern)
         if entry is None:
@@ -152,11 +153,11 @@ class SdpaRecorder:
                 backend = torch.nn.attention.SDPBackend(choice).name
             except Exception as err:  # noqa: BLE001 - a private API: report, do not fail the benchmark
                 backend = f"unknown ({type(err).__name__}: {str(err)[:80]})"
+            fields = ("phase", "query_rows", "q_heads_dim", "k_heads_dim", "v_heads_dim", "v_broadcast_view",
+                      "mask", "is_causal", "enable_gqa", "dtype")
             entry = self.calls[pattern] = {
-                "phase": pattern[0], "query_rows": "one" if query.shape[-2] == 1 else "several", "q_heads_dim": list(pattern[1]), "k_heads_dim": list(pattern[2]),
-                "v_heads_dim": list(pattern[3]), "v_broadcast_view": pattern[4], "mask": pattern[5],
-                "is_causal": pattern[6], "enable_gqa": pattern[7], "dtype": pattern[8], "backend": backend,
-                "calls": 0,
+                **{k: list(v) if isinstance(v, tuple) else v for k, v in zip(fields, pattern)},
+                "backend": backend, "calls": 0,
             }
         entry["calls"] += 1
         return self._orig(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
@@ -303,13 +304,17 @@ def fused_check(model, args, device: torch.device) -> dict:
                              use_cache=True).logits.float()
         return full, step
 
+    buffers = {name: buf.clone() for name, buf in model.named_buffers()}  # e.g. RoPE's fp32 inv_freq
     try:
         fused, explicit = run("fused", "fused"), run("explicit", "explicit")
-        model.float()  # bf16 -> fp32 -> bf16 is exact: the reference costs no second load
+        model.float()  # bf16 -> fp32 -> bf16 is exact for the weights: the reference costs no second load
         reference = run("explicit", "fp32-explicit")
     finally:
         cfg.commonkv["value_path"] = "fused"
         model.to(args.torch_dtype)
+        for name, buf in buffers.items():  # .to(dtype) also cast the buffers: put them back as they were
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = buf
     free(device)
     result = {"tokens": args.check_tokens}
     for i, part in enumerate(("prefill", "decode_step")):
@@ -328,12 +333,15 @@ def fused_check(model, args, device: torch.device) -> dict:
     return result
 
 
-def bench_model(name: str, loader, args, device: torch.device) -> dict:
+def bench_model(name: str, loader, args, device: torch.device, value_path: str | None = None) -> dict:
     free(device)
     base_alloc = allocated(device)
     t0 = time.perf_counter()
     model = loader()
     load_s = time.perf_counter() - t0
+    converted = isinstance(model.config, modeling_commonkv.CommonKVConfig)
+    if converted and value_path is not None:
+        model.config.commonkv["value_path"] = value_path
     free(device)
     weights = allocated(device)
     entry: dict = {"model": name, "load_s": round(load_s, 1),
@@ -347,8 +355,10 @@ def bench_model(name: str, loader, args, device: torch.device) -> dict:
             greedy_steps(model, out.logits[:, -1:].argmax(-1), out.past_key_values, 8)
         sync(device)
         del out
-        if isinstance(model.config, modeling_commonkv.CommonKVConfig):
+        if converted and value_path in (None, "fused"):
             entry["fused_check"] = fused_check(model, args, device)
+        if converted:
+            entry["value_path"] = model.config.commonkv.get("value_path", "fused")
         if device.type == "cuda" and not args.no_profile:
             try:
                 entry["attention_kernels"] = attention_kernels(model, warm)
@@ -430,6 +440,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=None, help="calibration samples (default 16)")
     p.add_argument("--seq-len", type=int, default=None, help="calibration sequence length (default 256)")
     p.add_argument("--models", default="base,optimal,uniform", help="comma list of base, optimal, uniform")
+    p.add_argument("--value-paths", default="fused",
+                   help="comma list: value paths of the converted models to measure (fused, explicit)")
     p.add_argument("--no-profile", action="store_true", help="skip the CUDA profiler pass (kernel names)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="keep models here and reuse them when present (default: a temporary directory)")
@@ -439,6 +451,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.check_tokens = args.check_tokens or (64 if args.tiny else 256)
     args.samples = args.samples or (8 if args.tiny else 16)
     args.seq_len = args.seq_len or (64 if args.tiny else 256)
+    args.value_paths = [v.strip() for v in args.value_paths.split(",") if v.strip()]
+    if set(args.value_paths) - {"fused", "explicit"}:
+        p.error(f"--value-paths: unknown {sorted(set(args.value_paths) - {'fused', 'explicit'})}")
     args.torch_dtype = getattr(torch, args.dtype)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return args
@@ -490,7 +505,9 @@ def main(argv: list[str] | None = None) -> dict:
             path = work / f"commonkv-{name}"
             loader = lambda p=path: load_checkpoint(p, dtype=args.torch_dtype, device=str(device),  # noqa: E731
                                                     attn_implementation=attn)
-            results["models"].append(bench_model(f"commonkv-{name}", loader, args, device))
+            for value_path in args.value_paths:
+                label = f"commonkv-{name}" + ("" if value_path == "fused" else f"[{value_path}]")
+                results["models"].append(bench_model(label, loader, args, device, value_path))
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

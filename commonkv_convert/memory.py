@@ -1,0 +1,21 @@
+"""Process memory: peak RSS for the report, and handing freed heap back to the OS between stages."""
+
+from __future__ import annotations
+
+import ctypes
+import resource
+import sys
+
+
+def peak_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def release_memory() -> None:
+    """Return freed heap pages to the OS (glibc keeps them otherwise), so the peak RSS of a conversion is
+    that of its largest step, not the sum of every step's leftovers."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
