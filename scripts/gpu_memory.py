@@ -16,6 +16,11 @@ What it does (a benchmark driver, not a test):
 
     PYTHONPATH=. python3 scripts/gpu_memory.py --out $OUT/gpu_memory.json          # the real run (CUDA)
     PYTHONPATH=. python scripts/gpu_memory.py --tiny --device cpu --out /tmp/gm.json  # smoke run, tiny shapes
+
+Conversion runs on the CPU and takes minutes at these shapes; to keep each device call short, convert first
+into an ignored folder of the checkout (`--convert-only --workdir .cache/gpu_memory`), then measure with the
+same `--workdir` in the next call while the machine is still warm. `--value-paths fused,explicit` also
+measures the converted models with the explicit value path (B_v c, then attention at head_dim).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from pathlib import Path
 
 import torch
 import transformers
+import yaml
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from commonkv_convert.convert import convert
@@ -75,13 +81,18 @@ def build_base(out_dir: Path, shapes: dict, seed: int = 0) -> Path:
     return out_dir
 
 
-def convert_variant(base: Path, out_dir: Path, **options) -> dict:
-    """Run the library conversion; return the plan and the converter's own validation."""
+def convert_variant(base: Path, out_dir: Path, reuse: bool = False, **options) -> dict:
+    """Run the library conversion (or reuse a finished one); return the plan and the converter's validation."""
     start = time.perf_counter()
-    result = convert(str(base), out_dir, ConvertOptions(**options), overwrite=True)
-    report = dict(result.report)
+    report_file, recipe = out_dir / "commonkv_report.json", out_dir / "commonkv_recipe.yaml"
+    reused = reuse and report_file.is_file() and recipe.is_file() and _same_options(recipe, options)
+    if reused:
+        report = json.loads(report_file.read_text())
+    else:
+        report = dict(convert(str(base), out_dir, ConvertOptions(**options), overwrite=True).report)
     return {
         "options": options,
+        "reused": reused,
         "seconds": round(time.perf_counter() - start, 1),
         "plan": plan_of(report["groups"]),
         "ratio": report["ratio"],
@@ -89,6 +100,13 @@ def convert_variant(base: Path, out_dir: Path, **options) -> dict:
         "validation": report.get("validation"),
         "peak_rss_mb": report.get("peak_rss_mb"),
     }
+
+
+def _same_options(recipe: Path, options: dict) -> bool:
+    """The finished conversion in a reused --workdir was made with the options asked for now."""
+    resolved = {**ConvertOptions().to_dict(), **options}
+    written = yaml.safe_load(recipe.read_text()) or {}
+    return all(written.get(k) == v for k, v in resolved.items() if k in written)
 
 
 def plan_of(groups: list[dict]) -> list[dict]:
@@ -216,7 +234,11 @@ def cache_bytes(cache) -> int:
 
 
 def analytic_bytes(model, tokens: int, elt: int) -> int:
+    """Converted: the plan's figure (`cache_elements` where the runtime has it: exact for weighted groups too);
+    base: 2 · n_kv · head_dim · layers per token. Batch 1."""
     cfg = model.config
+    if hasattr(cfg, "cache_elements"):
+        return cfg.cache_elements(tokens) * elt
     if hasattr(cfg, "kv_elements_per_token"):
         return cfg.kv_elements_per_token() * tokens * elt
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -404,9 +426,10 @@ def markdown(results: dict) -> str:
                 f"{r['decode_tok_s']:.1f} |")
     lines.append("")
     for name, conv in results["conversions"].items():
+        made = "reused from --workdir" if conv["reused"] else f"converted in {conv['seconds']} s"
         lines.append(f"- plan `{name}`: {plan_text(conv['plan'])}; achieved ratio {conv['ratio']['achieved']}, "
                      f"{conv['kv_elements_per_token']['converted']}/{conv['kv_elements_per_token']['full']} "
-                     f"elements per token; converted in {conv['seconds']} s")
+                     f"elements per token; {made}")
     for m in results["models"]:
         if "fused_check" in m:
             fc = m["fused_check"]
@@ -442,10 +465,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", default="base,optimal,uniform", help="comma list of base, optimal, uniform")
     p.add_argument("--value-paths", default="fused",
                    help="comma list: value paths of the converted models to measure (fused, explicit)")
+    p.add_argument("--convert-only", action="store_true",
+                   help="build and convert into --workdir, measure nothing (split a long device run in two calls)")
     p.add_argument("--no-profile", action="store_true", help="skip the CUDA profiler pass (kernel names)")
     p.add_argument("--workdir", type=Path, default=None,
-                   help="keep models here and reuse them when present (default: a temporary directory)")
+                   help="keep the base and converted models here and reuse them when present "
+                        "(default: a temporary directory, removed at the end)")
     args = p.parse_args(argv)
+    if args.convert_only and args.workdir is None:
+        p.error("--convert-only needs --workdir (the models would be deleted at the end)")
     args.tokens = args.tokens or ([256, 1024] if args.tiny else [8192, 32768])
     args.decode_tokens = args.decode_tokens or (16 if args.tiny else 128)
     args.check_tokens = args.check_tokens or (64 if args.tiny else 256)
@@ -490,11 +518,13 @@ def main(argv: list[str] | None = None) -> dict:
             if name not in wanted:
                 continue
             out = work / f"commonkv-{name}"
-            results["conversions"][name] = convert_variant(base, out, **opts)
+            results["conversions"][name] = convert_variant(base, out, reuse=args.workdir is not None, **opts)
             conv = results["conversions"][name]
             print(f"converted {name}: {plan_text(conv['plan'])} ratio {conv['ratio']} ({conv['seconds']} s)",
                   flush=True)
 
+        if args.convert_only:
+            return results
         attn = "sdpa"
         if "base" in wanted:
             results["models"].append(bench_model("base", lambda: AutoModelForCausalLM.from_pretrained(
