@@ -103,6 +103,10 @@ def convert(
     plain_svd: Annotated[bool, typer.Option("--plain-svd", help="Plain SVD of the weights (to compare).")] = False,
     allocator: Annotated[Optional[str], typer.Option(help="optimal (search) or uniform (baseline).")] = None,
     no_keep: Annotated[bool, typer.Option("--no-keep", help="Give every layer a latent (exactness checks).")] = False,
+    merge: Annotated[Optional[str], typer.Option(help="Merged groups: anchor (causal) or weighted (paper's merge).")] = None,
+    sink: Annotated[Optional[int], typer.Option(help="weighted merge: sink tokens kept per layer (default 4).")] = None,
+    window: Annotated[Optional[int], typer.Option(help="weighted merge: recent tokens kept per layer (default 32).")] = None,
+    block: Annotated[Optional[int], typer.Option(help="weighted merge: tokens merged per fold (default 16).")] = None,
     max_shard_size: Annotated[Optional[str], typer.Option(help="Largest weight shard, e.g. 2GB.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle (.bin) weights.")] = False,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
@@ -118,6 +122,7 @@ def convert(
 
     flags = dict(ratio=ratio, group_size=group_size, calib=calib, samples=samples, seq_len=seq_len,
                  rank_step=rank_step, allocator=allocator, max_shard_size=max_shard_size, revision=revision,
+                 merge=merge, sink=sink, window=window, block=block,
                  plain_svd=plain_svd or None, allow_pickle=allow_pickle or None,
                  validate=False if no_validate else None, allow_keep=False if no_keep else None)
     if recipe is not None:

@@ -30,6 +30,7 @@ from .memory import peak_rss_bytes, release_memory
 from .progress import Reporter
 from .recipe import ConvertOptions
 from .similarity import adjacent_pairs, latent_similarity
+from .weighted import WeightedCandidate, up_at_rank, weighted_factorize
 
 RUNTIME_DIR = Path(__file__).parent / "runtime"
 RUNTIME_FILES = ("configuration_commonkv.py", "modeling_commonkv.py")
@@ -142,8 +143,11 @@ def analyze_source(source: SourceModel, options: ConvertOptions, reporter: Repor
             if limit < 1:
                 continue  # no latent of this span can be narrower than keeping it: not a candidate
             ranks = rank_grid(limit, options.rank_step) if limit >= options.rank_step else torch.tensor([limit])
-            cand = factorize(span, first, _grams(live, "fit"), _grams(live, "held_out"), ranks,
-                             whiten=not options.plain_svd)
+            if size > 1 and options.merge == "weighted":
+                cand = weighted_factorize(span, _grams(live, "fit"), _grams(live, "held_out"), ranks)
+            else:
+                cand = factorize(span, first, _grams(live, "fit"), _grams(live, "held_out"), ranks,
+                                 whiten=not options.plain_svd)
             if size > 1:
                 group_sim[(first, size)] = latent_similarity(cand, live)
             candidates[(first, size)] = store.put(_undo_transform(cand, transforms))
@@ -196,7 +200,11 @@ class CandidateStore:
 
     def put(self, cand: Candidate) -> Candidate:
         path = Path(self._dir.name) / f"{cand.layers[0]}-{len(cand.layers)}.pt"
-        torch.save({"down": cand.down.float(), "up": {l: b.float() for l, b in cand.up.items()}}, path)
+        saved = {"down": cand.down.float(), "up": {l: b.float() for l, b in cand.up.items()}}
+        if isinstance(cand, WeightedCandidate):  # its up-projections are U_l; B_l needs the Cholesky L_l too
+            saved["chol"] = cand.chol
+            cand.chol = {}
+        torch.save(saved, path)
         cand.down, cand.up = None, {}
         cand.path = path
         return cand
@@ -204,6 +212,9 @@ class CandidateStore:
     @staticmethod
     def factors(cand: Candidate, rank: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         saved = torch.load(cand.path, weights_only=True)
+        if "chol" in saved:
+            ups = {l: up_at_rank(u.double(), saved["chol"][l], rank).float() for l, u in saved["up"].items()}
+            return saved["down"][:rank], ups
         return saved["down"][:rank], {l: b[:, :rank] for l, b in saved["up"].items()}
 
     def close(self) -> None:
@@ -247,7 +258,11 @@ def config_block(source: SourceModel, analysis: Analysis, options: ConvertOption
         if opt.mode != "keep":
             group.update(rank=opt.rank, anchor=opt.start)
             if opt.mode == "merged":
-                group["merge"] = "anchor"
+                group["merge"] = options.merge
+                if options.merge == "weighted":
+                    cand = analysis.candidates[(opt.start, opt.size)]
+                    group.update(weights=cand.weights_at(opt.rank),
+                                 sink=options.sink, window=options.window, block=options.block)
         group["elements"] = opt.cost
         if opt.mode != "keep":
             group["est_error"] = {
@@ -259,9 +274,11 @@ def config_block(source: SourceModel, analysis: Analysis, options: ConvertOption
         "format_version": 1,
         "tool_version": __version__,
         "base_model": {"id": source.model_id, "revision": source.revision, "model_type": facts.family.model_type},
-        "ratio": {"requested": analysis.requested_ratio, "achieved": round(analysis.achieved_ratio, 6)},
+        "ratio": {"requested": analysis.requested_ratio, "achieved": round(analysis.achieved_ratio, 6),
+                  **({"basis": "asymptotic per token: a weighted group stores r per token plus per-layer sinks "
+                               "and recent latents, a constant"} if options.merge == "weighted" else {})},
         "groups": groups,
-        "merge_mode": "anchor",
+        "merge_mode": options.merge,  # fixed at conversion: anchor and weighted factors differ
         "value_path": "fused",
         "arch": facts.runtime_block(),
         "calibration": analysis.calibration,
@@ -346,7 +363,8 @@ def validate_checkpoint(out_dir: Path, analysis: Analysis, reporter: Reporter) -
             del out
             bar.advance()
     width = torch.empty(0, dtype=torch.float32).element_size()
-    expected = model.config.kv_elements_per_token() * tokens.numel() * width
+    # per sequence: weighted groups hold sinks + merged + recent, not the asymptotic r per token
+    expected = sum(model.config.cache_elements(tokens.shape[1]) for _ in range(tokens.shape[0])) * width
     full = model.config.full_kv_elements_per_token() * tokens.numel() * width
     result = {"sequences": tokens.shape[0], "tokens_per_sequence": tokens.shape[1],
               "compared_positions": min(VALIDATION_LOGITS, tokens.shape[1])}

@@ -29,6 +29,12 @@ class ConvertOptions:
     value_metric: str = field(default="output", metadata={
         "help": "Measure value error after o_proj (output) or as is (plain)."})
     value_weight: float = field(default=1.0, metadata={"help": "Weight of value error relative to key error."})
+    merge: str = field(default="anchor", metadata={
+        "help": "How merged groups store old tokens: anchor (the first layer's latent, causal) or weighted "
+                "(the CommonKV paper's calibrated weighted sum; per-layer sinks and recent window)."})
+    sink: int = field(default=4, metadata={"help": "weighted merge: first tokens each layer keeps as its own latent."})
+    window: int = field(default=32, metadata={"help": "weighted merge: recent tokens each layer keeps at least."})
+    block: int = field(default=16, metadata={"help": "weighted merge: tokens are merged K at a time."})
     max_shard_size: str = field(default="2GB", metadata={"help": "Largest safetensors shard."})
     allow_pickle: bool = field(default=False, metadata={"help": "Allow loading pickle (.bin) weights."})
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
@@ -50,6 +56,11 @@ class ConvertOptions:
             raise UserInputError(f"--rank-step {self.rank_step} is below 1. To resolve, pass e.g. 8.")
         if self.allocator not in ("optimal", "uniform"):
             raise UserInputError(f"--allocator {self.allocator!r} is unknown. To resolve, pass optimal or uniform.")
+        if self.merge not in ("anchor", "weighted"):
+            raise UserInputError(f"--merge {self.merge!r} is unknown. To resolve, pass anchor or weighted.")
+        if self.sink < 0 or self.window < 0 or self.block < 1:
+            raise UserInputError(f"--sink {self.sink} / --window {self.window} / --block {self.block} are invalid. "
+                                 "To resolve, pass sink ≥ 0, window ≥ 0 and block ≥ 1 (defaults 4, 32, 16).")
         if self.value_metric not in ("output", "plain"):
             raise UserInputError(f"value_metric {self.value_metric!r} is unknown. To resolve, pass output or plain.")
         # Imported here: both pull in torch, which `commonkv --version` and `--help` should not wait for.

@@ -15,7 +15,8 @@ from transformers import PretrainedConfig
 
 FORMAT_VERSION = 1
 MODES = ("keep", "per_layer", "merged")
-MERGE_MODES = ("anchor",)
+MERGE_MODES = ("anchor", "weighted")
+WEIGHTED_DEFAULTS = {"sink": 4, "window": 32, "block": 16}  # S, W, K of a weighted group
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class LayerRole:
     group: int  # index into commonkv["groups"]
     rank: int  # latent width r (0 for keep)
     source: int  # layer whose cache entry this layer reads (itself unless a non-anchor merged layer)
+    merge: str = ""  # anchor | weighted for a merged layer, "" otherwise
 
     @property
     def stores(self) -> bool:
@@ -95,21 +97,62 @@ class CommonKVConfig(PretrainedConfig):
         for g, group in enumerate(self.commonkv["groups"]):
             mode, layers = group["mode"], group["layers"]
             anchor = group.get("anchor", layers[0])
+            merge = group.get("merge", "anchor") if mode == "merged" else ""
             for layer in layers:
-                source = anchor if mode == "merged" else layer
-                roles[layer] = LayerRole(layer, mode, g, int(group.get("rank", 0)), source)
+                source = anchor if merge == "anchor" else layer  # weighted: every layer keeps its own latents
+                roles[layer] = LayerRole(layer, mode, g, int(group.get("rank", 0)), source, merge)
         missing = [i for i, r in enumerate(roles) if r is None]
         if missing:
             raise ValueError(f"commonkv.groups does not cover layers {missing}; the checkpoint config is corrupt.")
         return roles  # type: ignore[return-value]
 
     def kv_elements_per_token(self) -> int:
-        """Cache elements stored per token over all layers (the analytic figure cache bytes must equal)."""
+        """Cache elements stored per token over all layers; for weighted groups the asymptotic figure (r per
+        token for the group: the per-layer sinks and recent window are a constant, see `cache_elements`)."""
         full = 2 * self.num_key_value_heads * self.head_dim
-        return sum(full if r.mode == "keep" else r.rank for r in self.layer_roles() if r.stores)
+        total = 0
+        for group in self.commonkv["groups"]:
+            if group["mode"] == "keep":
+                total += full * len(group["layers"])
+            elif group["mode"] == "merged":
+                total += int(group["rank"])
+            else:
+                total += int(group["rank"]) * len(group["layers"])
+        return total
+
+    def cache_elements(self, tokens: int) -> int:
+        """Cache elements one sequence of `tokens` tokens holds (the analytic figure cache bytes must equal).
+
+        A weighted group of G layers at rank r holds per layer its sinks (the first S tokens) and its recent
+        tokens, and once for the group the merged latents of everything in between. Recent tokens are folded
+        into the merged latent in whole blocks of K once at least W + K of them are held, so the recent part
+        holds n tokens while n < W and W + (n − W) mod K after (n = tokens past the sinks): the same whatever
+        the chunking of prefill and decode.
+        """
+        total = 0
+        for group in self.commonkv["groups"]:
+            if group["mode"] == "merged" and group.get("merge", "anchor") == "weighted":
+                sinks, recent, merged = weighted_split(tokens, group)
+                total += int(group["rank"]) * (len(group["layers"]) * (sinks + recent) + merged)
+            elif group["mode"] == "keep":
+                total += 2 * self.num_key_value_heads * self.head_dim * len(group["layers"]) * tokens
+            elif group["mode"] == "merged":
+                total += int(group["rank"]) * tokens
+            else:
+                total += int(group["rank"]) * len(group["layers"]) * tokens
+        return total
 
     def full_kv_elements_per_token(self) -> int:
         return 2 * self.num_key_value_heads * self.head_dim * self.num_hidden_layers
+
+
+def weighted_split(tokens: int, group: dict) -> tuple[int, int, int]:
+    """(sinks, recent, merged) token counts of a weighted group after `tokens` tokens."""
+    sink, window, block = (int(group.get(k, v)) for k, v in WEIGHTED_DEFAULTS.items())
+    sinks = min(tokens, sink)
+    rest = tokens - sinks
+    recent = rest if rest < window else window + (rest - window) % block
+    return sinks, recent, rest - recent
 
 
 def default_block(num_layers: int) -> dict:
@@ -123,4 +166,4 @@ def default_block(num_layers: int) -> dict:
     }
 
 
-__all__ = ["CommonKVConfig", "LayerRole", "FORMAT_VERSION", "MODES", "MERGE_MODES"]
+__all__ = ["CommonKVConfig", "LayerRole", "FORMAT_VERSION", "MODES", "MERGE_MODES", "weighted_split"]

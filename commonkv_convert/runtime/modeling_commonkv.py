@@ -9,10 +9,15 @@ A converted layer does not project keys and values from its input. It computes (
     keys   = RoPE(k_norm(B_k c + b_k))          reconstructed for every cached token
     values = softmax(q kᵀ) · C, then B_v per KV head   ("matrix fusion": attention runs over the latent)
 
-In a merged group only the anchor (first layer) stores its latent; the other layers read it and
-allocate nothing. Positions: keys are rotated at their cache slot index and queries at theirs, so
-scores depend only on slot differences, which equal position differences for every real token
-(left padding included), because RoPE scores are invariant to a common shift.
+In an `anchor` merged group only the anchor (first layer) stores its latent; the other layers read it and
+allocate nothing. In a `weighted` merged group (the CommonKV paper's merge) every layer keeps its own latents
+for the first S tokens (sinks) and the most recent ones, and older tokens are stored once for the group as
+the calibrated weighted sum Σ_l w_l c^l (see `WeightedLayer`). The merge mode is fixed at conversion time:
+the two modes use different factors.
+
+Positions: keys are rotated at their cache slot index and queries at theirs, so scores depend only on slot
+differences, which equal position differences for every real token (left padding included), because RoPE
+scores are invariant to a common shift.
 """
 
 from __future__ import annotations
@@ -30,9 +35,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 try:  # the checkpoint copy imports its sibling; the package imports the module in its own folder
-    from .configuration_commonkv import CommonKVConfig, LayerRole
+    from .configuration_commonkv import WEIGHTED_DEFAULTS, CommonKVConfig, LayerRole
 except ImportError:  # pragma: no cover - flat import when loaded as a plain module
-    from configuration_commonkv import CommonKVConfig, LayerRole
+    from configuration_commonkv import WEIGHTED_DEFAULTS, CommonKVConfig, LayerRole
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -104,14 +109,139 @@ class LatentLayer(CacheLayerMixin):
             self.latent = self.latent[indices, ...]
 
 
+class WeightedGroup:
+    """State shared by the layers of one weighted group: the merged latent and the block being merged."""
+
+    def __init__(self, group: dict):
+        self.layers = list(group["layers"])
+        self.weights = dict(zip(self.layers, (float(w) for w in group["weights"])))
+        self.sink, self.window, self.block = (int(group.get(k, v)) for k, v in WEIGHTED_DEFAULTS.items())
+        self.merged: torch.Tensor | None = None  # [B, 1, T_m, r], owned by the anchor's cache layer
+        self.pending: torch.Tensor | None = None  # Σ_l w_l c^l of the tokens being folded, during a forward
+
+    def fold(self, layer: int, latents: torch.Tensor) -> None:
+        """Add layer `layer`'s share of the folded tokens; the group's last layer appends the merged block."""
+        part = latents * self.weights[layer]
+        self.pending = part if self.pending is None else self.pending + part
+        if layer == self.layers[-1]:
+            self.merged = self.pending if self.merged is None else torch.cat([self.merged, self.pending], dim=-2)
+            self.pending = None
+
+
+class WeightedLayer(CacheLayerMixin):
+    """One layer of a weighted group: its own sink and recent latents; the anchor's also owns the merged one.
+
+    The layer attends over cat(sinks, merged, recent + new) in token order, so cache slots stay positions.
+    After attending, once its recent part holds ≥ W + K tokens, whole blocks of K (all but the last W..W+K-1)
+    are folded into the group's merged latent, so a long prefill attends with exact own latents.
+    Sinks and fold points are cache slots, shared by the rows of a batch: a left-padded row counts its padding
+    as tokens (its sinks may be padding), so it matches the same prompt run alone with the same padding.
+    """
+
+    is_sliding = False
+    is_croppable = False
+    _layer_type = "commonkv_weighted"
+
+    def __init__(self, group: WeightedGroup | None = None, layer: int = 0, **kwargs):
+        super().__init__()
+        self.group, self.layer = group, layer
+        self.owner = group is not None and layer == group.layers[0]
+        self.sinks: torch.Tensor | None = None  # [B, 1, ≤S, r]
+        self.recent: torch.Tensor | None = None  # [B, 1, n, r]
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        empty = key_states.new_empty((key_states.shape[0], 1, 0, key_states.shape[-1]))
+        self.sinks, self.recent = empty, empty
+        if self.owner:
+            self.group.merged = empty
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states=None, *args, **kwargs):
+        """Add `[B, 1, t, r]` new latents (sinks first); returns the sequence `[B, 1, T, r]` to attend over."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states)
+        take = min(self.group.sink - self.sinks.shape[-2], key_states.shape[-2])
+        if take > 0:
+            self.sinks = torch.cat([self.sinks, key_states[..., :take, :]], dim=-2)
+        self.recent = torch.cat([self.recent, key_states[..., max(take, 0):, :]], dim=-2)
+        self.length += key_states.shape[-2]
+        return self.sequence(), None
+
+    def sequence(self) -> torch.Tensor:
+        return torch.cat([self.sinks, self.group.merged, self.recent], dim=-2)
+
+    def fold(self) -> None:
+        """After attending: move whole blocks of K old recent latents into the group's merged latent."""
+        g = self.group
+        held = self.recent.shape[-2]
+        if held < g.window + g.block:
+            return
+        n = (held - g.window) // g.block * g.block
+        g.fold(self.layer, self.recent[..., :n, :])
+        self.recent = self.recent[..., n:, :].clone()  # a fresh storage: the folded part is freed
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [t for t in (self.sinks, self.recent) if t is not None]
+        if self.owner and self.group.merged is not None:
+            out.append(self.group.merged)
+        return out
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def _apply(self, fn) -> None:
+        self.sinks, self.recent = fn(self.sinks), fn(self.recent)
+        if self.owner:
+            self.group.merged = fn(self.group.merged)
+
+    def offload(self):
+        if self.is_initialized:
+            self._apply(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        if self.is_initialized and self.sinks.device != self.device:
+            self._apply(lambda t: t.to(self.device, non_blocking=True))
+
+    def reset(self) -> None:
+        self.sinks = self.recent = None
+        if self.owner:
+            self.group.merged = None
+        self.length = 0
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._apply(lambda t: t[indices, ...])
+
+
 class CommonKVCache(Cache):
     """Per layer: keys/values (`keep`), one latent (`per_layer`, merged anchors) or nothing (merged others)."""
 
     def __init__(self, config: CommonKVConfig):
         self.roles = config.layer_roles()
+        groups = {g: WeightedGroup(group) for g, group in enumerate(config.commonkv["groups"])
+                  if group["mode"] == "merged" and group.get("merge", "anchor") == "weighted"}
         layers = []
         for role in self.roles:
-            if not role.stores:
+            if role.group in groups:
+                layers.append(WeightedLayer(groups[role.group], role.layer))
+            elif not role.stores:
                 layers.append(DummyLayer())
             elif role.latent:
                 layers.append(LatentLayer())
@@ -122,6 +252,8 @@ class CommonKVCache(Cache):
     def latent(self, layer_idx: int) -> torch.Tensor:
         """The latent a layer attends over: its own, or its merged group's anchor's (already updated)."""
         source = self.layers[self.roles[layer_idx].source]
+        if isinstance(source, WeightedLayer):
+            return source.sequence()
         if source.latent is None:
             raise RuntimeError(f"layer {layer_idx} reads the latent of layer {self.roles[layer_idx].source}, "
                                "which has not run yet in this forward pass.")
@@ -131,7 +263,7 @@ class CommonKVCache(Cache):
         """Bytes held by the cache, counted once per unique storage (what the memory really holds)."""
         seen: dict[int, int] = {}
         for layer in self.layers:
-            tensors = layer.tensors() if isinstance(layer, LatentLayer) else [layer.keys, layer.values]
+            tensors = layer.tensors() if isinstance(layer, (LatentLayer, WeightedLayer)) else [layer.keys, layer.values]
             for t in tensors:
                 if t is not None and t.numel():
                     storage = t.untyped_storage()
@@ -254,14 +386,20 @@ class CommonKVAttention(nn.Module):
         query = apply_rope(query, cos[:, -q_len:], sin[:, -q_len:])
 
         if self.role.latent:
+            layer_cache = cache.layers[self.layer_idx]
             if self.role.stores:
-                cache.layers[self.layer_idx].update(down(hidden_states).unsqueeze(1))
+                layer_cache.update(down(hidden_states).unsqueeze(1))
             latent = cache.latent(self.layer_idx)  # [B, 1, T, r]
             key = self.k_up(latent).view(b, -1, self.num_kv_heads, self.head_dim)
             key = apply_rope(self._norm("k_norm", key).transpose(1, 2), cos, sin)
             if self.config.commonkv.get("value_path", "fused") == "fused":
-                return self._fused_output(query, key, latent, attention_mask)
-            value = self.v_up(latent).view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+                out = self._fused_output(query, key, latent, attention_mask)
+            else:
+                value = self.v_up(latent).view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+                out = self.o_proj(self._attend(query, key, value, attention_mask)[0].reshape(b, q_len, -1))
+            if isinstance(layer_cache, WeightedLayer):
+                layer_cache.fold()  # after attending: this forward used the layer's own latents
+            return out
         else:
             shape = (b, q_len, -1, self.head_dim)
             key = self._norm("k_norm", self.k_proj(hidden_states).view(shape)).transpose(1, 2)
@@ -429,4 +567,5 @@ class CommonKVForCausalLM(CommonKVPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
 
 
-__all__ = ["CommonKVForCausalLM", "CommonKVModel", "CommonKVCache", "LatentLayer", "CommonKVPreTrainedModel"]
+__all__ = ["CommonKVForCausalLM", "CommonKVModel", "CommonKVCache", "LatentLayer", "WeightedLayer",
+           "CommonKVPreTrainedModel"]
