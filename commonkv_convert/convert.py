@@ -279,7 +279,7 @@ def config_block(source: SourceModel, analysis: Analysis, options: ConvertOption
                                "and recent latents, a constant"} if options.merge == "weighted" else {})},
         "groups": groups,
         "merge_mode": options.merge,  # fixed at conversion: anchor and weighted factors differ
-        "value_path": "fused",
+        "value_path": "auto",  # fused (latent-space values) where cheaper, explicit otherwise
         "arch": facts.runtime_block(),
         "calibration": analysis.calibration,
         "options": options.to_dict(),

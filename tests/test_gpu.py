@@ -88,7 +88,7 @@ def _logits(model, ids: torch.Tensor, value_path: str) -> tuple[torch.Tensor, to
             cache = model(ids[:, :-1], use_cache=True).past_key_values
             step = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits.float()
     finally:
-        model.config.commonkv["value_path"] = "fused"
+        model.config.commonkv["value_path"] = "auto"
     return full, step
 
 

@@ -93,11 +93,14 @@ def test_fused_value_path_equals_explicit(merged_dirs, impl):
     model = load_checkpoint(merged_dirs["qwen2"], dtype=torch.float32, attn_implementation=impl)
     ids = _ids(2, 20)
     with torch.inference_mode():
+        model.config.commonkv["value_path"] = "fused"
         fused = model(ids).logits
         model.config.commonkv["value_path"] = "explicit"
         explicit = model(ids).logits
-        model.config.commonkv["value_path"] = "fused"
+        model.config.commonkv["value_path"] = "auto"
+        auto = model(ids).logits
     assert (fused - explicit).abs().max() < 1e-4
+    assert (auto - explicit).abs().max() < 1e-4
 
 
 def _run_isolated(code: str, tmp_path, checkpoint) -> subprocess.CompletedProcess:

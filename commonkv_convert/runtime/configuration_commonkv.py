@@ -161,7 +161,7 @@ def default_block(num_layers: int) -> dict:
         "format_version": FORMAT_VERSION,
         "groups": [{"layers": [i], "mode": "keep"} for i in range(num_layers)],
         "merge_mode": "anchor",
-        "value_path": "fused",
+        "value_path": "auto",
         "arch": {"qkv_bias": False, "o_bias": False, "qk_norm": False},
     }
 

@@ -392,7 +392,7 @@ class CommonKVAttention(nn.Module):
             latent = cache.latent(self.layer_idx)  # [B, 1, T, r]
             key = self.k_up(latent).view(b, -1, self.num_kv_heads, self.head_dim)
             key = apply_rope(self._norm("k_norm", key).transpose(1, 2), cos, sin)
-            if self.config.commonkv.get("value_path", "fused") == "fused":
+            if self._use_fused(q_len, latent.shape[-1]):
                 out = self._fused_output(query, key, latent, attention_mask)
             else:
                 value = self.v_up(latent).view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -409,6 +409,17 @@ class CommonKVAttention(nn.Module):
 
         out, _ = self._attend(query, key, value, attention_mask)
         return self.o_proj(out.reshape(b, q_len, -1))
+
+    def _use_fused(self, q_len: int, rank: int) -> bool:
+        """value_path "auto": attend over the latent only where it is cheaper than rebuilding the values.
+
+        Fused costs q·T·H·r for the attention-value product; explicit costs T·r·d_kv to rebuild V plus q·T·H·hd.
+        So decode (q = 1) fuses and a long prefill does not (its output would be H·r wide per token).
+        """
+        path = self.config.commonkv.get("value_path", "auto")
+        if path != "auto":
+            return path == "fused"
+        return q_len * self.num_heads * (rank - self.head_dim) < rank * self.num_kv_heads * self.head_dim
 
     def _attend(self, query, key, value, attention_mask):
         impl = self.config._attn_implementation
