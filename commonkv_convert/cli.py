@@ -38,6 +38,11 @@ EXIT_CODES = """Exit codes: 0 ok · 1 other failure · 2 bad arguments · 3 mode
 5 calibration data · 6 no plan reaches the ratio · 7 validation failed."""
 
 
+def _default(field: str) -> str:
+    """' (default X)' from ConvertOptions, so help text and the library never disagree."""
+    return f" (default {ConvertOptions.__dataclass_fields__[field].default})"
+
+
 def handle_errors(fn):
     """Map CommonKVError to one line and its exit code; KeyboardInterrupt to 130; any other exception (a bug)
     to one line and exit 1."""
@@ -94,20 +99,20 @@ def main(
 def convert(
     model: Annotated[str, typer.Argument(help="Local model directory or Hub id (org/name).")],
     out_dir: Annotated[Optional[Path], typer.Argument(help="Output directory (default: ./NAME-commonkv-RATIO).")] = None,
-    ratio: Annotated[Optional[float], typer.Option(help="Fraction of KV-cache memory to remove, in [0, 1).")] = None,
-    group_size: Annotated[Optional[int], typer.Option(help="Most adjacent layers that may share one latent (1: no merging).")] = None,
+    ratio: Annotated[Optional[float], typer.Option(help="Fraction of KV-cache memory to remove, in [0, 1)." + _default("ratio"))] = None,
+    group_size: Annotated[Optional[int], typer.Option(help="Most adjacent layers that may share one latent (1: no merging)." + _default("group_size"))] = None,
     calib: Annotated[Optional[Path], typer.Option(help="Calibration text, .txt or .jsonl with {\"text\": ...} lines.")] = None,
-    samples: Annotated[Optional[int], typer.Option(help="Number of calibration sequences.")] = None,
-    seq_len: Annotated[Optional[int], typer.Option(help="Tokens per calibration sequence.")] = None,
-    rank_step: Annotated[Optional[int], typer.Option(help="Latent ranks are multiples of this.")] = None,
+    samples: Annotated[Optional[int], typer.Option(help="Number of calibration sequences." + _default("samples"))] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Tokens per calibration sequence." + _default("seq_len"))] = None,
+    rank_step: Annotated[Optional[int], typer.Option(help="Latent ranks are multiples of this." + _default("rank_step"))] = None,
     plain_svd: Annotated[bool, typer.Option("--plain-svd", help="Plain SVD of the weights (to compare).")] = False,
-    allocator: Annotated[Optional[str], typer.Option(help="optimal (search) or uniform (baseline).")] = None,
+    allocator: Annotated[Optional[str], typer.Option(help="optimal (search) or uniform (baseline)." + _default("allocator"))] = None,
     no_keep: Annotated[bool, typer.Option("--no-keep", help="Give every layer a latent (exactness checks).")] = False,
-    merge: Annotated[Optional[str], typer.Option(help="Merged groups: anchor (causal) or weighted (paper's merge).")] = None,
+    merge: Annotated[Optional[str], typer.Option(help="Merged groups: anchor (causal) or weighted (paper's merge)." + _default("merge"))] = None,
     sink: Annotated[Optional[int], typer.Option(help="weighted merge: sink tokens kept per layer (default 4).")] = None,
     window: Annotated[Optional[int], typer.Option(help="weighted merge: recent tokens kept per layer (default 32).")] = None,
     block: Annotated[Optional[int], typer.Option(help="weighted merge: tokens merged per fold (default 16).")] = None,
-    max_shard_size: Annotated[Optional[str], typer.Option(help="Largest weight shard, e.g. 2GB.")] = None,
+    max_shard_size: Annotated[Optional[str], typer.Option(help="Largest weight shard, e.g. 2GB." + _default("max_shard_size"))] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle (.bin) weights.")] = False,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe with these options; flags override it.")] = None,

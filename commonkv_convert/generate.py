@@ -36,6 +36,7 @@ def stream_generate(path: Path, prompt: str, *, max_new_tokens: int, device: str
                     write: Callable[[str], object]) -> dict:
     """Greedy generation, each token written as it is produced; returns speed and cache size."""
     from transformers import AutoTokenizer, TextStreamer
+    from transformers.utils import logging as hf_logging
 
     from .runtime import load_checkpoint
 
@@ -43,6 +44,7 @@ def stream_generate(path: Path, prompt: str, *, max_new_tokens: int, device: str
     if config.get("model_type") != "commonkv":
         raise UserInputError(f"{path} is not a CommonKV checkpoint. To resolve, convert it first with `commonkv convert`.")
     dev = pick_device(device)
+    hf_logging.disable_progress_bar()  # keep the terminal for the generated text
     model = load_checkpoint(path, dtype=pick_dtype(dtype, dev), device=dev)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if chat and tokenizer.chat_template:
