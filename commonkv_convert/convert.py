@@ -115,6 +115,7 @@ def analyze_source(source: SourceModel, options: ConvertOptions, reporter: Repor
     tokenizer = load_tokenizer(source)
     calib_path = Path(options.calib) if options.calib else DEFAULT_CALIBRATION
     tokens = token_sequences(read_texts(calib_path), tokenizer, options.samples, options.seq_len)
+    del tokenizer  # ~150 MB for a large vocabulary; nothing later needs it
     held_out = max(1, round(options.samples * options.held_out))
     validation = min(2, held_out)
 

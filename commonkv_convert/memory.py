@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import resource
 import sys
 
@@ -15,6 +16,7 @@ def peak_rss_bytes() -> int:
 def release_memory() -> None:
     """Return freed heap pages to the OS (glibc keeps them otherwise), so the peak RSS of a conversion is
     that of its largest step, not the sum of every step's leftovers."""
+    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
