@@ -63,3 +63,14 @@ def check_checkpoint(path: Path) -> dict:
 def _layer_mode(config: dict, name: str) -> str:
     layer = int(name.split(".")[2])
     return next(g["mode"] for g in config["commonkv"]["groups"] if layer in g["layers"])
+
+
+def left_padded(prompts: list[torch.Tensor], pad: int = 257) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of a left-padded batch, as generate() expects for decoder-only models."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = p
+        mask[row, width - len(p):] = 1
+    return ids, mask

@@ -17,6 +17,8 @@ from commonkv_convert.runtime import load_checkpoint
 from commonkv_convert.runtime.modeling_commonkv import LatentLayer
 from commonkv_convert.testing import TINY_FAMILIES
 
+from .helpers import left_padded
+
 FAMILIES = list(TINY_FAMILIES)
 
 
@@ -61,12 +63,8 @@ def test_exact_conversion_generates_source_tokens(family, tiny_model_dirs, exact
 def test_left_padded_batch_matches_single_prompts(family, merged_dirs):
     model = load_checkpoint(merged_dirs[family], dtype=torch.float32)
     prompts = [_ids(1, n, n)[0] for n in (5, 11, 8)]
-    width = max(len(p) for p in prompts)
-    ids = torch.full((3, width), 257)
-    mask = torch.zeros((3, width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = p
-        mask[row, width - len(p):] = 1
+    ids, mask = left_padded(prompts)
+    width = ids.shape[1]
     kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=257)
     batched = model.generate(ids, attention_mask=mask, **kwargs)[:, width:]
     for row, p in enumerate(prompts):

@@ -11,7 +11,7 @@ from commonkv_convert.runtime import load_checkpoint
 from commonkv_convert.runtime.modeling_commonkv import WeightedLayer
 from commonkv_convert.weighted import weighted_factorize
 
-from .helpers import check_checkpoint, convert_tiny
+from .helpers import check_checkpoint, convert_tiny, left_padded
 
 WEIGHTED = dict(ratio=0.6, group_size=2, allocator="uniform", merge="weighted", sink=2, window=4, block=2)
 
@@ -119,12 +119,8 @@ def test_left_padded_batch_rows_are_independent(weighted_dirs):
     rows, so a shorter prompt folds its tokens as its padded length says (see the module docstring)."""
     model = load_checkpoint(weighted_dirs["qwen2"], dtype=torch.float32)
     prompts = [_ids(1, n, n)[0] for n in (5, 11, 8)]
-    width = max(len(p) for p in prompts)
-    ids = torch.full((3, width), 257)
-    mask = torch.zeros((3, width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = p
-        mask[row, width - len(p):] = 1
+    ids, mask = left_padded(prompts)
+    width = ids.shape[1]
     kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=257)
     batched = model.generate(ids, attention_mask=mask, **kwargs)[:, width:]
     for row in range(3):
