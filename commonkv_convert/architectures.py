@@ -79,6 +79,18 @@ class ArchFacts:
         return getattr(module, self.family.class_prefix + suffix)
 
 
+def layer_types(config) -> list[str]:
+    """Per-layer attention type of a transformers config object, made explicit for the runtime.
+
+    Qwen2/Qwen3 configs carry `layer_types`; Mistral has none and slides every layer when `sliding_window` is set.
+    """
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return list(types)
+    sliding = getattr(config, "sliding_window", None) is not None
+    return ["sliding_attention" if sliding else "full_attention"] * config.num_hidden_layers
+
+
 def resolve(config: dict) -> ArchFacts:
     """Facts for a model config dict; raises a one-line UnsupportedModelError for anything else."""
     model_type = config.get("model_type")

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .architectures import ArchFacts, resolve
+from .architectures import ArchFacts, layer_types, resolve
 from .budget import Option, allocate, candidate_options, keep_option, plan_cost, uniform
-from .calibrate import CalibrationResult, LayerStats, calibrate
+from .calibrate import CalibrationResult, LayerStats, base_config, calibrate
 from .calibration_data import DEFAULT_CALIBRATION, fingerprint, read_texts, token_sequences
 from .checkpoint.card import render_card
 from .checkpoint.reader import SourceModel, open_model
@@ -91,8 +91,12 @@ def convert(model: str, out_dir: Path | None, options: ConvertOptions, *, report
             analysis.store.close()
     report = build_report(analysis, block)
     if options.validate:
-        report["validation"] = validate_checkpoint(written, analysis.validation_tokens, analysis.final_hidden,
-                                                   reporter)
+        try:
+            report["validation"] = validate_checkpoint(written, analysis.validation_tokens, analysis.final_hidden,
+                                                       reporter)
+        except BaseException:  # an unvalidated checkpoint must not be left looking complete
+            discard(written)
+            raise
         if not report["validation"]["bytes_match"]:
             discard(written)
             raise ValidationError(
@@ -298,6 +302,7 @@ def checkpoint_config(source_config: dict, block: dict) -> dict:
             "AutoConfig": "configuration_commonkv.CommonKVConfig",
             "AutoModelForCausalLM": "modeling_commonkv.CommonKVForCausalLM",
         },
+        layer_types=layer_types(base_config(source_config)),
         commonkv=block,
     )
     return config

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from commonkv_convert.runtime import load_checkpoint
 from commonkv_convert.testing import TINY_FAMILIES
 
-from .helpers import check_checkpoint
+from .helpers import check_checkpoint, convert_tiny
 
 FAMILIES = list(TINY_FAMILIES)
 
@@ -65,3 +65,23 @@ def test_plain_svd_is_no_better_on_held_out_error(tiny_model_dirs):
     aware = convert(src, None, ConvertOptions(**common), dry_run=True).analysis
     plain = convert(src, None, ConvertOptions(**common, plain_svd=True), dry_run=True).analysis
     assert sum(o.loss for o in aware.plan) < sum(o.loss for o in plain.plan)
+
+
+def test_sliding_window_layers_stay_sliding(tmp_path):
+    """Mistral with a sliding window shorter than the prompt: the exact conversion must slide too."""
+    from transformers import AutoConfig
+
+    from commonkv_convert.testing import TINY_FAMILIES, byte_tokenizer
+
+    kwargs = {k: v for k, v in TINY_FAMILIES["mistral"].items() if k != "model_type"}
+    config = AutoConfig.for_model("mistral", **{**kwargs, "sliding_window": 8})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src")
+    byte_tokenizer().save_pretrained(tmp_path / "src")
+    out = convert_tiny(tmp_path / "src", tmp_path / "ckv", ratio=0.0, group_size=1, allow_keep=False, rank_step=64)
+    converted = load_checkpoint(out, dtype=torch.float32)
+    assert set(converted.config.layer_types) == {"sliding_attention"}
+    source = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        assert (source(ids).logits - converted(ids).logits).abs().max() < 1e-4
