@@ -19,7 +19,7 @@ class ConvertOptions:
     calib: Path | None = field(default=None, metadata={"help": "Calibration text (.txt or .jsonl); default: bundled prompts."})
     samples: int = field(default=32, metadata={"help": "Calibration sequences."})
     seq_len: int = field(default=256, metadata={"help": "Tokens per calibration sequence."})
-    held_out: float = field(default=0.25, metadata={"help": "Share of sequences kept out of the fit to measure errors."})
+    held_out: float = field(default=0.125, metadata={"help": "Share of sequences kept out of the fit to measure errors."})
     rank_step: int = field(default=8, metadata={"help": "Latent ranks are multiples of this."})
     plain_svd: bool = field(default=False, metadata={"help": "Plain SVD of the weights instead of activation-aware."})
     allocator: str = field(default="optimal", metadata={"help": "optimal (search) or uniform (same group size and rank)."})
