@@ -61,6 +61,8 @@ class ConvertOptions:
         if self.sink < 0 or self.window < 0 or self.block < 1:
             raise UserInputError(f"--sink {self.sink} / --window {self.window} / --block {self.block} are invalid. "
                                  "To resolve, pass sink ≥ 0, window ≥ 0 and block ≥ 1 (defaults 4, 32, 16).")
+        if not self.value_weight > 0:
+            raise UserInputError(f"value_weight {self.value_weight} must be positive. To resolve, pass e.g. 1.0.")
         if self.value_metric not in ("output", "plain"):
             raise UserInputError(f"value_metric {self.value_metric!r} is unknown. To resolve, pass output or plain.")
         # Imported here: both pull in torch, which `commonkv --version` and `--help` should not wait for.

@@ -41,12 +41,18 @@ VARIANTS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--extra", nargs="*", default=[], metavar="NAME=JSON",
+                        help='more variants as ConvertOptions fields, e.g. g2=\'{"group_size": 2}\'')
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--eval-len", type=int, default=128)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    variants = {name: VARIANTS[name] for name in args.variants}
+    for spec in args.extra:
+        name, _, options = spec.partition("=")
+        variants[name] = json.loads(options)
 
     source_dir = smollm2_dir()
     ids = tokenize_text(AutoTokenizer.from_pretrained(source_dir), essays_text(),
@@ -57,10 +63,10 @@ def main() -> None:
     rows = [{"ratio": 0.0, "variant": "full cache", "ppl": score(source), "merged_groups": 0}]
     del source
     for ratio in args.ratios:
-        for name in args.variants:
+        for name, fields in variants.items():
             with tempfile.TemporaryDirectory() as tmp:
                 start = time.perf_counter()
-                result = convert(str(source_dir), Path(tmp) / "ckpt", ConvertOptions(ratio=ratio, **VARIANTS[name]))
+                result = convert(str(source_dir), Path(tmp) / "ckpt", ConvertOptions(ratio=ratio, **fields))
                 seconds = time.perf_counter() - start
                 model = load_checkpoint(result.out_dir, dtype=torch.float32)
                 groups = result.report["groups"]
