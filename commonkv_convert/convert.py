@@ -6,6 +6,7 @@ I/O in checkpoint/.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -51,6 +52,7 @@ class Analysis:
     validation_tokens: torch.Tensor
     requested_ratio: float
     store: "CandidateStore"
+    samples: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # analyze_source(keep_tokens=k)
 
     @property
     def elements(self) -> int:
@@ -85,10 +87,48 @@ def convert(model: str, out_dir: Path | None, options: ConvertOptions, *, report
         try:
             if dry_run:
                 return ConversionResult(None, analysis)
-            block = config_block(source, analysis, options)
-            written = write_checkpoint(source, analysis, block, out_dir, options, overwrite, command, reporter)
+            return _write_validated(source, analysis, out_dir, options, overwrite, command, reporter, start)
         finally:
             analysis.store.close()
+
+
+# Options a sweep may vary after one analysis: they only steer the budget stage and the writer.
+BUDGET_FIELDS = ("ratio", "allocator", "group_size", "allow_keep", "validate", "max_shard_size")
+
+
+def convert_sweep(model: str, options: ConvertOptions, variants: dict[str, ConvertOptions], out_root: Path, *,
+                  reporter: Reporter | None = None, overwrite: bool = False) -> dict[str, ConversionResult]:
+    """Calibrate and factorize `model` once with `options`, then write one checkpoint per variant under
+    out_root/NAME. Variants may differ from `options` only in BUDGET_FIELDS (group_size no larger)."""
+    reporter = reporter or Reporter()
+    options.check()
+    for name, variant in variants.items():
+        variant.check()
+        differing = [f for f in variant.to_dict() if f not in BUDGET_FIELDS
+                     and variant.to_dict()[f] != options.to_dict()[f]]
+        if differing or variant.group_size > options.group_size:
+            raise UserInputError(f"sweep variant {name!r} changes {differing or ['group_size']}, which the shared "
+                                 "analysis fixed. To resolve, vary only " + ", ".join(BUDGET_FIELDS) +
+                                 " (group_size no larger than the analyzed one), or convert it separately.")
+    results = {}
+    with open_model(model, revision=options.revision, allow_pickle=options.allow_pickle) as source:
+        analysis = analyze_source(source, options, reporter)
+        release_memory()
+        try:
+            for name, variant in variants.items():
+                start = time.perf_counter()
+                results[name] = _write_validated(source, replan(analysis, variant), out_root / name, variant,
+                                                 overwrite, "", reporter, start)
+        finally:
+            analysis.store.close()
+    return results
+
+
+def _write_validated(source: SourceModel, analysis: Analysis, out_dir: Path, options: ConvertOptions,
+                     overwrite: bool, command: str, reporter: Reporter, start: float) -> ConversionResult:
+    """Write the checkpoint, validate it (removing it if that fails), and write the report last."""
+    block = config_block(source, analysis, options)
+    written = write_checkpoint(source, analysis, block, out_dir, options, overwrite, command, reporter)
     report = build_report(analysis, block)
     if options.validate:
         try:
@@ -112,7 +152,8 @@ def convert(model: str, out_dir: Path | None, options: ConvertOptions, *, report
 # ---------------------------------------------------------------------------------------------------------
 # analysis: calibrate, factorize every span as soon as its layers are calibrated, allocate
 # ---------------------------------------------------------------------------------------------------------
-def analyze_source(source: SourceModel, options: ConvertOptions, reporter: Reporter) -> Analysis:
+def analyze_source(source: SourceModel, options: ConvertOptions, reporter: Reporter,
+                   keep_tokens: int = 0) -> Analysis:
     facts = resolve(source.config)
     if options.group_size > facts.num_layers:
         raise UserInputError(f"--group-size {options.group_size} exceeds the model's {facts.num_layers} layers. "
@@ -132,7 +173,7 @@ def analyze_source(source: SourceModel, options: ConvertOptions, reporter: Repor
     transforms: dict[int, torch.Tensor] = {}
     result = CalibrationResult()
     stream = calibrate(source, facts, tokens, max_group=options.group_size, held_out=held_out,
-                       validation=validation, reporter=reporter, result=result)
+                       validation=validation, reporter=reporter, result=result, keep_tokens=keep_tokens)
     for stats in stream:
         window.append(stats)
         everything[stats.layer] = _summary(stats)
@@ -158,22 +199,35 @@ def analyze_source(source: SourceModel, options: ConvertOptions, reporter: Repor
                 group_sim[(first, size)] = latent_similarity(cand, live)
             candidates[(first, size)] = store.put(_undo_transform(cand, transforms))
     pairs = adjacent_pairs(everything, {s: v for (s, n), v in group_sim.items() if n == 2})
-
-    budget = int((1.0 - options.ratio) * facts.kv_elements_per_token + 1e-9)
-    if options.allocator == "uniform":
-        plan = uniform(candidates, facts.num_layers, options.group_size, budget, facts.d_kv)
-    else:
-        opts = [keep_option(l, facts.d_kv) for l in range(facts.num_layers)] if options.allow_keep else []
-        for cand in candidates.values():
-            opts.extend(candidate_options(cand))
-        plan = allocate(opts, facts.num_layers, budget)
+    plan = allocate_plan(candidates, facts, options)
     calibration = {
         "source": str(calib_path) if options.calib else "bundled:calibration_default.jsonl",
         "samples": options.samples, "seq_len": options.seq_len, "held_out_samples": held_out,
         "sha256": fingerprint(tokens),
     }
     return Analysis(facts, plan, candidates, pairs, group_sim, calibration, result.final_hidden,
-                    tokens[-held_out:][:validation], options.ratio, store)
+                    tokens[-held_out:][:validation], options.ratio, store,
+                    samples={l: s.samples for l, s in everything.items() if s.samples})
+
+
+def allocate_plan(candidates: dict[tuple[int, int], Candidate], facts: ArchFacts, options: ConvertOptions) -> list[Option]:
+    """The budget stage: spans up to options.group_size, at most (1 − ratio) of the full cache per token."""
+    budget = int((1.0 - options.ratio) * facts.kv_elements_per_token + 1e-9)
+    candidates = {key: c for key, c in candidates.items() if key[1] <= options.group_size}
+    if options.allocator == "uniform":
+        return uniform(candidates, facts.num_layers, options.group_size, budget, facts.d_kv)
+    opts = [keep_option(l, facts.d_kv) for l in range(facts.num_layers)] if options.allow_keep else []
+    for cand in candidates.values():
+        opts.extend(candidate_options(cand))
+    return allocate(opts, facts.num_layers, budget)
+
+
+def replan(analysis: Analysis, options: ConvertOptions) -> Analysis:
+    """The same analysis allocated for other budget options (ratio, allocator, a group size no larger than
+    the analyzed one): calibration and factorization do not depend on them, so sweeps run them once."""
+    options.check()
+    return dataclasses.replace(analysis, plan=allocate_plan(analysis.candidates, analysis.facts, options),
+                               requested_ratio=options.ratio)
 
 
 def _grams(live: dict[int, LayerStats], split: str):
@@ -186,7 +240,8 @@ def _grams(live: dict[int, LayerStats], split: str):
 
 def _summary(stats: LayerStats) -> LayerStats:
     """Keep only the scalars of a layer once it leaves the window (Grams are d × d each)."""
-    return LayerStats(stats.layer, gram={}, cross={}, cos_prev=stats.cos_prev, tokens=stats.tokens)
+    return LayerStats(stats.layer, gram={}, cross={}, cos_prev=stats.cos_prev, tokens=stats.tokens,
+                      samples=stats.samples)
 
 
 def _undo_transform(cand: Candidate, transforms: dict[int, torch.Tensor]) -> Candidate:
