@@ -30,6 +30,9 @@ class LayerStats:
     cross: dict[str, dict[int, torch.Tensor]]  # split -> {j: X_l X_jᵀ} for earlier layers j in the window
     cos_prev: dict[str, float] = field(default_factory=dict)  # hidden / key / value vs layer l-1
     tokens: dict[str, int] = field(default_factory=dict)
+    # only with calibrate(keep_tokens=k): the same k tokens of every layer, for layer × layer maps (analyze.py):
+    # "hidden" (residual stream), "input" (after the input norm), "key", "value" (raw projections)  [k, ·] fp32
+    samples: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -69,11 +72,13 @@ def calibrate(
     batch_size: int = 8,
     reporter: Reporter | None = None,
     result: CalibrationResult | None = None,
+    keep_tokens: int = 0,
 ) -> Iterator[LayerStats]:
     """Yield LayerStats for layers 0..L-1 in order.
 
     tokens: [N, T]; the last `held_out` sequences form the held-out split, and the first `validation` of
     those also get their final hidden states recorded in `result` for the post-write logit check.
+    `keep_tokens` > 0 keeps that many evenly spaced tokens' activations per layer in `LayerStats.samples`.
     """
     reporter = reporter or Reporter()
     result = result or CalibrationResult()
@@ -86,6 +91,7 @@ def calibrate(
     rope = rotary(hidden[:1], positions)
     window: deque[torch.Tensor] = deque(maxlen=max(max_group - 1, 1))  # attention inputs of previous layers
     previous: dict[str, torch.Tensor] | None = None
+    kept = torch.linspace(0, tokens.numel() - 1, min(keep_tokens, tokens.numel())).long() if keep_tokens else None
 
     with torch.inference_mode(), reporter.stage("Calibrating", facts.num_layers) as bar:
         for i in range(facts.num_layers):
@@ -109,6 +115,9 @@ def calibrate(
             if previous is not None:
                 stats.cos_prev = {k: _token_cosine(current[k], previous[k]) for k in current}
             previous = current
+            if kept is not None:
+                stats.samples = {k: v.flatten(0, -2)[kept].float().clone()
+                                 for k, v in {**current, "input": x}.items()}
             if max_group > 1:
                 window.append(x)
             hidden = torch.cat([
