@@ -232,5 +232,49 @@ def generate(
               f"cache {stats['cache_bytes'] / 2**20:.2f} MiB (full cache would be {stats['full_cache_bytes'] / 2**20:.2f} MiB)[/]")
 
 
+
+@app.command(epilog="Examples:\n\n  commonkv analyze ./SmolLM2-135M --out analysis/\n\n"
+             "  commonkv analyze ./SmolLM2-135M --group-size 2 --calib my_domain.jsonl --json\n\n"
+             "  commonkv analyze ./SmolLM2-135M-commonkv-0.5   # plots from the conversion report\n\n" + EXIT_CODES)
+@handle_errors
+def analyze(
+    model: Annotated[str, typer.Argument(help="Model directory or Hub id; a converted checkpoint is read from its report.")],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Directory for the PNGs and analysis.json (default: ./NAME-analysis).")] = None,
+    group_size: Annotated[int, typer.Option(help="Largest group size to consider; latent maps use groups of this size.")] = 4,
+    ratio: Annotated[float, typer.Option(help="Latent maps use the rank a merged group gets at this ratio.")] = 0.5,
+    calib: Annotated[Optional[Path], typer.Option(help="Calibration text, .txt or .jsonl with {\"text\": ...} lines.")] = None,
+    samples: Annotated[int, typer.Option(help="Number of calibration sequences.")] = 16,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
+    no_plots: Annotated[bool, typer.Option("--no-plots", help="Write analysis.json only (no matplotlib needed).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the analysis as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Layer × layer similarity maps, most / least mergeable groups, and a suggested group size and ratio range."""
+    from .analyze import analyze as run_analyze, summary_tables
+
+    if not no_plots:
+        from .plots import require_matplotlib
+
+        require_matplotlib()  # fail before calibrating, not after
+    options = ConvertOptions(ratio=ratio, group_size=group_size, calib=calib, samples=samples, seq_len=seq_len,
+                             revision=revision)
+    result = run_analyze(model, options, reporter=RichReporter(err, quiet=quiet or as_json))
+    out_dir = out_dir or Path(f"{Path(model.rstrip('/')).name}-analysis")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
+    written = [out_dir / "analysis.json"]
+    if not no_plots:
+        from .plots import plot_analysis
+
+        written += plot_analysis(result, out_dir)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    for view in summary_tables(result):
+        out.print(view)
+    out.print(f"Wrote {', '.join(p.name for p in written)} to {out_dir}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
