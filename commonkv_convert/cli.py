@@ -232,6 +232,99 @@ def generate(
               f"cache {stats['cache_bytes'] / 2**20:.2f} MiB (full cache would be {stats['full_cache_bytes'] / 2**20:.2f} MiB)[/]")
 
 
+def _int_list(spec: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise UserInputError(f"{flag} {spec!r} is not a comma list of integers. To resolve, pass e.g. 1024,4096.") from None
+
+
+def _float_list(spec: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise UserInputError(f"{flag} {spec!r} is not a comma list of numbers. To resolve, pass e.g. 0.1,0.5,0.9.") from None
+
+
+@app.command("eval", epilog="Examples:\n\n  commonkv eval ./SmolLM2-135M-commonkv-0.5\n\n"
+             "  commonkv eval ./SmolLM2-135M-commonkv-0.5 --tasks ctx-ppl,needle,ruler --context 4096 --json results.json\n\n"
+             "  commonkv eval ./SmolLM2-135M --baseline average --ratio 0.5   # MiniCache-style baseline\n\n"
+             "Tasks: ctx-ppl (compressed-context perplexity), ppl, needle, ruler (niah, multikey, multivalue, vt), "
+             "memory (cache bytes vs full, peak memory), speed (prefill/decode tok/s).\n\n" + EXIT_CODES)
+@handle_errors
+def evaluate(
+    model: Annotated[str, typer.Argument(help="Converted checkpoint, or a stock model (the full-cache reference).")],
+    tasks: Annotated[str, typer.Option(help="Comma list of tasks.")] = "ctx-ppl,ppl,needle,memory",
+    context: Annotated[str, typer.Option(help="Prompt lengths for needle/ruler/memory/speed, comma list.")] = "1024,4096",
+    ctx_len: Annotated[int, typer.Option(help="ctx-ppl: tokens prefilled into the cache (C); ppl: window length.")] = 512,
+    eval_len: Annotated[int, typer.Option(help="ctx-ppl: tokens scored against the cache (E).")] = 128,
+    windows: Annotated[int, typer.Option(help="ctx-ppl / ppl: text windows.")] = 8,
+    depths: Annotated[str, typer.Option(help="needle: depths as fractions of the context.")] = "0.1,0.3,0.5,0.7,0.9",
+    samples: Annotated[int, typer.Option(help="ruler: probes per task and context.")] = 3,
+    baseline: Annotated[Optional[str], typer.Option(help="Compress a stock model's cache at run time: average (MiniCache-style).")] = None,
+    ratio: Annotated[Optional[float], typer.Option(help="--baseline: fraction of the cache to remove.")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full results as JSON to this file ('-': stdout).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write PNG plots (memory vs context, needle map) to this directory.")] = None,
+    no_save: Annotated[bool, typer.Option("--no-save", help="Do not store the results in the checkpoint (commonkv_eval.json).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Evaluate quality, memory and speed of a checkpoint (or a baseline) on real text, offline."""
+    import torch
+
+    from .evaluate.runner import EvalSettings, parse_tasks, run_eval
+    from .evaluate.targets import load_target
+    from .generate import pick_device
+
+    task_list = parse_tasks(tasks)
+    settings = EvalSettings(contexts=_int_list(context, "--context"), ctx_len=ctx_len, eval_len=eval_len,
+                            windows=windows, depths=_float_list(depths, "--depths"), samples=samples)
+    settings.check()
+    if plot is not None:
+        from .evaluate.plots import require_matplotlib
+
+        require_matplotlib()
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        raise UserInputError(f"--dtype {dtype!r} is unknown. To resolve, pass float32, bfloat16 or float16.")
+    runtime: dict = {}
+    target = load_target(model, dtype=torch_dtype, device=pick_device(device), runtime=runtime,
+                         baseline=baseline, ratio=ratio)
+    reporter = RichReporter(err, quiet=quiet or json_out == Path("-"))
+    result = run_eval(target, task_list, settings, reporter)
+    _save_eval(model, target, result, json_out, plot, no_save)
+    if json_out != Path("-"):
+        out.print(_eval_table(result))
+
+
+def _save_eval(model: str, target, result: dict, json_out: Path | None, plot: Path | None, no_save: bool) -> None:
+    text = json.dumps(result, indent=2) + "\n"
+    if json_out == Path("-"):
+        sys.stdout.write(text)
+    elif json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(text)
+    if not no_save and target.meta["kind"] == "commonkv" and Path(model).expanduser().is_dir():
+        # next to the weights, so the model card (and `commonkv push`) can show measured results
+        (Path(model).expanduser() / "commonkv_eval.json").write_text(text)
+    if plot is not None:
+        from .evaluate.plots import plot_eval
+
+        for path in plot_eval(result, plot):
+            err.print(f"wrote {path}")
+
+
+def _eval_table(result: dict) -> Table:
+    from .evaluate.runner import headline
+
+    row = headline(result)
+    table = Table(title=f"{result['target']['name']} ({result['target']['kind']}, {result['wall_time_s']:.0f} s)")
+    for key in row:
+        table.add_column(key, justify="right")
+    table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()])
+    return table
+
 
 @app.command(epilog="Examples:\n\n  commonkv analyze ./SmolLM2-135M --out analysis/\n\n"
              "  commonkv analyze ./SmolLM2-135M --group-size 2 --calib my_domain.jsonl --json\n\n"

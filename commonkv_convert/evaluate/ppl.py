@@ -1,17 +1,20 @@
 """Perplexity for any transformers causal LM, plain or with a compressed cache (DESIGN §7).
 
-The model's own cache does the compressing: these functions never build a cache, they prefill
-with ``use_cache=True`` and hand back whatever ``past_key_values`` the model returned.
+The cache does the compressing: the model's own (a CommonKV checkpoint builds its latent cache), or one
+a baseline supplies through ``new_cache``; these functions prefill with ``use_cache=True`` and continue on
+whatever ``past_key_values`` the model returned.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import Cache
 
 
 def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int) -> torch.Tensor:
@@ -54,6 +57,7 @@ def compressed_context_ppl(
     *,
     stride: int | None = None,
     max_windows: int | None = None,
+    new_cache: Callable[[], Cache | None] = lambda: None,
 ) -> dict:
     """Perplexity of ``eval_len`` tokens scored against a cache prefilled with ``context_len`` tokens.
 
@@ -61,7 +65,8 @@ def compressed_context_ppl(
     [s+C, s+C+E) in one forward on that cache. Target s+C is scored with the prefill's last logit,
     targets s+C+1 … s+C+E-1 with the second forward's logits, so every scored token sees the
     context only through the (possibly compressed) cache. Windows are consecutive chunks of C+E
-    tokens unless ``stride`` is given. Returns ``{"ppl", "nll" (mean), "tokens", "windows"}``.
+    tokens unless ``stride`` is given. ``new_cache`` supplies the prefill's cache (default: the model's own).
+    Returns ``{"ppl", "nll" (mean), "tokens", "windows"}``.
     """
     model.eval()
     device = model.device
@@ -73,7 +78,8 @@ def compressed_context_ppl(
     positions = torch.arange(context_len, size, device=device).unsqueeze(0)
     nll_sum = 0.0
     for s in starts:
-        prefill = model(input_ids=ids[:, s : s + context_len], use_cache=True, **keep_last)
+        prefill = model(input_ids=ids[:, s : s + context_len], past_key_values=new_cache(), use_cache=True,
+                        **keep_last)
         targets = ids[:, s + context_len : s + size]
         out = model(input_ids=targets, past_key_values=prefill.past_key_values, position_ids=positions, use_cache=True)
         logits = torch.cat([prefill.logits[:, -1:], out.logits[:, :-1]], dim=1)
@@ -83,11 +89,13 @@ def compressed_context_ppl(
 
 @torch.inference_mode()
 def perplexity(
-    model: PreTrainedModel, input_ids: torch.Tensor, seq_len: int, *, max_windows: int | None = None
+    model: PreTrainedModel, input_ids: torch.Tensor, seq_len: int, *, max_windows: int | None = None,
+    new_cache: Callable[[], Cache | None] = lambda: None,
 ) -> dict:
     """Teacher-forced perplexity over consecutive windows of ``seq_len`` tokens, one forward each.
 
-    Each window scores its tokens 1 … seq_len-1 from the logits before them; no cache is used.
+    Each window scores its tokens 1 … seq_len-1 from the logits before them. A cache from ``new_cache`` is
+    passed where one is given (a baseline that compresses inside the forward); otherwise none is kept.
     Returns ``{"ppl", "nll" (mean), "tokens", "windows"}``.
     """
     model.eval()
@@ -96,6 +104,7 @@ def perplexity(
     nll_sum = 0.0
     for s in starts:
         window = ids[:, s : s + seq_len]
-        logits = model(input_ids=window, use_cache=False).logits
+        cache = new_cache()
+        logits = model(input_ids=window, past_key_values=cache, use_cache=cache is not None).logits
         nll_sum += F.cross_entropy(logits[0, :-1].float(), window[0, 1:], reduction="sum").item()
     return _summary(nll_sum, (seq_len - 1) * len(starts), len(starts))
