@@ -35,7 +35,7 @@ out = Console()
 err = Console(stderr=True)
 
 EXIT_CODES = """Exit codes: 0 ok · 1 other failure · 2 bad arguments · 3 model source · 4 unsupported architecture ·
-5 calibration data · 6 no plan reaches the ratio · 7 validation failed."""
+5 calibration data · 6 no plan reaches the ratio · 7 validation failed · 8 Hub refused or unreachable (push)."""
 
 
 def _default(field: str) -> str:
@@ -367,6 +367,49 @@ def analyze(
     for view in summary_tables(result):
         out.print(view)
     out.print(f"Wrote {', '.join(p.name for p in written)} to {out_dir}")
+
+
+
+@app.command(epilog="Examples:\n\n  commonkv push ./SmolLM2-135M-commonkv-0.5 my-org/SmolLM2-135M-commonkv-0.5\n\n"
+             "  commonkv push ./ckpt my-org/ckpt --private --commit-message \"ratio 0.5, group size 4\"\n\n"
+             "  commonkv push ./ckpt my-org/ckpt --dry-run --json   # check and list, upload nothing\n\n"
+             "Token: --token, else HF_TOKEN, else the stored login (hf auth login); it is never printed.\n\n"
+             + EXIT_CODES)
+@handle_errors
+def push(
+    path: Annotated[Path, typer.Argument(help="Converted checkpoint directory (complete and validated).")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repo, NAMESPACE/NAME; created if missing.")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private (an existing repo keeps its visibility).")] = False,
+    token: Annotated[Optional[str], typer.Option(help="Hub token with write access (default: HF_TOKEN, then the stored login).", show_default=False)] = None,
+    revision: Annotated[Optional[str], typer.Option(help="Branch to push to (created if missing; default main).")] = None,
+    create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of committing to the branch.")] = False,
+    commit_message: Annotated[Optional[str], typer.Option(help="Commit title (default: names the achieved ratio).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the checkpoint and list what would be uploaded; no network.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors (and --json output).")] = False,
+) -> None:
+    """Publish a converted checkpoint to the Hugging Face Hub (model card refreshed with eval results first)."""
+    from .hub import push as run_push
+
+    if not (quiet or as_json or dry_run):
+        err.print(f"Pushing {path} to {repo_id} ...", soft_wrap=True, highlight=False)
+    plan = run_push(path, repo_id, private=private, token=token, revision=revision, create_pr=create_pr,
+                    commit_message=commit_message, dry_run=dry_run)
+    if as_json:
+        out.print_json(json.dumps(plan.to_dict()))
+        return
+    if quiet:
+        return
+    source = plan.token_source or "none found (a real push needs one)"
+    if dry_run:
+        out.print(f"Dry run: {len(plan.files)} files, {plan.bytes / 2**20:.1f} MiB would go to {repo_id}"
+                  f"{' (pull request)' if create_pr else ''}; token from {source}; "
+                  f"model card {'would be refreshed' if plan.card_changed else 'is up to date'}.")
+        for name in plan.files:
+            out.print(f"  {name}", highlight=False)
+        return
+    link = plan.result.get("pr_url") or plan.result.get("commit_url")
+    out.print(f"Pushed {len(plan.files)} files ({plan.bytes / 2**20:.1f} MiB) to {repo_id}: {link}")
 
 
 if __name__ == "__main__":  # pragma: no cover

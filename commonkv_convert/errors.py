@@ -43,3 +43,9 @@ class ValidationError(CommonKVError):
     """The converted checkpoint failed its post-write checks."""
 
     exit_code = 7
+
+
+class HubError(CommonKVError):
+    """The Hub refused the push or could not be reached (no or rejected token, no write access, offline)."""
+
+    exit_code = 8

@@ -1,8 +1,19 @@
-"""Model card of a converted checkpoint, with the Hub's front matter so the result is found and loads."""
+"""Model card of a converted checkpoint, with the Hub's front matter so the result is found and loads.
+
+Written at convert time; `refresh_card` later rewrites the two parts that change after conversion — how to
+load it (the Hub repo id once pushed) and the evaluation results (`commonkv_eval.json`, written by
+`commonkv eval`) — between HTML-comment markers, leaving everything else (and any user edits) alone.
+"""
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 from huggingface_hub import ModelCard, ModelCardData
+
+EVAL_FILE = "commonkv_eval.json"
 
 TEMPLATE = """---
 {{ card_data }}
@@ -19,16 +30,13 @@ KV-cache-compressed version of `{{ base_model }}` made with [commonkv](https://p
 
 ## Load
 
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("{{ repo_hint }}", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("{{ repo_hint }}")
-```
-
+{{ load }}
 The modeling code ships with the checkpoint (`modeling_commonkv.py`, needs only torch and transformers).
 With `pip install commonkv`, `trust_remote_code` is not needed.
 
+## Evaluation
+
+{{ evaluation }}
 ## Plan
 
 | layers | mode | rank | elements/token | est. key err | est. value err |
@@ -44,7 +52,7 @@ With `pip install commonkv`, `trust_remote_code` is not needed.
 
 
 def render_card(config_block: dict, base_model: str, name: str, command: str, full_elements: int,
-                elements: int) -> str:
+                elements: int, evaluation: dict | None = None) -> str:
     """Markdown model card for a converted checkpoint directory."""
     groups = config_block["groups"]
     rows = []
@@ -57,7 +65,7 @@ def render_card(config_block: dict, base_model: str, name: str, command: str, fu
             "value_error": f"{errs['value']:.4f}" if errs else "-",
         })
     data = ModelCardData(
-        base_model=base_model if "/" in base_model else None,
+        base_model=base_model if _is_hub_id(base_model) else None,
         tags=["commonkv", "kv-cache-compression"],
         library_name="transformers",
         pipeline_tag="text-generation",
@@ -75,8 +83,82 @@ def render_card(config_block: dict, base_model: str, name: str, command: str, fu
         n_merged=sum(g["mode"] == "merged" for g in groups),
         n_per_layer=sum(g["mode"] == "per_layer" for g in groups),
         n_keep=sum(len(g["layers"]) for g in groups if g["mode"] == "keep"),
-        repo_hint=name,
+        load=_section("load", _load_snippet(name)),
+        evaluation=_section("eval", evaluation_markdown(evaluation)),
         groups=rows,
         command=command,
     )
     return str(card)
+
+
+def refresh_card(checkpoint: Path, repo_id: str | None = None) -> str:
+    """The checkpoint's README.md with its load snippet pointing at `repo_id` (when given) and its evaluation
+    section re-rendered from commonkv_eval.json (when present). Returns the new text; writes nothing."""
+    card = ModelCard.load(checkpoint / "README.md")
+    text = card.content
+    if repo_id is not None:
+        text = _replace_section(text, "load", _load_snippet(repo_id))
+    eval_path = checkpoint / EVAL_FILE
+    if eval_path.is_file():
+        text = _replace_section(text, "eval", evaluation_markdown(json.loads(eval_path.read_text())))
+    return text
+
+
+def evaluation_markdown(evaluation: dict | None) -> str:
+    """A task | metric | value table from `commonkv eval` output ({"tasks": {task: metrics}} or the bare map)."""
+    if not evaluation:
+        return "Not evaluated yet. Run `commonkv eval DIR` to measure it; `commonkv push` then adds the results here.\n"
+    tasks = evaluation.get("tasks", evaluation)
+    lines = ["| task | metric | value |", "|---|---|---|"]
+    for task, metrics in tasks.items():
+        for metric, value in _scalars(metrics):
+            lines.append(f"| {task} | {metric} | {_format(value)} |")
+    settings = evaluation.get("settings")
+    note = ""
+    if isinstance(settings, dict) and settings:
+        shown = ", ".join(f"{k}={v}" for k, v in settings.items() if isinstance(v, (int, float, str)))
+        note = f"\nSettings: {shown}.\n" if shown else ""
+    return "Measured with `commonkv eval`:\n\n" + "\n".join(lines) + "\n" + note
+
+
+def _scalars(metrics) -> list[tuple[str, object]]:
+    """Scalar metrics of a task; for a list of rows (e.g. per context length) the last row's scalars."""
+    if not isinstance(metrics, dict):
+        return [("value", metrics)] if isinstance(metrics, (int, float, str)) else []
+    out = []
+    for key, value in metrics.items():
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            out.append((key, value))
+        elif isinstance(value, list) and value and isinstance(value[-1], dict):
+            out.extend((f"{key}[-1].{k}", v) for k, v in _scalars(value[-1]))
+    return out
+
+
+def _format(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _load_snippet(repo: str) -> str:
+    return f"""```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
+```
+"""
+
+
+def _section(name: str, body: str) -> str:
+    return f"<!-- commonkv:{name} -->\n{body}<!-- /commonkv:{name} -->\n"
+
+
+def _replace_section(text: str, name: str, body: str) -> str:
+    pattern = re.compile(rf"<!-- commonkv:{name} -->\n.*?<!-- /commonkv:{name} -->\n", re.S)
+    if pattern.search(text):
+        return pattern.sub(lambda _: _section(name, body), text, count=1)
+    return text.rstrip("\n") + f"\n\n## {'Evaluation' if name == 'eval' else 'Load'}\n\n" + _section(name, body)
+
+
+def _is_hub_id(model: str) -> bool:
+    """`org/name` (what the Hub's base_model field accepts), not a local path."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", model) is not None and not Path(model).exists()
