@@ -334,7 +334,7 @@ def analyze(
     model: Annotated[str, typer.Argument(help="Model directory or Hub id; a converted checkpoint is read from its report.")],
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Directory for the PNGs and analysis.json (default: ./NAME-analysis).")] = None,
     group_size: Annotated[int, typer.Option(help="Largest group size to consider; latent maps use groups of this size.")] = 4,
-    ratio: Annotated[float, typer.Option(help="Latent maps use the rank a merged group gets at this ratio.")] = 0.5,
+    ratio: Annotated[float, typer.Option(help="Latent maps use the rank a merged group gets at this ratio.")] = 0.7,
     calib: Annotated[Optional[Path], typer.Option(help="Calibration text, .txt or .jsonl with {\"text\": ...} lines.")] = None,
     samples: Annotated[int, typer.Option(help="Number of calibration sequences.")] = 16,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
