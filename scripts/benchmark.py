@@ -1,0 +1,182 @@
+"""The whole comparison in one run: every method at every ratio on SmolLM2-135M, same data, measured bytes.
+
+    python scripts/benchmark.py [--ratios 0.3 0.5 0.7 0.8] [--methods ...] [--out docs/results.md]
+
+Writes docs/results.md (tables), docs/results.json (every number) and docs/results/*.png (quality vs the
+measured share of the cache removed; cache bytes vs context). Each method is a `Method` in METHODS:
+
+- a conversion: `analysis` holds the ConvertOptions fields that fix calibration and factorization, `budget`
+  the per-method budget fields; methods with the same `analysis` share one calibration
+  (`convert_sweep`), so a ratio sweep costs one analysis plus one write per checkpoint;
+- a run-time baseline on the stock model: `baseline` (e.g. "average", MiniCache-style);
+- `runtime`: run-time cache options passed to the loader of a converted checkpoint.
+
+Tasks per target: compressed-context perplexity (essays, C=512, E=128, 8 windows), needle retrieval at
+4096 tokens, RULER-style probes at 1024 tokens, cache bytes at 512 and 2048 tokens. Calibration: the
+bundled prompts (HotpotQA-derived), which never overlap the essays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from commonkv_convert.convert import convert_sweep
+from commonkv_convert.evaluate.plots import plot_memory, plot_quality_vs_ratio
+from commonkv_convert.evaluate.runner import EvalSettings, headline, run_eval
+from commonkv_convert.evaluate.targets import load_target
+from commonkv_convert.recipe import ConvertOptions
+from commonkv_convert.testing import smollm2_dir
+
+
+@dataclass(frozen=True)
+class Method:
+    description: str
+    analysis: dict | None = None  # ConvertOptions fields of the shared analysis (None: no conversion)
+    budget: dict = field(default_factory=dict)  # ConvertOptions budget fields of this method
+    baseline: str | None = None  # run-time baseline on the stock model
+    runtime: dict = field(default_factory=dict)  # run-time cache options of the converted checkpoint
+
+
+WHITENED = {"group_size": 4}
+METHODS: dict[str, Method] = {
+    "commonkv": Method("CommonKV: allocator over keep / per-layer / merged spans of ≤ 4 layers (the default)",
+                       WHITENED),
+    "per-layer": Method("per-layer activation-aware low-rank, ranks by the same allocator (Palu-style)", WHITENED,
+                        {"group_size": 1}),
+    "merged-uniform": Method("every pair of layers merged, one rank everywhere (the paper's code)", WHITENED,
+                             {"group_size": 2, "allocator": "uniform"}),
+    "per-layer-plain": Method("per-layer plain SVD of the weights (no whitening), same allocator",
+                              {"group_size": 1, "plain_svd": True}),
+    "commonkv-weighted": Method("CommonKV with the paper's weighted merge after prefill", {
+        "group_size": 4, "merge": "weighted"}),
+    "average": Method("adjacent layers' raw K/V averaged, deepest layers first (MiniCache-style)",
+                      baseline="average"),
+}
+
+
+def settings() -> EvalSettings:
+    return EvalSettings(contexts=(4096,), ctx_len=512, eval_len=128, windows=8, depths=(0.1, 0.3, 0.5, 0.7, 0.9),
+                        samples=1)
+
+
+def evaluate(target, tasks_settings: EvalSettings) -> dict:
+    quality = run_eval(target, ["ctx-ppl", "needle"], tasks_settings)
+    ruler = run_eval(target, ["ruler"], EvalSettings(contexts=(1024,), samples=tasks_settings.samples))
+    memory = run_eval(target, ["memory"], EvalSettings(contexts=(512, 2048)))
+    quality["tasks"].update(ruler["tasks"], **memory["tasks"])
+    quality["wall_time_s"] += ruler["wall_time_s"] + memory["wall_time_s"]
+    return quality
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.8])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--out", type=Path, default=Path("docs/results.md"))
+    parser.add_argument("--workdir", type=Path, help="where checkpoints are written (default: a temp dir)")
+    parser.add_argument("--extra", nargs="*", default=[], metavar="NAME=JSON",
+                        help='more conversion methods as ConvertOptions fields, e.g. g2=\'{"group_size": 2}\'')
+    args = parser.parse_args()
+    for spec in args.extra:
+        name, _, fields = spec.partition("=")
+        METHODS[name] = Method(f"extra: {fields}", json.loads(fields))
+        args.methods.append(name)
+    start = time.perf_counter()
+    source = str(smollm2_dir())
+    evals = settings()
+    results: list[dict] = []
+
+    def record(method: str, ratio: float, target, extra: dict | None = None) -> None:
+        result = evaluate(target, evals)
+        row = {"method": method, "ratio": ratio, **headline(result), **(extra or {}),
+               "eval_s": result["wall_time_s"]}
+        results.append({"row": row, "result": result})
+        print(json.dumps(row), flush=True)
+
+    record("full cache", 0.0, load_target(source, name="full cache"))
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="commonkv-bench-"))
+    by_analysis: dict[str, list[str]] = {}
+    for name in args.methods:
+        method = METHODS[name]
+        if method.baseline:
+            for ratio in args.ratios:
+                record(name, ratio, load_target(source, baseline=method.baseline, ratio=ratio, name=name))
+        else:
+            by_analysis.setdefault(json.dumps(method.analysis, sort_keys=True), []).append(name)
+    for key, names in by_analysis.items():
+        analysis = ConvertOptions(**json.loads(key))
+        variants = {f"{name}-{ratio:g}": ConvertOptions(**{**json.loads(key), **METHODS[name].budget, "ratio": ratio})
+                    for name in names for ratio in args.ratios}
+        t0 = time.perf_counter()
+        converted = convert_sweep(source, analysis, variants, workdir, overwrite=True)
+        print(f"# analysis {key}: {len(variants)} checkpoints in {time.perf_counter() - t0:.0f} s", flush=True)
+        for variant, result in converted.items():
+            name, ratio = variant.rsplit("-", 1)
+            target = load_target(str(result.out_dir), runtime=METHODS[name].runtime, name=name)
+            merged = sum(g["mode"] == "merged" for g in result.report["groups"])
+            record(name, float(ratio), target, {"merged_groups": merged, "convert_s": result.report["wall_time_s"]})
+            del target
+            shutil.rmtree(result.out_dir)
+    total = time.perf_counter() - start
+    write_results(args, results, evals, total)
+
+
+def write_results(args, results: list[dict], evals: EvalSettings, total: float) -> None:
+    rows = [r["row"] for r in results]
+    full = next(r for r in rows if r["method"] == "full cache")
+    out = args.out
+    figures = out.parent / "results"
+    figures.mkdir(parents=True, exist_ok=True)
+    plot_quality_vs_ratio(rows, figures / "ctx_ppl_vs_removed.png", "ctx-ppl", full["ctx-ppl"])
+    plot_quality_vs_ratio(rows, figures / "needle_vs_removed.png", "needle", full["needle"])
+    series = {f"{r['row']['method']} {r['row']['ratio']:g}" if r["row"]["ratio"] else "measured, full cache":
+              r["result"]["tasks"]["memory"]["rows"] for r in results
+              if r["row"]["method"] in ("full cache", "commonkv")}
+    plot_memory(series, figures / "memory_vs_context.png")
+    (out.parent / "results.json").write_text(json.dumps([r["result"] | {"row": r["row"]} for r in results],
+                                                        indent=1) + "\n")
+    methods = "\n".join(f"- **{n}**: {m.description}" for n, m in METHODS.items() if n in args.methods)
+    lines = [
+        "# Results: SmolLM2-135M-Instruct, every method at every ratio",
+        "",
+        f"Produced by `python scripts/benchmark.py --ratios {' '.join(f'{r:g}' for r in args.ratios)}` in "
+        f"{total / 60:.1f} min on {torch.get_num_threads()} CPU threads (torch {torch.__version__}). "
+        "Calibration: the bundled prompts; evaluation: Paul Graham essays (never in the calibration text).",
+        "",
+        f"- **removed**: share of the KV cache removed, from the bytes a real cache held after a 2048-token "
+        "prefill, against the full fp32 cache.",
+        f"- **ctx-ppl**: compressed-context perplexity: prefill {evals.ctx_len} tokens into the cache, score the "
+        f"next {evals.eval_len}, {evals.windows} windows. Lower is better.",
+        f"- **needle**: share of {len(evals.depths)} needles (depths {', '.join(f'{d:g}' for d in evals.depths)}) "
+        f"retrieved at {evals.contexts[0]} tokens.",
+        f"- **ruler**: mean recall over RULER-style probes at 1024 tokens (niah, multikey, multivalue, vt; "
+        f"{evals.samples} each).",
+        "",
+        "Methods:",
+        "",
+        methods,
+        "",
+        "| method | ratio | removed | ctx-ppl | vs full | needle | ruler | merged groups |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["ratio"], list(METHODS).index(r["method"]) if r["method"] in METHODS else -1)):
+        lines.append(f"| {r['method']} | {r['ratio']:g} | {r['removed']:.3f} | {r['ctx-ppl']:.2f} | "
+                     f"{100 * (r['ctx-ppl'] / full['ctx-ppl'] - 1):+.1f}% | {r['needle']:.2f} | {r['ruler']:.2f} | "
+                     f"{r.get('merged_groups', '-')} |")
+    lines += ["", "![ctx-ppl vs removed](results/ctx_ppl_vs_removed.png)",
+              "![needle vs removed](results/needle_vs_removed.png)",
+              "![memory vs context](results/memory_vs_context.png)", ""]
+    out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
