@@ -35,7 +35,7 @@ from .validate import validate_checkpoint
 from .weighted import WeightedCandidate, up_at_rank, weighted_factorize
 
 RUNTIME_DIR = Path(__file__).parent / "runtime"
-RUNTIME_FILES = ("configuration_commonkv.py", "modeling_commonkv.py")
+RUNTIME_FILES = ("configuration_commonkv.py", "modeling_commonkv.py", "quantization.py", "eviction.py")
 
 
 @dataclass

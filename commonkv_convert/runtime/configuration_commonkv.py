@@ -17,6 +17,66 @@ FORMAT_VERSION = 1
 MODES = ("keep", "per_layer", "merged")
 MERGE_MODES = ("anchor", "weighted")
 WEIGHTED_DEFAULTS = {"sink": 4, "window": 32, "block": 16}  # S, W, K of a weighted group
+KV_DEFAULTS = {"kv_group": 32, "kv_residual": 32, "kv_window": 32, "kv_pool": 7, "kv_latent_axis": "channel"}
+SCALE_BYTES = 2  # quantization mins and steps are stored as float16
+POSITION_BYTES = 4  # positions of the tokens kept by eviction, int32
+
+
+@dataclass(frozen=True)
+class KVCacheOptions:
+    """Runtime compression of the cache on top of the checkpoint's plan (see `quantization.py`, `eviction.py`).
+
+    bits: 8/4/2-bit asymmetric quantization of everything but the `residual` most recent tokens, in groups of
+    `group` values (latents along `latent_axis`; keys per channel and values per token, as KIVI); None: off.
+    budget: after a prefill longer than budget + window, keep per layer the `budget` context tokens the last
+    `window` queries attend to most (scores max-pooled over `pool` neighbours) plus those `window`; None: off.
+    """
+
+    bits: int | None = None
+    group: int = KV_DEFAULTS["kv_group"]
+    residual: int = KV_DEFAULTS["kv_residual"]
+    budget: int | None = None
+    window: int = KV_DEFAULTS["kv_window"]
+    pool: int = KV_DEFAULTS["kv_pool"]
+    latent_axis: str = KV_DEFAULTS["kv_latent_axis"]
+
+    def __post_init__(self):
+        checks = [
+            (self.bits in (None, 2, 4, 8), f"kv_bits={self.bits} is not supported; pass 8, 4 or 2 (or None)"),
+            (self.group > 0 and self.group % 4 == 0, f"kv_group={self.group} must be a positive multiple of 4"),
+            (self.residual >= 0, f"kv_residual={self.residual} must be >= 0"),
+            (self.budget is None or self.budget > 0, f"kv_budget={self.budget} must be positive (or None)"),
+            (self.window > 0, f"kv_window={self.window} must be positive"),
+            (self.pool > 0 and self.pool % 2 == 1, f"kv_pool={self.pool} must be a positive odd number"),
+            (self.latent_axis in ("channel", "token"), f"kv_latent_axis={self.latent_axis!r}: pass channel or token"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message + ".")
+
+    def kept_tokens(self, tokens: int, prompt: int) -> int:
+        """Tokens a layer holds after `tokens`, the first `prompt` of which came in one prefill."""
+        if self.budget is None or prompt <= self.budget + self.window:
+            return tokens
+        return tokens - (prompt - self.budget - self.window)
+
+    def quantized_tokens(self, held: int) -> int:
+        """Of `held` tokens, how many are quantized: all but the most recent `residual` .. residual+group-1,
+        in whole groups of `group` tokens (the same rule for both axes, whatever the chunking)."""
+        if self.bits is None:
+            return 0
+        return max(0, held - self.residual) // self.group * self.group
+
+    def stream_bytes(self, held: int, width: int, heads: int, axis: str, element_size: int) -> int:
+        """Bytes of one cached stream [B=1, heads, held, width]: packed codes + float16 mins/steps + recent part."""
+        q = self.quantized_tokens(held)
+        if axis == "token":
+            groups = -(-width // self.group)
+            quantized = q * (groups * self.group * self.bits // 8 + 2 * SCALE_BYTES * groups) if q else 0
+        else:
+            quantized = q * -(-width * self.bits // 8) + (q // self.group) * width * 2 * SCALE_BYTES if q else 0
+        return heads * (quantized + (held - q) * width * element_size)
+
 
 
 @dataclass(frozen=True)
@@ -64,6 +124,13 @@ class CommonKVConfig(PretrainedConfig):
         layer_types: list[str] | None = None,
         tie_word_embeddings: bool = False,
         use_cache: bool = True,
+        kv_bits: int | None = None,
+        kv_group: int = KV_DEFAULTS["kv_group"],
+        kv_residual: int = KV_DEFAULTS["kv_residual"],
+        kv_budget: int | None = None,
+        kv_window: int = KV_DEFAULTS["kv_window"],
+        kv_pool: int = KV_DEFAULTS["kv_pool"],
+        kv_latent_axis: str = KV_DEFAULTS["kv_latent_axis"],
         **kwargs,
     ):
         self.base_model_type = base_model_type
@@ -84,6 +151,9 @@ class CommonKVConfig(PretrainedConfig):
         self.layer_types = layer_types or ["full_attention"] * num_hidden_layers
         self.use_cache = use_cache
         self.commonkv = commonkv or default_block(num_hidden_layers)
+        # Runtime cache options (quantization, eviction): not part of the conversion, set at load time.
+        self.kv_bits, self.kv_group, self.kv_residual = kv_bits, kv_group, kv_residual
+        self.kv_budget, self.kv_window, self.kv_pool, self.kv_latent_axis = kv_budget, kv_window, kv_pool, kv_latent_axis
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     # ---- the plan, as the runtime and the tools read it -------------------------------------------------
@@ -142,6 +212,39 @@ class CommonKVConfig(PretrainedConfig):
                 total += int(group["rank"]) * len(group["layers"]) * tokens
         return total
 
+    def kv_options(self) -> KVCacheOptions | None:
+        """The runtime cache options, validated; None when the cache is neither quantized nor evicted."""
+        if self.kv_bits is None and self.kv_budget is None:
+            return None
+        options = KVCacheOptions(self.kv_bits, self.kv_group, self.kv_residual, self.kv_budget, self.kv_window,
+                                 self.kv_pool, self.kv_latent_axis)
+        if any(g["mode"] == "merged" and g.get("merge", "anchor") == "weighted" for g in self.commonkv["groups"]):
+            raise ValueError("kv_bits/kv_budget do not support weighted merge groups (their merged latent is folded "
+                             "in blocks). To resolve, convert with --merge anchor or load without them.")
+        if options.budget is not None and "sliding_attention" in self.layer_types:
+            raise ValueError("kv_budget does not support sliding-window layers. To resolve, load without it.")
+        return options
+
+    def cache_bytes(self, tokens: int, element_size: int, *, prompt: int | None = None, batch: int = 1) -> int:
+        """Bytes the cache holds after `tokens` tokens (the first `prompt` in one prefill, default all), with the
+        runtime options: the analytic figure `CommonKVCache.nbytes()` must equal."""
+        options = self.kv_options()
+        if options is None:
+            return self.cache_elements(tokens) * element_size * batch
+        held = options.kept_tokens(tokens, tokens if prompt is None else prompt)
+        evicted = held < tokens
+        total = 0
+        for role in self.layer_roles():
+            if not role.stores:
+                continue
+            if role.latent:
+                total += options.stream_bytes(held, role.rank, 1, options.latent_axis, element_size)
+                total += options.budget * POSITION_BYTES if evicted else 0
+            else:
+                total += options.stream_bytes(held, self.head_dim, self.num_key_value_heads, "channel", element_size)
+                total += options.stream_bytes(held, self.head_dim, self.num_key_value_heads, "token", element_size)
+        return total * batch
+
     def full_kv_elements_per_token(self) -> int:
         return 2 * self.num_key_value_heads * self.head_dim * self.num_hidden_layers
 
@@ -166,4 +269,4 @@ def default_block(num_layers: int) -> dict:
     }
 
 
-__all__ = ["CommonKVConfig", "LayerRole", "FORMAT_VERSION", "MODES", "MERGE_MODES", "weighted_split"]
+__all__ = ["CommonKVConfig", "LayerRole", "KVCacheOptions", "FORMAT_VERSION", "MODES", "MERGE_MODES", "weighted_split"]

@@ -36,8 +36,12 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 try:  # the checkpoint copy imports its sibling; the package imports the module in its own folder
     from .configuration_commonkv import WEIGHTED_DEFAULTS, CommonKVConfig, LayerRole
+    from .eviction import keep_indices, window_scores
+    from .quantization import CompressedKVLayer, CompressedLatentLayer
 except ImportError:  # pragma: no cover - flat import when loaded as a plain module
     from configuration_commonkv import WEIGHTED_DEFAULTS, CommonKVConfig, LayerRole
+    from eviction import keep_indices, window_scores
+    from quantization import CompressedKVLayer, CompressedLatentLayer
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -231,10 +235,21 @@ class WeightedLayer(CacheLayerMixin):
 
 
 class CommonKVCache(Cache):
-    """Per layer: keys/values (`keep`), one latent (`per_layer`, merged anchors) or nothing (merged others)."""
+    """Per layer: keys/values (`keep`), one latent (`per_layer`, merged anchors) or nothing (merged others).
+
+    With the runtime options of `config.kv_options()` the storing layers are quantized and/or evicted
+    (`quantization.py`, `eviction.py`). After eviction a cache slot is no longer a position: `evicted` tokens are
+    gone from every storing layer (all keep the same count), latent layers keep their context tokens' positions
+    to rotate keys with, and new tokens continue at the true position `evicted + slot`.
+    """
 
     def __init__(self, config: CommonKVConfig):
         self.roles = config.layer_roles()
+        self.options = config.kv_options()
+        self.evicted = 0  # tokens removed from every storing layer by eviction
+        self.kept_mask: torch.Tensor | None = None  # [B, budget + window] padding mask of the kept prompt tokens
+        self.scores: dict[int, torch.Tensor] | None = None  # storing layer → eviction scores, during a prefill
+        self.padding: torch.Tensor | None = None
         groups = {g: WeightedGroup(group) for g, group in enumerate(config.commonkv["groups"])
                   if group["mode"] == "merged" and group.get("merge", "anchor") == "weighted"}
         layers = []
@@ -243,11 +258,70 @@ class CommonKVCache(Cache):
                 layers.append(WeightedLayer(groups[role.group], role.layer))
             elif not role.stores:
                 layers.append(DummyLayer())
+            elif self.options is not None:
+                o = self.options
+                layers.append(CompressedLatentLayer(o.bits, o.group, o.residual, o.latent_axis) if role.latent
+                              else CompressedKVLayer(o.bits, o.group, o.residual))
             elif role.latent:
                 layers.append(LatentLayer())
             else:
                 layers.append(DynamicLayer())
         super().__init__(layers=layers)
+
+    # ---- runtime compression: eviction scores during a long prefill, then evict and quantize after it ----
+    def begin(self, q_len: int, attention_mask: torch.Tensor | None) -> None:
+        """Start a forward of `q_len` tokens: a first prefill longer than budget + window is scored for eviction."""
+        o = self.options
+        prefill = o is not None and o.budget is not None and self.get_seq_length() == 0 and not self.evicted
+        self.scores = {} if prefill and q_len > o.budget + o.window else None
+        if self.scores is not None and attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("Eviction needs a 2-D attention mask (or None) on the prefill.")
+        self.padding = attention_mask if self.scores is not None else None
+
+    def observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        """Add a reading layer's observation-window attention to the scores of the layer it reads."""
+        if self.scores is None:
+            return
+        source = self.roles[layer_idx].source
+        scores = window_scores(query, key, scaling, self.options.window, self.padding)
+        self.scores[source] = scores if source not in self.scores else self.scores[source] + scores
+
+    def finish(self) -> None:
+        """End of a forward: evict after a scored prefill, then quantize what left the recent window."""
+        if self.options is None:
+            return
+        if self.scores:
+            o = self.options
+            for layer_idx, scores in self.scores.items():
+                index = keep_indices(scores, o.budget, o.window, o.pool, self.padding)
+                self.layers[layer_idx].evict(index, o.budget, self.roles[layer_idx].latent)
+            prompt = scores.shape[-1]
+            self.evicted = prompt - o.budget - o.window
+            mask = self.padding if self.padding is not None else torch.ones_like(scores, dtype=torch.bool)
+            self.kept_mask = mask.bool().gather(1, index)  # padding kept is the leftmost, the same in every layer
+        self.scores = self.padding = None
+        for layer in self.layers:
+            if isinstance(layer, (CompressedLatentLayer, CompressedKVLayer)):
+                layer.compress()
+
+    def slot_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """A caller's 2-D mask over true positions → over cache slots (after eviction)."""
+        if not self.evicted or attention_mask is None:
+            return attention_mask
+        if attention_mask.dim() != 2:
+            raise ValueError("After eviction only a 2-D attention mask (or None) can be passed.")
+        kept = self.kept_mask.to(attention_mask.dtype)
+        return torch.cat([kept, attention_mask[:, self.evicted + kept.shape[1]:]], dim=1)
+
+    def key_rope(self, layer_idx: int, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for the keys a latent layer rebuilds: the table itself, or gathered at the kept positions."""
+        source = self.layers[self.roles[layer_idx].source]
+        if not self.evicted:
+            return cos, sin
+        held = source.get_seq_length()
+        tail = torch.arange(self.evicted + source.positions.shape[1], self.evicted + held, device=cos.device)
+        positions = torch.cat([source.positions.long(), tail.expand(source.positions.shape[0], -1)], dim=1)
+        return cos[0][positions], sin[0][positions]
 
     def latent(self, layer_idx: int) -> torch.Tensor:
         """The latent a layer attends over: its own, or its merged group's anchor's (already updated)."""
@@ -263,7 +337,7 @@ class CommonKVCache(Cache):
         """Bytes held by the cache, counted once per unique storage (what the memory really holds)."""
         seen: dict[int, int] = {}
         for layer in self.layers:
-            tensors = layer.tensors() if isinstance(layer, (LatentLayer, WeightedLayer)) else [layer.keys, layer.values]
+            tensors = layer.tensors() if hasattr(layer, "tensors") else [layer.keys, layer.values]
             for t in tensors:
                 if t is not None and t.numel():
                     storage = t.untyped_storage()
@@ -391,7 +465,8 @@ class CommonKVAttention(nn.Module):
                 layer_cache.update(down(hidden_states).unsqueeze(1))
             latent = cache.latent(self.layer_idx)  # [B, 1, T, r]
             key = self.k_up(latent).view(b, -1, self.num_kv_heads, self.head_dim)
-            key = apply_rope(self._norm("k_norm", key).transpose(1, 2), cos, sin)
+            key = apply_rope(self._norm("k_norm", key).transpose(1, 2), *cache.key_rope(self.layer_idx, cos, sin))
+            cache.observe(self.layer_idx, query, key, self.scaling)
             if self._use_fused(q_len, latent.shape[-1]):
                 out = self._fused_output(query, key, latent, attention_mask)
             else:
@@ -406,6 +481,7 @@ class CommonKVAttention(nn.Module):
             key = apply_rope(key, cos[:, -q_len:], sin[:, -q_len:])
             value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
             key, value = cache.layers[self.layer_idx].update(key, value)
+            cache.observe(self.layer_idx, query, key, self.scaling)
 
         out, _ = self._attend(query, key, value, attention_mask)
         return self.o_proj(out.reshape(b, q_len, -1))
@@ -508,10 +584,11 @@ class CommonKVModel(CommonKVPreTrainedModel):
         cache = self._cache_for(past_key_values)
 
         past_len, q_len = cache.get_seq_length(), inputs_embeds.shape[1]
-        slots = torch.arange(past_len + q_len, device=inputs_embeds.device).unsqueeze(0)
-        rope = self.rotary_emb(inputs_embeds, slots)
-        mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                           past_key_values=cache, position_ids=slots[:, past_len:])
+        cache.begin(q_len, attention_mask)
+        slots = torch.arange(cache.evicted + past_len + q_len, device=inputs_embeds.device).unsqueeze(0)
+        rope = self.rotary_emb(inputs_embeds, slots)  # every true position (slots + evicted tokens)
+        mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=cache.slot_mask(attention_mask),
+                           past_key_values=cache, position_ids=slots[:, -q_len:])
         masks = {"full_attention": create_causal_mask(**mask_kwargs)}
         if "sliding_attention" in self.config.layer_types:
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
@@ -522,6 +599,7 @@ class CommonKVModel(CommonKVPreTrainedModel):
             down = self.kv_groups[str(role.group)].down if role.latent else None
             mask = masks[self.config.layer_types[i]]
             hidden_states = layer(hidden_states, rope, mask, cache, down)
+        cache.finish()
         return BaseModelOutputWithPast(
             last_hidden_state=self.norm(hidden_states), past_key_values=cache if use_cache else None
         )

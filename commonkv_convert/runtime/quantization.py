@@ -1,0 +1,261 @@
+"""Quantized, evictable cache layers: group-wise asymmetric integer codes packed into bytes.
+
+Self-contained (imports only torch and transformers): copied into every converted checkpoint next to
+`modeling_commonkv.py`.
+
+A cached stream `[B, h, T, n]` (a layer's latent: h = 1, n = r; a kept layer's keys or values: h KV heads,
+n = head_dim) is held as an old part in b-bit codes and a recent part in the model dtype. With b bits a group of
+values with min m and max M is stored as q = round((x − m)/s) ∈ [0, 2^b − 1], s = (M − m)/(2^b − 1), and read back
+as q·s + m; m and s are float16. A group is
+
+- `token`: g consecutive features of one token (per token; KIVI's choice for values);
+- `channel`: one feature over g consecutive tokens (per channel; KIVI's choice for keys: a channel whose
+  magnitude differs from its neighbours' gets its own scale — SVD latents are such channels).
+
+Codes are packed 8/b per byte along the feature axis, so the bytes really drop. Tokens are quantized in whole
+blocks of g once more than `residual` recent ones are held, after the forward that added them (`compress`), so
+a prefill attends with exact values and the byte count depends on the token count only. Attention reads the
+dequantized stream (`full`), a transient the size of one layer's cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+SCALE_DTYPE = torch.float16
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [..., n] (n a multiple of 8/bits) → [..., n·bits/8] bytes, the first code in the low bits."""
+    per = 8 // bits
+    if per == 1:
+        return codes.contiguous()
+    codes = codes.unflatten(-1, (-1, per))
+    out = codes[..., 0].clone()
+    for i in range(1, per):
+        out |= codes[..., i] << (i * bits)
+    return out
+
+
+def unpack(data: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `pack`: [..., m] bytes → [..., m·8/bits] codes."""
+    per = 8 // bits
+    if per == 1:
+        return data
+    mask = (1 << bits) - 1
+    return torch.stack([(data >> (i * bits)) & mask for i in range(per)], dim=-1).flatten(-2)
+
+
+def _params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float16 min and step; the step is computed from the rounded min so the max stays representable."""
+    lo16 = lo.to(SCALE_DTYPE)
+    step = ((hi - lo16.float()) / ((1 << bits) - 1)).clamp_min(1e-5)
+    return lo16, step.to(SCALE_DTYPE)
+
+
+def _codes(x: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    return ((x - lo.float()) / step.float()).round_().clamp_(0, (1 << bits) - 1).to(torch.uint8)
+
+
+def quantize(x: torch.Tensor, bits: int, group: int, axis: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [..., T, n] → (packed codes [..., T, bytes], mins, steps); `channel` needs T a multiple of `group`.
+
+    Mins/steps are [..., T, ceil(n/g)] for `token`, [..., T/g, n] for `channel`.
+    """
+    x = x.float()
+    n = x.shape[-1]
+    if axis == "token":
+        groups = -(-n // group)
+        if groups * group > n:  # repeat the last feature: padding must not widen the last group's range
+            x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], groups * group - n)], dim=-1)
+        xg = x.unflatten(-1, (groups, group))
+        lo, step = _params(xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True), bits)
+        return pack(_codes(xg, lo, step, bits).flatten(-2), bits), lo.squeeze(-1), step.squeeze(-1)
+    xg = x.unflatten(-2, (-1, group))  # [..., T/g, g, n]
+    lo, step = _params(xg.amin(-2, keepdim=True), xg.amax(-2, keepdim=True), bits)
+    codes = _codes(xg, lo, step, bits).flatten(-3, -2)
+    per = 8 // bits
+    if n % per:
+        codes = torch.cat([codes, codes.new_zeros(*codes.shape[:-1], per - n % per)], dim=-1)
+    return pack(codes, bits), lo.squeeze(-2), step.squeeze(-2)
+
+
+def dequantize(data: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int, group: int, axis: str,
+               width: int, dtype: torch.dtype) -> torch.Tensor:
+    """Packed codes → values [..., T, width] in `dtype`."""
+    codes = unpack(data, bits).float()
+    if axis == "token":
+        codes = codes.unflatten(-1, (-1, group))
+        out = (codes * step.float().unsqueeze(-1) + lo.float().unsqueeze(-1)).flatten(-2)
+    else:
+        codes = codes[..., :width].unflatten(-2, (-1, group))
+        out = (codes * step.float().unsqueeze(-2) + lo.float().unsqueeze(-2)).flatten(-3, -2)
+    return out[..., :width].to(dtype)
+
+
+class TokenStream:
+    """One cached stream [B, h, T, n]: quantized old tokens (none when bits is None) and recent ones."""
+
+    def __init__(self, bits: int | None, group: int, residual: int, axis: str):
+        self.bits, self.group, self.residual, self.axis = bits, group, residual, axis
+        self.clear()
+
+    def clear(self) -> None:
+        self.recent: torch.Tensor | None = None
+        self.data = self.lo = self.step = None
+        self.quantized = 0
+
+    @property
+    def length(self) -> int:
+        return self.quantized + (0 if self.recent is None else self.recent.shape[-2])
+
+    def append(self, x: torch.Tensor) -> None:
+        self.recent = x if self.recent is None else torch.cat([self.recent, x], dim=-2)
+
+    def full(self) -> torch.Tensor:
+        """The whole stream in the model dtype (old tokens dequantized)."""
+        if not self.quantized:
+            return self.recent
+        old = dequantize(self.data, self.lo, self.step, self.bits, self.group, self.axis, self.recent.shape[-1],
+                         self.recent.dtype)
+        return torch.cat([old, self.recent], dim=-2)
+
+    def compress(self) -> None:
+        """Quantize whole groups of old recent tokens, keeping `residual` .. residual+group-1 recent ones."""
+        if self.bits is None or self.recent is None:
+            return
+        move = max(0, self.length - self.residual) // self.group * self.group - self.quantized
+        if move <= 0:
+            return
+        parts = quantize(self.recent[..., :move, :], self.bits, self.group, self.axis)
+        if self.data is None:
+            self.data, self.lo, self.step = parts
+        else:
+            self.data, self.lo, self.step = (torch.cat([a, b], dim=-2) for a, b in
+                                             zip((self.data, self.lo, self.step), parts))
+        self.quantized += move
+        self.recent = self.recent[..., move:, :].clone()  # a fresh storage: the quantized part is freed
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep tokens `index` [B, T'] of each row (before anything is quantized)."""
+        if self.quantized:
+            raise RuntimeError("Tokens can only be evicted before the cache is quantized.")
+        b, h, _, n = self.recent.shape
+        self.recent = self.recent.gather(-2, index[:, None, :, None].expand(b, h, index.shape[-1], n))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.recent, self.data, self.lo, self.step) if t is not None]
+
+    def apply(self, fn) -> None:
+        """Apply `fn` to every tensor (batch reorders, device moves)."""
+        self.recent, self.data, self.lo, self.step = (None if t is None else fn(t) for t in
+                                                      (self.recent, self.data, self.lo, self.step))
+
+
+class _CompressedLayer(CacheLayerMixin):
+    """Shared bookkeeping of the quantized / evictable layers: a list of streams, plus kept positions."""
+
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, streams: list[TokenStream]):
+        super().__init__()
+        self.streams = streams
+        self.positions: torch.Tensor | None = None  # int32 [B, budget]: positions of the kept context tokens
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return self.streams[0].length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def compress(self) -> None:
+        for stream in self.streams:
+            stream.compress()
+
+    def evict(self, index: torch.Tensor, budget: int, latent: bool) -> None:
+        """Keep tokens `index` [B, budget + window] (sorted); a latent layer records the kept context positions,
+        which its keys are rotated with (keys of kept layers were rotated before they were cached)."""
+        for stream in self.streams:
+            stream.select(index)
+        if latent:
+            self.positions = index[:, :budget].to(torch.int32)
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [t for s in self.streams for t in s.tensors()]
+        return out + ([self.positions] if self.positions is not None else [])
+
+    def _apply(self, fn) -> None:
+        for stream in self.streams:
+            stream.apply(fn)
+        if self.positions is not None:
+            self.positions = fn(self.positions)
+
+    def offload(self):
+        self._apply(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        if self.is_initialized:
+            self._apply(lambda t: t.to(self.device, non_blocking=True))
+
+    def reset(self) -> None:
+        for stream in self.streams:
+            stream.clear()
+        self.positions = None
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply(lambda t: t[indices, ...])
+
+
+class CompressedLatentLayer(_CompressedLayer):
+    """A latent `[B, 1, T, r]` cache layer, quantized and/or evicted; `latent` reads it back in the model dtype."""
+
+    _layer_type = "commonkv_latent_compressed"
+
+    def __init__(self, bits: int | None = None, group: int = 32, residual: int = 32, axis: str = "channel", **kwargs):
+        super().__init__([TokenStream(bits, group, residual, axis)])
+
+    @property
+    def latent(self) -> torch.Tensor | None:
+        return self.streams[0].full() if self.streams[0].recent is not None else None
+
+    def update(self, key_states: torch.Tensor, value_states=None, *args, **kwargs):
+        """Append `[B, 1, t, r]` latents; returns the whole latent (second item unused)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states)
+        self.streams[0].append(key_states)
+        return self.latent, None
+
+
+class CompressedKVLayer(_CompressedLayer):
+    """Keys and values `[B, h, T, hd]` of a kept layer: keys quantized per channel, values per token (KIVI)."""
+
+    _layer_type = "commonkv_kv_compressed"
+
+    def __init__(self, bits: int | None = None, group: int = 32, residual: int = 32, **kwargs):
+        super().__init__([TokenStream(bits, group, residual, "channel"), TokenStream(bits, group, residual, "token")])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states)
+        self.streams[0].append(key_states)
+        self.streams[1].append(value_states)
+        return self.streams[0].full(), self.streams[1].full()
+
+
+__all__ = ["CompressedKVLayer", "CompressedLatentLayer", "TokenStream", "quantize", "dequantize", "pack", "unpack"]

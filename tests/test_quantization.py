@@ -1,0 +1,109 @@
+"""Cache quantization: packed codes, bytes equal to the analytic plan, 8-bit close to the unquantized cache."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from commonkv_convert.runtime import CommonKVConfig, load_checkpoint
+from commonkv_convert.runtime.quantization import dequantize, pack, quantize, unpack
+
+from .helpers import convert_tiny
+
+
+def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def keep_dir(tiny_model_dirs, tmp_path_factory):
+    """A ratio-0 conversion: every layer keeps its K/V (quantization and eviction of the full cache)."""
+    return convert_tiny(tiny_model_dirs["qwen2"], tmp_path_factory.mktemp("keep") / "qwen2", ratio=0.0)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("axis", ["token", "channel"])
+def test_codes_round_trip_within_half_a_step(bits, axis):
+    codes = torch.randint(0, 2**bits, (3, 8), dtype=torch.uint8)
+    assert torch.equal(unpack(pack(codes, bits), bits), codes)
+    assert pack(codes, bits).shape[-1] == 8 * bits // 8
+    x = torch.randn(2, 3, 64, 37) * torch.logspace(-2, 2, 37)  # channels of very different magnitudes
+    data, lo, step = quantize(x, bits, 32, axis)
+    assert data.dtype == torch.uint8 and lo.dtype == step.dtype == torch.float16
+    y = dequantize(data, lo, step, bits, 32, axis, 37, torch.float32)
+    per_value = step.float().repeat_interleave(32, -1)[..., :37] if axis == "token" else step.float().repeat_interleave(32, -2)
+    assert ((y - x).abs() <= per_value * 0.5 + 1e-6).all()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("which", ["merged", "keep"])
+def test_cache_bytes_equal_plan(merged_dirs, keep_dir, which, bits):
+    path = merged_dirs["llama"] if which == "merged" else keep_dir
+    model = load_checkpoint(path, dtype=torch.float32, kv_bits=bits, kv_group=8, kv_residual=5)
+    full = load_checkpoint(path, dtype=torch.float32).config
+    cache, seen = None, 0
+    with torch.inference_mode():
+        for step, length in enumerate([45, 1, 1, 1, 9, 30]):
+            cache = model(_ids(2, length, step), past_key_values=cache, use_cache=True).past_key_values
+            seen += length
+            assert cache.nbytes() == model.config.cache_bytes(seen, 4, batch=2), (step, seen)
+    assert cache.nbytes() < full.cache_bytes(seen, 4, batch=2)
+    if which == "keep":  # by hand: 80 of 87 tokens quantized; keys per channel (groups of 8 tokens), values per token
+        c = model.config
+        hd, rows = c.head_dim, 2 * c.num_key_value_heads * c.num_hidden_layers  # batch 2
+        keys = 80 * hd * bits // 8 + 80 // 8 * hd * 2 * 2 + 7 * hd * 4
+        values = 80 * (hd * bits // 8 + hd // 8 * 2 * 2) + 7 * hd * 4
+        assert cache.nbytes() == rows * (keys + values)
+
+
+def test_eight_bits_close_to_unquantized(merged_dirs, keep_dir):
+    ids = _ids(1, 96)
+    for path in (merged_dirs["llama"], keep_dir):
+        errors, agree = {}, {}
+        with torch.inference_mode():
+            ref = load_checkpoint(path, dtype=torch.float32)
+            want = ref(ids[:, 64:], past_key_values=ref(ids[:, :64]).past_key_values).logits
+            for bits in (8, 4):
+                model = load_checkpoint(path, dtype=torch.float32, kv_bits=bits, kv_residual=0)
+                got = model(ids[:, 64:], past_key_values=model(ids[:, :64]).past_key_values).logits
+                errors[bits] = (got - want).abs().max().item()
+                agree[bits] = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+        # the error follows the quantization step (255 vs 15 levels: ~17x), and greedy tokens do not move
+        assert errors[8] < errors[4] / 8, errors
+        assert agree[8] == 1.0, agree
+
+
+def test_bad_options_are_refused():
+    config = CommonKVConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, kv_bits=3)
+    with pytest.raises(ValueError, match="kv_bits=3"):
+        config.kv_options()
+    weighted = {"groups": [{"layers": [0, 1], "mode": "merged", "rank": 8, "merge": "weighted", "weights": [1, 1]}]}
+    config = CommonKVConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, commonkv=weighted, kv_budget=8)
+    with pytest.raises(ValueError, match="weighted merge"):
+        config.kv_options()
+
+
+def test_copied_checkpoint_quantizes_with_remote_code_only(merged_dirs, tmp_path):
+    """The runtime's sibling modules travel with the checkpoint; options come through from_pretrained kwargs."""
+    copy = tmp_path / "copied"
+    shutil.copytree(merged_dirs["llama"], copy)
+    script = "import sys; sys.modules['commonkv_convert'] = None\n" + textwrap.dedent("""
+        import os, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(os.environ["CKPT"], trust_remote_code=True, kv_bits=4, kv_budget=16)
+        ids = torch.randint(0, 256, (1, 80), generator=torch.Generator().manual_seed(0))
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=257, return_dict_in_generate=True)
+        cache = out.past_key_values
+        print("OK", type(cache.layers[0]).__name__, cache.get_seq_length(), cache.nbytes() == model.config.cache_bytes(82, 4, prompt=80))
+    """)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "CKPT": str(copy)}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         stdin=subprocess.DEVNULL, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-4:] == ["OK", "CompressedLatentLayer", "50", "True"]
