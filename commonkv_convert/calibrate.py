@@ -21,6 +21,7 @@ from .architectures import ArchFacts
 from .checkpoint.reader import SourceModel
 from .memory import release_memory
 from .progress import Reporter
+from .resume import ActivationState
 
 
 @dataclass
@@ -50,6 +51,29 @@ def base_config(config: dict):
     return cfg
 
 
+def resolve_devices(spec: str = "cpu") -> list[torch.device]:
+    """Devices for `--device`: cpu; cuda (every visible GPU, layers placed round-robin); cuda:N; auto (the
+    GPUs if any, else the CPU)."""
+    from .errors import UserInputError
+
+    gpus = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    if spec == "cpu" or (spec == "auto" and not gpus):
+        return [torch.device("cpu")]
+    if spec in ("auto", "cuda") and gpus:
+        return gpus
+    if spec.startswith("cuda") and gpus:
+        try:
+            device = torch.device(spec)
+        except RuntimeError:
+            device = None
+        if device is not None and (device.index or 0) < len(gpus):
+            return [device]
+    if spec.startswith("cuda"):
+        raise UserInputError(f"--device {spec}: no such CUDA device is visible ({len(gpus)} GPUs). "
+                             "To resolve, pass --device cpu or auto.")
+    raise UserInputError(f"--device {spec!r} is unknown. To resolve, pass cpu, cuda, cuda:N or auto.")
+
+
 def load_layer(source: SourceModel, facts: ArchFacts, cfg, layer: int) -> torch.nn.Module:
     """Materialize one source decoder layer (fp32) from the shards; nothing else of the model is loaded."""
     layer_cls = facts.transformers_class("DecoderLayer")
@@ -73,12 +97,17 @@ def calibrate(
     reporter: Reporter | None = None,
     result: CalibrationResult | None = None,
     keep_tokens: int = 0,
+    state: ActivationState | None = None,
+    devices: list[torch.device] | None = None,
 ) -> Iterator[LayerStats]:
     """Yield LayerStats for layers 0..L-1 in order.
 
     tokens: [N, T]; the last `held_out` sequences form the held-out split, and the first `validation` of
     those also get their final hidden states recorded in `result` for the post-write logit check.
     `keep_tokens` > 0 keeps that many evenly spaced tokens' activations per layer in `LayerStats.samples`.
+    `state` saves what the next layer needs before each yield and, with `state.start` = k > 0, continues at
+    layer k from what was saved. `devices`: layer i runs on devices[i % len(devices)] (default: CPU);
+    statistics always come back to the CPU.
     """
     reporter = reporter or Reporter()
     result = result or CalibrationResult()
@@ -87,23 +116,35 @@ def calibrate(
     splits = {"fit": slice(0, n - held_out), "held_out": slice(n - held_out, n)}
     rotary = facts.transformers_class("RotaryEmbedding")(config=cfg)
     positions = torch.arange(tokens.shape[1]).unsqueeze(0)
-    hidden = torch.nn.functional.embedding(tokens, source.get_tensor("model.embed_tokens.weight", torch.float32))
-    rope = rotary(hidden[:1], positions)
+    devices = devices or [torch.device("cpu")]
+    rope = rotary(torch.zeros(1, dtype=torch.float32), positions)
     window: deque[torch.Tensor] = deque(maxlen=max(max_group - 1, 1))  # attention inputs of previous layers
     previous: dict[str, torch.Tensor] | None = None
+    start = state.start if state is not None else 0
+    if start == 0:
+        hidden = torch.nn.functional.embedding(tokens, source.get_tensor("model.embed_tokens.weight", torch.float32))
+        if state is not None:
+            state.save("hidden", 0, hidden)
+    else:
+        hidden = state.load("hidden", start)
+        previous = {kind: state.load(kind, start - 1) for kind in ("hidden", "key", "value")}
+        if max_group > 1:
+            window.extend(state.load("x", j) for j in range(max(0, start - window.maxlen), start))
     kept = torch.linspace(0, tokens.numel() - 1, min(keep_tokens, tokens.numel())).long() if keep_tokens else None
 
-    with torch.inference_mode(), reporter.stage("Calibrating", facts.num_layers) as bar:
-        for i in range(facts.num_layers):
-            layer = load_layer(source, facts, cfg, i)
+    with torch.inference_mode(), reporter.stage("Calibrating", facts.num_layers - start) as bar:
+        for i in range(start, facts.num_layers):
+            device = devices[i % len(devices)]
+            layer = load_layer(source, facts, cfg, i).to(device)
+            hidden = hidden.to(device)
             x = layer.input_layernorm(hidden)  # [N, T, d]
             stats = LayerStats(i, gram={}, cross={})
             first = i - len(window) if max_group > 1 else i
             for split, rows in splits.items():
                 xs = x[rows].reshape(-1, x.shape[-1]).double()
-                stats.gram[split] = xs.T @ xs
+                stats.gram[split] = (xs.T @ xs).cpu()
                 stats.cross[split] = {
-                    first + k: xs.T @ prev[rows].reshape(-1, x.shape[-1]).double()
+                    first + k: (xs.T @ prev[rows].to(device).reshape(-1, x.shape[-1]).double()).cpu()
                     for k, prev in enumerate(window)
                 } if max_group > 1 else {}
                 stats.tokens[split] = xs.shape[0]
@@ -113,26 +154,32 @@ def calibrate(
                 "value": layer.self_attn.v_proj(x),
             }
             if previous is not None:
-                stats.cos_prev = {k: _token_cosine(current[k], previous[k]) for k in current}
+                stats.cos_prev = {k: _token_cosine(current[k], previous[k].to(device)) for k in current}
             previous = current
             if kept is not None:
                 stats.samples = {k: v.flatten(0, -2)[kept].float().clone()
                                  for k, v in {**current, "input": x}.items()}
             if max_group > 1:
                 window.append(x)
+            rope_here = tuple(r.to(device) for r in rope)
             hidden = torch.cat([
-                layer(hidden[s:s + batch_size], attention_mask=None, position_embeddings=rope)
+                layer(hidden[s:s + batch_size], attention_mask=None, position_embeddings=rope_here)
                 for s in range(0, n, batch_size)
             ])
             del layer
+            if state is not None:  # everything layer i + 1 needs, before anyone records layer i as done
+                for kind, tensor in (("x", x if max_group > 1 else None), ("key", current["key"]),
+                                     ("value", current["value"]), ("hidden", hidden)):
+                    if tensor is not None:
+                        state.save(kind, i + 1 if kind == "hidden" else i, tensor)
             release_memory()
             bar.advance(f"layer {i}")
             yield stats
 
         norm = facts.transformers_class("RMSNorm")(facts.hidden_size, eps=source.config.get("rms_norm_eps", 1e-6))
         norm.weight.copy_(source.get_tensor("model.norm.weight", torch.float32))
-        start = n - held_out
-        result.final_hidden = norm(hidden[start:start + validation]).clone()
+        first_held = n - held_out
+        result.final_hidden = norm(hidden[first_held:first_held + validation].cpu()).clone()
 
 
 def _token_cosine(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -3,10 +3,13 @@ that a real cache holds exactly the bytes the plan says."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from .checkpoint.reader import open_model
 from .memory import release_memory
 from .progress import Reporter
 
@@ -16,11 +19,9 @@ VALIDATION_LOGITS = 64  # positions per validation sequence whose logits are com
 def validate_checkpoint(out_dir: Path, tokens: torch.Tensor, final_hidden: torch.Tensor | None,
                         reporter: Reporter) -> dict:
     """Reload with the runtime; compare logits with the source's and cache bytes with the plan."""
-    from .runtime import load_checkpoint
-
     release_memory()
-    with reporter.stage("Validating", tokens.shape[0]) as bar, torch.inference_mode():
-        model = load_checkpoint(out_dir, dtype=torch.float32)
+    with reporter.stage("Validating", tokens.shape[0]) as bar, torch.inference_mode(), \
+            layerwise_model(out_dir) as model:
         metrics, measured = [], 0
         for i in range(tokens.shape[0]):  # one sequence at a time: logits are T × vocab floats
             out = model(tokens[i:i + 1], use_cache=True, logits_to_keep=VALIDATION_LOGITS)
@@ -43,6 +44,54 @@ def validate_checkpoint(out_dir: Path, tokens: torch.Tensor, final_hidden: torch
     result.update(cache_bytes=measured, cache_bytes_expected=expected, full_cache_bytes=full,
                   measured_ratio=round(1 - measured / full, 6), bytes_match=measured == expected)
     return result
+
+
+@contextmanager
+def layerwise_model(out_dir: Path) -> Iterator[torch.nn.Module]:
+    """The runtime model of a checkpoint with its decoder layers read from the shards only while they run.
+
+    The model's own forward runs unchanged; a hook before each decoder layer materializes its weights (fp32)
+    and one after it drops them again, as accelerate's disk offload does. So validating costs the embeddings,
+    the head and one layer of memory, not a second copy of the model. Every tensor of the checkpoint must be
+    used by the runtime: a leftover means the writer and the runtime disagree.
+    """
+    from accelerate import init_empty_weights
+
+    from .runtime import CommonKVConfig, CommonKVForCausalLM
+
+    config = CommonKVConfig.from_pretrained(out_dir)
+    config._attn_implementation = "sdpa"
+    with init_empty_weights():
+        model = CommonKVForCausalLM(config).eval()
+    with open_model(str(out_dir)) as shards:
+        unused = set(shards.tensor_names())
+
+        def load(module: torch.nn.Module, prefix: str) -> None:
+            state = {n: shards.get_tensor(prefix + n, torch.float32) for n in module.state_dict()}
+            module.load_state_dict(state, assign=True, strict=True)
+
+        tied = config.tie_word_embeddings and "lm_head.weight" not in unused
+        for name, module in [*model.model.named_children(), ("lm_head", model.lm_head)]:
+            prefix = "lm_head." if name == "lm_head" else f"model.{name}."
+            if name == "layers" or (name == "lm_head" and tied):
+                continue
+            load(module, prefix)
+            unused.difference_update(prefix + n for n in module.state_dict())
+        if tied:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        for i, layer in enumerate(model.model.layers):
+            prefix = f"model.layers.{i}."
+            unused.difference_update(prefix + n for n in layer.state_dict())
+            layer.register_forward_pre_hook(lambda mod, args, p=prefix: load(mod, p))
+            layer.register_forward_hook(lambda mod, args, out: _drop(mod))
+        if unused:
+            raise ValueError(f"the checkpoint holds tensors the runtime does not use: {sorted(unused)[:3]}")
+        yield model
+
+
+def _drop(module: torch.nn.Module) -> None:
+    """Back to meta tensors once the layer has run (returns None: a forward hook's result replaces the output)."""
+    module.to("meta")
 
 
 def compare_logits(reference: torch.Tensor, logits: torch.Tensor) -> dict:

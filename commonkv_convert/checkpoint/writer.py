@@ -14,7 +14,7 @@ import shutil
 from contextlib import suppress
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Callable
 
 import struct
 
@@ -83,8 +83,17 @@ class CheckpointWriter:
     only replaced by a successful `finalize()`.
     """
 
-    def __init__(self, out_dir: Path | str, *, max_shard_size: int | str = "2GB", overwrite: bool = False) -> None:
+    def __init__(self, out_dir: Path | str, *, max_shard_size: int | str = "2GB", overwrite: bool = False,
+                 tmp_dir: Path | None = None, shards_done: list[dict] = (),
+                 on_shard: Callable[[int, Path, list[str], int], None] | None = None) -> None:
+        """`tmp_dir`, `shards_done` and `on_shard` make writing resumable: shards are built in `tmp_dir`, which
+        an error leaves in place; the shards listed in `shards_done` (file, tensors, data_bytes, as recorded
+        by `on_shard(index, path, tensors, data_bytes)` when each was closed) are kept and their tensors
+        skipped, so adding the same tensors in the same order again yields the same files."""
         self.out_dir = Path(out_dir).expanduser().absolute()
+        self._fixed_tmp = tmp_dir
+        self._done = list(shards_done)
+        self._on_shard = on_shard
         self.max_shard_size = parse_size(max_shard_size)
         self.overwrite = overwrite
         self._tmp: Path | None = None
@@ -94,6 +103,7 @@ class CheckpointWriter:
         self._buffer_bytes = 0
         self._shards: list[list[str]] = []  # tensor names of each flushed shard, in order
         self._names: set[str] = set()
+        self._restored: set[str] = set()
         self._total_bytes = 0
         self._finalized = False
 
@@ -102,8 +112,20 @@ class CheckpointWriter:
         parent = self.out_dir.parent
         self._created_parents = [p for p in (parent, *parent.parents) if not p.exists()]
         parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = parent / f".{self.out_dir.name}.tmp-{secrets.token_hex(6)}"
-        self._tmp.mkdir()
+        if self._fixed_tmp is None:
+            self._tmp = parent / f".{self.out_dir.name}.tmp-{secrets.token_hex(6)}"
+            self._tmp.mkdir()
+            return self
+        self._tmp = self._fixed_tmp
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        keep = {shard["file"] for shard in self._done}
+        for stale in self._tmp.iterdir():  # a partly written shard, side files: all are written again
+            if stale.name not in keep:
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        self._shards = [list(shard["tensors"]) for shard in self._done]
+        self._names = {name for shard in self._shards for name in shard}
+        self._restored = set(self._names)
+        self._total_bytes = sum(shard["data_bytes"] for shard in self._done)
         return self
 
     def __exit__(
@@ -118,6 +140,8 @@ class CheckpointWriter:
         Nothing is buffered in memory, so writing a checkpoint costs one tensor of RAM at a time.
         """
         tmp = self._require_open()
+        if name in self._restored:
+            return  # in a shard kept from an interrupted run
         if name in self._names:
             raise ValueError(f"Tensor {name} was already added to {self.out_dir}.")
         if tensor.dtype not in _DTYPES:
@@ -128,10 +152,14 @@ class CheckpointWriter:
         if self._data is None:
             self._data = open(tmp / f".shard-{len(self._shards):05d}.data", "wb")  # noqa: SIM115 - closed in _flush
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        self._data.write(flat.view(torch.uint8).numpy().tobytes() if size else b"")
+        self._data.write(memoryview(flat.view(torch.uint8).numpy()) if size else b"")  # no copy of the bytes
         self._buffer[name] = (_DTYPES[tensor.dtype], list(tensor.shape), self._buffer_bytes, self._buffer_bytes + size)
         self._names.add(name)
         self._buffer_bytes += size
+
+    def written(self, name: str) -> bool:
+        """Whether `name` is already in a shard (kept from an interrupted run, or added before)."""
+        return name in self._names
 
     def write_json(self, relpath: str, obj: Any) -> None:
         _dump_json(self._target(relpath), obj)
@@ -201,6 +229,9 @@ class CheckpointWriter:
             shard.write(struct.pack("<Q", len(encoded)) + encoded)
             shutil.copyfileobj(data, shard, 16 * 2**20)
         data_path.unlink()
+        if self._on_shard is not None:
+            self._on_shard(len(self._shards), tmp / f".shard-{len(self._shards):05d}.safetensors",
+                           list(self._buffer), self._buffer_bytes)
         self._shards.append(list(self._buffer))
         self._total_bytes += self._buffer_bytes
         self._buffer = {}
@@ -236,9 +267,9 @@ class CheckpointWriter:
         if self._data is not None:
             self._data.close()
             self._data = None
-        if self._tmp is not None:
+        if self._tmp is not None and self._fixed_tmp is None:  # a resumable tmp_dir stays for the next run
             shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
+        self._tmp = None
         for parent in self._created_parents:  # deepest first; stops being possible once one is non-empty
             with suppress(OSError):
                 parent.rmdir()

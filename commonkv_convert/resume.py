@@ -1,0 +1,226 @@
+"""Resumable conversions: a work directory beside the output records finished work on disk.
+
+    OUT/../.OUT.commonkv-work/
+      manifest.json                fingerprint; layers calibrated and factorized; shards written (+ sha256)
+      act/{kind}-{layer}.pt        calibration activations needed to continue at the next layer
+      grams/{layer}.pt             Grams of the layers a later span may still read (dropped after)
+      layers/{layer}.pt            per-layer scalars (similarities, token counts)
+      candidates/{first}-{size}.pt factors and held-out errors of every candidate span
+      out/                         the checkpoint being written, renamed to OUT when complete
+
+Rerunning the same command after a crash (even kill -9) continues from the last finished layer or shard
+and writes the same bytes as an uninterrupted run, because every stage reads back exactly what it would
+have held in memory. The work is only reused when a fingerprint of the tool version, the options, the
+source files and the calibration token ids matches; otherwise it is discarded with a notice. The
+directory is removed once the checkpoint and its report are in place. Writes are atomic renames but
+not fsync'ed: a killed process loses nothing, a power cut may need a fresh start.
+
+Test hook: COMMONKV_TEST_CRASH_AFTER=layer:N (or shard:N) kills the process with SIGKILL right after the
+N-th layer (shard) is recorded, so tests can interrupt a conversion at a known point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from . import __version__
+
+MANIFEST = "manifest.json"
+
+
+class LazyGrams(Mapping):
+    """key -> d × d Gram read from disk on each access, so the window of layers costs no RAM."""
+
+    def __init__(self, path: Path, keys: list) -> None:
+        self._path, self._keys = path, keys
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return torch.load(self._path, weights_only=True, mmap=True)[str(key)].clone()
+
+    def __iter__(self) -> Iterator:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+class WorkDir:
+    """The on-disk state of one conversion (see the module docstring)."""
+
+    def __init__(self, root: Path, *, persistent: bool) -> None:
+        self.root = root
+        self.persistent = persistent  # False: a temporary directory (dry runs, library calls without output)
+        self.manifest: dict = {}
+
+    @classmethod
+    def for_output(cls, out_dir: Path | None) -> WorkDir:
+        if out_dir is None:
+            return cls(Path(tempfile.mkdtemp(prefix="commonkv-work-")), persistent=False)
+        out_dir = Path(out_dir).expanduser().absolute()
+        return cls(out_dir.parent / f".{out_dir.name}.commonkv-work", persistent=True)
+
+    # -- manifest ------------------------------------------------------------------------------------
+    def bind(self, fingerprint: str, log) -> bool:
+        """Adopt the existing work if it was made for the same fingerprint; start over otherwise.
+        Returns whether anything is resumed."""
+        old = self._read_manifest()
+        if old is not None and old.get("fingerprint") == fingerprint:
+            self.manifest = old
+            if old.get("layers_done", 0) or old.get("shards"):
+                log(f"Resuming from {self.root}: {old.get('layers_done', 0)} layers analyzed, "
+                    f"{len(old.get('shards', []))} shards written.")
+                return True
+            return False
+        if old is not None or self.root.exists():
+            log(f"Found unfinished work for a different conversion in {self.root}; starting over.")
+            shutil.rmtree(self.root, ignore_errors=True)
+        for sub in ("act", "grams", "layers", "candidates"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.manifest = {"fingerprint": fingerprint, "layers_done": 0, "shards": []}
+        self._write_manifest()
+        return False
+
+    @property
+    def layers_done(self) -> int:
+        return int(self.manifest.get("layers_done", 0))
+
+    def layer_done(self, layer: int, keep_from: dict[str, int]) -> None:
+        """Record that `layer` is calibrated and factorized; drop files no later stage reads."""
+        self.manifest["layers_done"] = layer + 1
+        self._write_manifest()
+        for file in (self.root / "act").glob("*.pt"):
+            kind, _, idx = file.stem.rpartition("-")
+            if int(idx) < keep_from.get(kind, 0):
+                file.unlink(missing_ok=True)
+        for file in (self.root / "grams").glob("*.pt"):
+            if int(file.stem) < keep_from["grams"]:
+                file.unlink(missing_ok=True)
+        crash_point("layer", layer + 1)
+
+    def shard_written(self, index: int, path: Path, tensors: list[str], data_bytes: int) -> None:
+        self.manifest["shards"] = self.manifest["shards"][:index] + [{
+            "file": path.name, "sha256": sha256_file(path), "data_bytes": data_bytes, "tensors": tensors}]
+        self._write_manifest()
+        crash_point("shard", index + 1)
+
+    def written_shards(self, out: Path) -> list[dict]:
+        """Shards recorded as written whose files are still intact (a prefix of the recorded list)."""
+        intact = []
+        for shard in self.manifest.get("shards", []):
+            path = out / shard["file"]
+            if not path.is_file() or sha256_file(path) != shard["sha256"]:
+                break
+            intact.append(shard)
+        self.manifest["shards"] = intact
+        return intact
+
+    def _read_manifest(self) -> dict | None:
+        try:
+            return json.loads((self.root / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def _write_manifest(self) -> None:
+        tmp = self.root / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(self.manifest, indent=1))
+        tmp.replace(self.root / MANIFEST)
+
+    # -- tensors -------------------------------------------------------------------------------------
+    def save(self, rel: str, obj) -> None:
+        """torch.save through a temporary name, so a file that exists is always complete."""
+        path = self.root / rel
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(obj, tmp)
+        tmp.replace(path)
+
+    def load(self, rel: str):
+        return torch.load(self.root / rel, weights_only=True)
+
+    def save_grams(self, layer: int, gram: dict, cross: dict) -> tuple[LazyGrams, dict[str, LazyGrams]]:
+        """Write a layer's Grams to disk and return lazy views that read them back on demand."""
+        flat = {split: g for split, g in gram.items()}
+        flat.update({f"{split}/{j}": c for split, per in cross.items() for j, c in per.items()})
+        self.save(f"grams/{layer}.pt", {k: v.cpu() for k, v in flat.items()})
+        return self.grams(layer, list(gram), {split: list(per) for split, per in cross.items()})
+
+    def grams(self, layer: int, splits: list[str], cross: dict[str, list[int]]) -> tuple[LazyGrams, dict]:
+        path = self.root / f"grams/{layer}.pt"
+        lazy = {split: _CrossView(path, split, js) for split, js in cross.items()}
+        return LazyGrams(path, list(splits)), lazy
+
+    def close(self, *, remove: bool) -> None:
+        if remove or not self.persistent:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+class _CrossView(Mapping):
+    """j -> X_l X_jᵀ of one split, read from the layer's Gram file on access."""
+
+    def __init__(self, path: Path, split: str, js: list[int]) -> None:
+        self._path, self._split, self._js = path, split, js
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        if j not in self._js:
+            raise KeyError(j)
+        return torch.load(self._path, weights_only=True, mmap=True)[f"{self._split}/{j}"].clone()
+
+    def __iter__(self) -> Iterator:
+        return iter(self._js)
+
+    def __len__(self) -> int:
+        return len(self._js)
+
+
+class ActivationState:
+    """What calibration needs to continue at layer k: its input, the window of earlier attention inputs and
+    the previous layer's hidden/key/value (for similarities). Saved per layer; read back on resume."""
+
+    def __init__(self, work: WorkDir, start: int) -> None:
+        self.work, self.start = work, start
+
+    def save(self, kind: str, layer: int, tensor: torch.Tensor) -> None:
+        self.work.save(f"act/{kind}-{layer}.pt", tensor.detach().cpu())
+
+    def load(self, kind: str, layer: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        return self.work.load(f"act/{kind}-{layer}.pt").to(device)
+
+    @staticmethod
+    def keep_from(layer_done: int, max_group: int) -> dict[str, int]:
+        """Oldest index of each kind still needed to continue after `layer_done` (and grams of the window)."""
+        nxt = layer_done + 1
+        return {"hidden": nxt - 1, "key": nxt - 1, "value": nxt - 1, "x": nxt - max(max_group - 1, 1),
+                "grams": nxt - max_group + 1}
+
+
+def fingerprint(options: dict, source_path: Path, weight_files: list[Path], config: dict, tokens_sha: str) -> str:
+    """sha256 over everything that determines the output. Source files count by name, size and mtime: hashing
+    a 100 GB checkpoint on every start would cost more than most resumes save."""
+    files = sorted({(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in weight_files})
+    payload = {"tool": __version__, "options": {k: v for k, v in options.items() if k != "validate"},
+               "source": str(source_path), "files": files, "config": config, "calibration": tokens_sha}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(16 * 2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def crash_point(stage: str, count: int) -> None:
+    """The test hook of the module docstring: SIGKILL ourselves at `stage:count` when asked to."""
+    if os.environ.get("COMMONKV_TEST_CRASH_AFTER") == f"{stage}:{count}":
+        os.kill(os.getpid(), signal.SIGKILL)
