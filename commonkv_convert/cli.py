@@ -119,17 +119,21 @@ def convert(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT_DIR if it exists.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the post-write checks.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="Calibrate and factorize on cpu, cuda (all GPUs), cuda:N or auto." + _default("device"))] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
-    """Convert MODEL into a checkpoint whose KV cache is smaller by RATIO."""
+    """Convert MODEL into a checkpoint whose KV cache is smaller by RATIO.
+
+    An interrupted conversion (crash, kill -9) leaves its finished work beside OUT_DIR; rerunning the same
+    command continues from there."""
     from .convert import convert as run_convert
 
     flags = dict(ratio=ratio, group_size=group_size, calib=calib, samples=samples, seq_len=seq_len,
                  rank_step=rank_step, allocator=allocator, max_shard_size=max_shard_size, revision=revision,
                  merge=merge, sink=sink, window=window, block=block,
                  plain_svd=plain_svd or None, allow_pickle=allow_pickle or None,
-                 validate=False if no_validate else None, allow_keep=False if no_keep else None)
+                 validate=False if no_validate else None, allow_keep=False if no_keep else None, device=device)
     if recipe is not None:
         options = ConvertOptions.from_yaml(recipe, **flags)
     else:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import sys
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -20,16 +19,18 @@ import torch
 from . import __version__
 from .architectures import ArchFacts, layer_types, resolve
 from .budget import Option, allocate, candidate_options, keep_option, plan_cost, uniform
-from .calibrate import CalibrationResult, LayerStats, base_config, calibrate
+from .calibrate import CalibrationResult, LayerStats, base_config, calibrate, resolve_devices
 from .calibration_data import DEFAULT_CALIBRATION, fingerprint, read_texts, token_sequences
 from .checkpoint.card import render_card
 from .checkpoint.reader import SourceModel, open_model
 from .checkpoint.writer import CheckpointWriter
-from .errors import ModelSourceError, UserInputError, ValidationError
+from .errors import ModelSourceError, PlanError, UserInputError, ValidationError
 from .factorize import Candidate, balance_transform, factorize, rank_grid, value_output_metric
 from .memory import peak_rss_bytes, release_memory
 from .progress import Reporter
 from .recipe import ConvertOptions
+from .resume import ActivationState, WorkDir
+from .resume import fingerprint as resume_fingerprint
 from .similarity import adjacent_pairs, latent_similarity
 from .validate import validate_checkpoint
 from .weighted import WeightedCandidate, up_at_rank, weighted_factorize
@@ -81,13 +82,14 @@ def convert(model: str, out_dir: Path | None, options: ConvertOptions, *, report
             raise UserInputError("No output directory given. To resolve, pass OUT_DIR or use --dry-run.")
         if out_dir.exists() and not overwrite:
             raise UserInputError(f"{out_dir} exists. To resolve, pass --overwrite or choose another output directory.")
+    work = WorkDir.for_output(None if dry_run else out_dir)
     with open_model(model, revision=options.revision, allow_pickle=options.allow_pickle) as source:
-        analysis = analyze_source(source, options, reporter)
+        analysis = analyze_source(source, options, reporter, work=work)
         release_memory()
         try:
             if dry_run:
                 return ConversionResult(None, analysis)
-            return _write_validated(source, analysis, out_dir, options, overwrite, command, reporter, start)
+            return _write_validated(source, analysis, out_dir, options, overwrite, command, reporter, start, work)
         finally:
             analysis.store.close()
 
@@ -125,10 +127,12 @@ def convert_sweep(model: str, options: ConvertOptions, variants: dict[str, Conve
 
 
 def _write_validated(source: SourceModel, analysis: Analysis, out_dir: Path, options: ConvertOptions,
-                     overwrite: bool, command: str, reporter: Reporter, start: float) -> ConversionResult:
-    """Write the checkpoint, validate it (removing it if that fails), and write the report last."""
+                     overwrite: bool, command: str, reporter: Reporter, start: float,
+                     work: WorkDir | None = None) -> ConversionResult:
+    """Write the checkpoint, validate it (removing it if that fails), and write the report last; the work
+    directory of a resumable conversion goes only once the report is in place."""
     block = config_block(source, analysis, options)
-    written = write_checkpoint(source, analysis, block, out_dir, options, overwrite, command, reporter)
+    written = write_checkpoint(source, analysis, block, out_dir, options, overwrite, command, reporter, work)
     report = build_report(analysis, block)
     if options.validate:
         try:
@@ -139,6 +143,8 @@ def _write_validated(source: SourceModel, analysis: Analysis, out_dir: Path, opt
             raise
         if not report["validation"]["bytes_match"]:
             discard(written)
+            if work is not None:
+                work.close(remove=True)  # the same inputs would fail the same way: nothing worth resuming
             raise ValidationError(
                 f"The converted cache holds {report['validation']['cache_bytes']} bytes but the plan says "
                 f"{report['validation']['cache_bytes_expected']}; the output was removed. To resolve, report this "
@@ -146,6 +152,8 @@ def _write_validated(source: SourceModel, analysis: Analysis, out_dir: Path, opt
     report["wall_time_s"] = round(time.perf_counter() - start, 2)
     report["peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)
     _write_report(written, report)
+    if work is not None:
+        work.close(remove=True)
     return ConversionResult(written, analysis, report)
 
 
@@ -153,7 +161,9 @@ def _write_validated(source: SourceModel, analysis: Analysis, out_dir: Path, opt
 # analysis: calibrate, factorize every span as soon as its layers are calibrated, allocate
 # ---------------------------------------------------------------------------------------------------------
 def analyze_source(source: SourceModel, options: ConvertOptions, reporter: Reporter,
-                   keep_tokens: int = 0) -> Analysis:
+                   keep_tokens: int = 0, work: WorkDir | None = None) -> Analysis:
+    """Calibrate and factorize layer by layer. With a persistent `work` directory every finished layer is
+    recorded there, and a rerun with the same inputs continues after the last one (see resume.py)."""
     facts = resolve(source.config)
     if options.group_size > facts.num_layers:
         raise UserInputError(f"--group-size {options.group_size} exceeds the model's {facts.num_layers} layers. "
@@ -165,20 +175,32 @@ def analyze_source(source: SourceModel, options: ConvertOptions, reporter: Repor
     held_out = max(1, round(options.samples * options.held_out))
     validation = min(2, held_out)
 
-    candidates: dict[tuple[int, int], Candidate] = {}
-    store = CandidateStore()
-    group_sim: dict[tuple[int, int], float] = {}
-    window: deque[LayerStats] = deque(maxlen=options.group_size)
-    everything: dict[int, LayerStats] = {}
+    work = work or WorkDir.for_output(None)
+    work.bind(resume_fingerprint(options.to_dict() | {"keep_tokens": keep_tokens}, source.path,
+                                 sorted(set(source.weight_map.values())), source.config, fingerprint(tokens)),
+              reporter.log)
+    done, group = work.layers_done, options.group_size
+    store = CandidateStore(work)
+    candidates, group_sim = store.restore(done)
+    everything: dict[int, LayerStats] = {l: LayerStats(l, {}, {}, **work.load(f"layers/{l}.pt")) for l in range(done)}
+    window: deque[LayerStats] = deque(maxlen=group)  # Grams stay on disk: LayerStats.gram/cross read lazily
+    for l in range(max(0, done - group + 1), done):
+        cross = {split: list(range(max(0, l - group + 1), l)) if group > 1 else [] for split in ("fit", "held_out")}
+        window.append(LayerStats(l, *work.grams(l, ["fit", "held_out"], cross)))
     transforms: dict[int, torch.Tensor] = {}
     result = CalibrationResult()
-    stream = calibrate(source, facts, tokens, max_group=options.group_size, held_out=held_out,
-                       validation=validation, reporter=reporter, result=result, keep_tokens=keep_tokens)
+    stream = calibrate(source, facts, tokens, max_group=group, held_out=held_out, validation=validation,
+                       reporter=reporter, result=result, keep_tokens=keep_tokens,
+                       state=ActivationState(work, done), devices=resolve_devices(options.device))
     for stats in stream:
+        stats.gram, stats.cross = work.save_grams(stats.layer, stats.gram, stats.cross)
+        work.save(f"layers/{stats.layer}.pt", {"cos_prev": stats.cos_prev, "tokens": stats.tokens,
+                                              "samples": stats.samples})
         window.append(stats)
         everything[stats.layer] = _summary(stats)
         live = {s.layer: s for s in window}
-        transforms[stats.layer] = _row_transform(source, facts, stats, options)
+        transforms = {l: transforms[l] if l in transforms else _row_transform(source, facts, live[l], options)
+                      for l in live}  # only the window's: this dict must not grow with the model
         weights = {l: transforms[l] @ _kv_weight(source, l) for l in live}
         for size in range(1, min(options.group_size, stats.layer + 1) + 1):
             first = stats.layer - size + 1
@@ -197,9 +219,14 @@ def analyze_source(source: SourceModel, options: ConvertOptions, reporter: Repor
                                  whiten=not options.plain_svd)
             if size > 1:
                 group_sim[(first, size)] = latent_similarity(cand, live)
-            candidates[(first, size)] = store.put(_undo_transform(cand, transforms))
+            candidates[(first, size)] = store.put(_undo_transform(cand, transforms), group_sim.get((first, size)))
+        work.layer_done(stats.layer, ActivationState.keep_from(stats.layer, group))
     pairs = adjacent_pairs(everything, {s: v for (s, n), v in group_sim.items() if n == 2})
-    plan = allocate_plan(candidates, facts, options)
+    try:
+        plan = allocate_plan(candidates, facts, options)
+    except PlanError:  # bad input fails the same way on every rerun: nothing worth resuming
+        work.close(remove=True)
+        raise
     calibration = {
         "source": str(calib_path) if options.calib else "bundled:calibration_default.jsonl",
         "samples": options.samples, "seq_len": options.seq_len, "held_out_samples": held_out,
@@ -256,19 +283,40 @@ class CandidateStore:
     A 30-layer model with group size 4 has ~110 candidates; in memory they would cost more than the model.
     """
 
-    def __init__(self) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="commonkv-candidates-")
+    def __init__(self, work: WorkDir) -> None:
+        self._work = work
 
-    def put(self, cand: Candidate) -> Candidate:
-        path = Path(self._dir.name) / f"{cand.layers[0]}-{len(cand.layers)}.pt"
-        saved = {"down": cand.down.float(), "up": {l: b.float() for l, b in cand.up.items()}}
+    def put(self, cand: Candidate, similarity: float | None = None) -> Candidate:
+        rel = f"candidates/{cand.layers[0]}-{len(cand.layers)}.pt"
+        saved = {"down": cand.down.float(), "up": {l: b.float() for l, b in cand.up.items()},
+                 "meta": {"layers": list(cand.layers), "predictor": cand.predictor, "ranks": cand.ranks,
+                          "err_k": cand.err_k, "err_v": cand.err_v, "similarity": similarity}}
         if isinstance(cand, WeightedCandidate):  # its up-projections are U_l; B_l needs the Cholesky L_l too
             saved["chol"] = cand.chol
+            saved["meta"]["merge_weights"] = cand.merge_weights
             cand.chol = {}
-        torch.save(saved, path)
+        self._work.save(rel, saved)
         cand.down, cand.up = None, {}
-        cand.path = path
+        cand.path = self._work.root / rel
         return cand
+
+    def restore(self, layers_done: int) -> tuple[dict[tuple[int, int], Candidate], dict[tuple[int, int], float]]:
+        """Candidates of spans ending before `layers_done`, in the order they were made, and their similarities."""
+        keys = [tuple(map(int, f.stem.split("-"))) for f in (self._work.root / "candidates").glob("*-*.pt")]
+        keys = sorted((k for k in keys if k[0] + k[1] <= layers_done), key=lambda k: (k[0] + k[1], k[1]))
+        candidates, similarity = {}, {}
+        for first, size in keys:
+            path = self._work.root / f"candidates/{first}-{size}.pt"
+            meta = torch.load(path, weights_only=True)["meta"]
+            weighted = "merge_weights" in meta
+            cls = WeightedCandidate if weighted else Candidate
+            extra = {"merge_weights": meta["merge_weights"]} if weighted else {}
+            candidates[(first, size)] = cls(tuple(meta["layers"]), meta["predictor"], None, {}, meta["ranks"],
+                                            meta["err_k"], meta["err_v"], path=path, **extra)
+            if meta["similarity"] is not None:
+                similarity[(first, size)] = meta["similarity"]
+        return candidates, similarity
+
 
     @staticmethod
     def factors(cand: Candidate, rank: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -279,7 +327,7 @@ class CandidateStore:
         return saved["down"][:rank], {l: b[:, :rank] for l, b in saved["up"].items()}
 
     def close(self) -> None:
-        self._dir.cleanup()
+        self._work.close(remove=False)  # a temporary work directory goes; a resumable one stays until done
 
 
 def _row_transform(source: SourceModel, facts: ArchFacts, stats: LayerStats, options: ConvertOptions) -> torch.Tensor:
@@ -364,16 +412,21 @@ def checkpoint_config(source_config: dict, block: dict) -> dict:
 
 
 def write_checkpoint(source: SourceModel, analysis: Analysis, block: dict, out_dir: Path, options: ConvertOptions,
-                     overwrite: bool, command: str, reporter: Reporter) -> Path:
+                     overwrite: bool, command: str, reporter: Reporter, work: WorkDir | None = None) -> Path:
     facts, plan = analysis.facts, analysis.plan
     replaced = {l for opt in plan if opt.mode != "keep" for l in opt.layers}
     dtype = source.get_tensor(ArchFacts.kv_name(0, "k")).dtype
     skip = {ArchFacts.kv_name(l, w, p) for l in replaced for w in "kv" for p in ("weight", "bias")}
     names = [n for n in source.tensor_names() if n not in skip]
-    with CheckpointWriter(out_dir, max_shard_size=options.max_shard_size, overwrite=overwrite) as writer, \
+    resumable = {}
+    if work is not None and work.persistent:  # shards go to the work directory and are recorded as they close
+        tmp = work.root / "out"
+        resumable = dict(tmp_dir=tmp, shards_done=work.written_shards(tmp), on_shard=work.shard_written)
+    with CheckpointWriter(out_dir, max_shard_size=options.max_shard_size, overwrite=overwrite, **resumable) as writer, \
             reporter.stage("Writing", len(names) + len(plan)) as bar:
         for name in names:
-            writer.add_tensor(name, source.get_tensor(name))
+            if not writer.written(name):  # written before an interruption: not even read again
+                writer.add_tensor(name, source.get_tensor(name))
             bar.advance()
         for g, opt in enumerate(plan):
             if opt.mode != "keep":

@@ -39,6 +39,8 @@ class ConvertOptions:
     allow_pickle: bool = field(default=False, metadata={"help": "Allow loading pickle (.bin) weights."})
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
     validate: bool = field(default=True, metadata={"help": "Compare logits and cache bytes after writing."})
+    device: str = field(default="auto", metadata={
+        "help": "Where calibration and factorization run: cpu, cuda (all GPUs, layers round-robin), cuda:N or auto."})
 
     def check(self) -> None:
         """Reject nonsense before any work starts; each message names the fix."""
