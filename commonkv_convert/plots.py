@@ -87,7 +87,7 @@ def _adjacent(ax, result: dict) -> None:
     source = "from the conversion report" if result.get("source") == "report" else "calibration tokens"
     ax.set_title(f"Adjacent layers, {source}", fontsize=10)
     ax.tick_params(labelsize=8)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center right")
 
 
 def _save(fig, path: Path, plt) -> Path:
