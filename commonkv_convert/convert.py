@@ -26,6 +26,7 @@ from .checkpoint.reader import SourceModel, open_model
 from .checkpoint.writer import CheckpointWriter
 from .errors import ModelSourceError, PlanError, UserInputError, ValidationError
 from .factorize import Candidate, balance_transform, factorize, rank_grid, value_output_metric
+from .kvsharer import SharingPlan, plan_sharing, refit_up_projections, shared_options, sharer_weights
 from .memory import peak_rss_bytes, release_memory
 from .progress import Reporter
 from .recipe import ConvertOptions
@@ -54,6 +55,7 @@ class Analysis:
     requested_ratio: float
     store: "CandidateStore"
     samples: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # analyze_source(keep_tokens=k)
+    sharing: SharingPlan | None = None  # KVSharer methods: sharer -> source
 
     @property
     def elements(self) -> int:
@@ -174,11 +176,25 @@ def analyze_source(source: SourceModel, options: ConvertOptions, reporter: Repor
     del tokenizer  # ~150 MB for a large vocabulary; nothing later needs it
     held_out = max(1, round(options.samples * options.held_out))
     validation = min(2, held_out)
+    calibration = {
+        "source": str(calib_path) if options.calib else "bundled:calibration_default.jsonl",
+        "samples": options.samples, "seq_len": options.seq_len, "held_out_samples": held_out,
+        "sha256": fingerprint(tokens),
+    }
+    sharing = None
+    if options.method != "commonkv":  # KVSharer's search first: the budget then counts its sharers as free
+        sharing = plan_sharing(source, facts, tokens, held_out, validation, options, reporter)
 
     work = work or WorkDir.for_output(None)
     work.bind(resume_fingerprint(options.to_dict() | {"keep_tokens": keep_tokens}, source.path,
                                  sorted(set(source.weight_map.values())), source.config, fingerprint(tokens)),
               reporter.log)
+    if options.method == "kvsharer":  # nothing to factorize: every layer but the sharers keeps its K/V
+        plan = sorted(shared_options([keep_option(l, facts.d_kv) for l in range(facts.num_layers)],
+                                     sharing.sharers), key=lambda o: o.start)
+        ratio = len(sharing.pairs) / facts.num_layers if options.share_layers is not None else options.ratio
+        return Analysis(facts, plan, {}, [], {}, calibration, sharing.final_hidden,
+                        tokens[-held_out:][:validation], ratio, CandidateStore(work), sharing=sharing)
     done, group = work.layers_done, options.group_size
     store = CandidateStore(work)
     candidates, group_sim = store.restore(done)
@@ -223,22 +239,19 @@ def analyze_source(source: SourceModel, options: ConvertOptions, reporter: Repor
         work.layer_done(stats.layer, ActivationState.keep_from(stats.layer, group))
     pairs = adjacent_pairs(everything, {s: v for (s, n), v in group_sim.items() if n == 2})
     try:
-        plan = allocate_plan(candidates, facts, options)
+        plan = allocate_plan(candidates, facts, options, sharing.sharers if sharing else set())
     except PlanError:  # bad input fails the same way on every rerun: nothing worth resuming
         work.close(remove=True)
         raise
-    calibration = {
-        "source": str(calib_path) if options.calib else "bundled:calibration_default.jsonl",
-        "samples": options.samples, "seq_len": options.seq_len, "held_out_samples": held_out,
-        "sha256": fingerprint(tokens),
-    }
     return Analysis(facts, plan, candidates, pairs, group_sim, calibration, result.final_hidden,
                     tokens[-held_out:][:validation], options.ratio, store,
-                    samples={l: s.samples for l, s in everything.items() if s.samples})
+                    samples={l: s.samples for l, s in everything.items() if s.samples}, sharing=sharing)
 
 
-def allocate_plan(candidates: dict[tuple[int, int], Candidate], facts: ArchFacts, options: ConvertOptions) -> list[Option]:
-    """The budget stage: spans up to options.group_size, at most (1 − ratio) of the full cache per token."""
+def allocate_plan(candidates: dict[tuple[int, int], Candidate], facts: ArchFacts, options: ConvertOptions,
+                  sharers: set[int] = frozenset()) -> list[Option]:
+    """The budget stage: spans up to options.group_size, at most (1 − ratio) of the full cache per token;
+    KVSharer's sharers (if any) are kept layers that cost nothing."""
     budget = int((1.0 - options.ratio) * facts.kv_elements_per_token + 1e-9)
     candidates = {key: c for key, c in candidates.items() if key[1] <= options.group_size}
     if options.allocator == "uniform":
@@ -246,14 +259,15 @@ def allocate_plan(candidates: dict[tuple[int, int], Candidate], facts: ArchFacts
     opts = [keep_option(l, facts.d_kv) for l in range(facts.num_layers)] if options.allow_keep else []
     for cand in candidates.values():
         opts.extend(candidate_options(cand))
-    return allocate(opts, facts.num_layers, budget)
+    return allocate(shared_options(opts, sharers) if sharers else opts, facts.num_layers, budget)
 
 
 def replan(analysis: Analysis, options: ConvertOptions) -> Analysis:
     """The same analysis allocated for other budget options (ratio, allocator, a group size no larger than
     the analyzed one): calibration and factorization do not depend on them, so sweeps run them once."""
     options.check()
-    return dataclasses.replace(analysis, plan=allocate_plan(analysis.candidates, analysis.facts, options),
+    sharers = analysis.sharing.sharers if analysis.sharing else set()
+    return dataclasses.replace(analysis, plan=allocate_plan(analysis.candidates, analysis.facts, options, sharers),
                                requested_ratio=options.ratio)
 
 
@@ -392,6 +406,8 @@ def config_block(source: SourceModel, analysis: Analysis, options: ConvertOption
         "arch": facts.runtime_block(),
         "calibration": analysis.calibration,
         "options": options.to_dict(),
+        **({"format_version": 2, "sharing": analysis.sharing.config_entry(options.share_latent)}
+           if analysis.sharing else {}),
     }
 
 
@@ -417,6 +433,15 @@ def write_checkpoint(source: SourceModel, analysis: Analysis, block: dict, out_d
     replaced = {l for opt in plan if opt.mode != "keep" for l in opt.layers}
     dtype = source.get_tensor(ArchFacts.kv_name(0, "k")).dtype
     skip = {ArchFacts.kv_name(l, w, p) for l in replaced for w in "kv" for p in ("weight", "bias")}
+    shared_ups = {}
+    if analysis.sharing:  # KVSharer: sharers drop their projections; latent sources' readers get refit ones
+        dropped, refit = sharer_weights(plan, analysis.sharing, options.share_latent)
+        skip |= dropped
+        option_of = {l: opt for opt in plan for l in opt.layers}
+        downs = {p: analysis.store.factors(analysis.candidates[(p, option_of[p].size)], option_of[p].rank)[0]
+                 for p in set(refit.values())}
+        shared_ups = refit_up_projections(source, facts, analysis.sharing.fit_tokens,
+                                          {s: (p, downs[p]) for s, p in refit.items()}, reporter=reporter)
     names = [n for n in source.tensor_names() if n not in skip]
     resumable = {}
     if work is not None and work.persistent:  # shards go to the work directory and are recorded as they close
@@ -436,6 +461,8 @@ def write_checkpoint(source: SourceModel, analysis: Analysis, block: dict, out_d
                 for layer in opt.layers:
                     _add_up_projections(writer, source, facts, layer, ups[layer], dtype)
             bar.advance()
+        for layer, up in shared_ups.items():
+            _add_up_projections(writer, source, facts, layer, up, dtype)
         writer.write_json("config.json", checkpoint_config(source.config, block))
         for name in RUNTIME_FILES:
             writer.copy_file(RUNTIME_DIR / name, name)
@@ -474,6 +501,7 @@ def build_report(analysis: Analysis, block: dict) -> dict:
                        if any(o.start == s and o.size == n for o in analysis.plan)],
         },
         "calibration": analysis.calibration,
+        **({"sharing": analysis.sharing.report()} if analysis.sharing else {}),
     }
 
 

@@ -35,6 +35,18 @@ class ConvertOptions:
     sink: int = field(default=4, metadata={"help": "weighted merge: first tokens each layer keeps as its own latent."})
     window: int = field(default=32, metadata={"help": "weighted merge: recent tokens each layer keeps at least."})
     block: int = field(default=16, metadata={"help": "weighted merge: tokens are merged K at a time."})
+    method: str = field(default="commonkv", metadata={
+        "help": "commonkv (latent sharing), kvsharer (layers reuse another layer's whole cache, KVSharer) or "
+                "commonkv+kvsharer (both: --share-layers sharers, CommonKV over the rest to reach --ratio)."})
+    share_layers: int | None = field(default=None, metadata={
+        "help": "KVSharer: layers that reuse another layer's cache (kvsharer: default round(ratio · layers))."})
+    share_threshold: float = field(default=0.5, metadata={
+        "help": "KVSharer: keep a sharing only if the final hidden states' cosine with the source model stays above this."})
+    share_order: str = field(default="dissimilar-first", metadata={
+        "help": "KVSharer: try layer pairs dissimilar-first (the paper) or similar-first (the control)."})
+    share_latent: str = field(default="refit", metadata={
+        "help": "commonkv+kvsharer: a sharer reads a latent source through its own refit up-projections (refit) "
+                "or the source's (source)."})
     max_shard_size: str = field(default="2GB", metadata={"help": "Largest safetensors shard."})
     allow_pickle: bool = field(default=False, metadata={"help": "Allow loading pickle (.bin) weights."})
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
@@ -67,6 +79,7 @@ class ConvertOptions:
             raise UserInputError(f"value_weight {self.value_weight} must be positive. To resolve, pass e.g. 1.0.")
         if self.value_metric not in ("output", "plain"):
             raise UserInputError(f"value_metric {self.value_metric!r} is unknown. To resolve, pass output or plain.")
+        self._check_sharing()
         # Imported here: both pull in torch, which `commonkv --version` and `--help` should not wait for.
         from .calibration_data import check_file
         from .checkpoint.writer import parse_size
@@ -74,6 +87,31 @@ class ConvertOptions:
         parse_size(self.max_shard_size)
         if self.calib is not None:
             check_file(Path(self.calib))
+
+    def _check_sharing(self) -> None:
+        methods = ("commonkv", "kvsharer", "commonkv+kvsharer")
+        if self.method not in methods:
+            raise UserInputError(f"--method {self.method!r} is unknown. To resolve, pass one of {', '.join(methods)}.")
+        if self.share_order not in ("dissimilar-first", "similar-first"):
+            raise UserInputError(f"--share-order {self.share_order!r} is unknown. To resolve, pass dissimilar-first "
+                                 "or similar-first.")
+        if self.share_latent not in ("refit", "source"):
+            raise UserInputError(f"--share-latent {self.share_latent!r} is unknown. To resolve, pass refit or source.")
+        if not -1.0 <= self.share_threshold < 1.0:
+            raise UserInputError(f"--threshold {self.share_threshold} is outside [-1, 1). To resolve, pass a cosine "
+                                 "such as 0.5.")
+        if self.share_layers is not None and self.share_layers < 1:
+            raise UserInputError(f"--share-layers {self.share_layers} is below 1. To resolve, pass e.g. 4.")
+        if self.method == "commonkv" and self.share_layers is not None:
+            raise UserInputError("--share-layers needs a KVSharer method. To resolve, add --method kvsharer or "
+                                 "--method commonkv+kvsharer.")
+        if self.method == "commonkv+kvsharer":
+            if self.share_layers is None:
+                raise UserInputError("--method commonkv+kvsharer needs --share-layers N (--ratio sets the total). "
+                                     "To resolve, pass e.g. --share-layers 4.")
+            if self.merge != "anchor" or self.allocator != "optimal":
+                raise UserInputError("--method commonkv+kvsharer works with --merge anchor and --allocator optimal. "
+                                     "To resolve, drop --merge/--allocator.")
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
@@ -108,6 +146,8 @@ def _recipe_value(path: Path, key: str, value, default):
     if key == "revision" and isinstance(value, (str, int)) and not isinstance(value, bool):
         return str(value)  # YAML reads an all-digit commit prefix as a number
     if key == "max_shard_size" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if key == "share_layers" and isinstance(value, int) and not isinstance(value, bool):
         return value
     kind = type(default)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):

@@ -80,18 +80,25 @@ def test_error_table_shrinks_with_ratio_and_suggestion_follows_the_rule(tiny_ana
 
 
 def test_suggest_prefers_small_groups_unless_larger_ones_pay():
-    def table(errors_g2: float) -> list[dict]:
+    def table(factor_g2: float) -> list[dict]:  # per-layer error grows with the ratio; merging scales it
         rows = []
         for ratio in RATIO_GRID:
-            base = {0.3: 0.01, 0.4: 0.03, 0.5: 0.06, 0.6: 0.12, 0.7: 0.2, 0.8: 0.3, 0.9: None}[ratio]
+            base = None if ratio > 0.85 else round(0.002 * 2 ** ((ratio - 0.2) * 10), 6)  # doubles every 0.1
             rows.append({"group_size": 1, "ratio": ratio, "error": base})
-            rows.append({"group_size": 2, "ratio": ratio, "error": None if base is None else base * errors_g2})
+            rows.append({"group_size": 2, "ratio": ratio, "error": None if base is None else base * factor_g2})
         return rows
 
+    def last_ratio(rows, size, bound):
+        return max(r["ratio"] for r in rows if r["group_size"] == size and r["error"] is not None
+                   and r["error"] <= bound)
+
     same = suggest(table(0.99))  # 1% better: not worth merging
-    assert (same["group_size"], same["ratio_low"], same["ratio_high"]) == (1, 0.4, 0.6)
-    better = suggest(table(0.6))  # 40% less error: merge, and the range moves up
-    assert (better["group_size"], better["ratio_low"], better["ratio_high"]) == (2, 0.5, 0.7)
+    assert (same["group_size"], same["ratio_low"], same["ratio_high"]) == (
+        1, last_ratio(table(0.99), 2, ERROR_LOW), last_ratio(table(0.99), 2, ERROR_HIGH))
+    better = suggest(table(0.5))  # half the error: merge, and the range moves up by one doubling (0.1)
+    assert better["group_size"] == 2
+    assert better["ratio_high"] == pytest.approx(same["ratio_high"] + 0.1)
+    assert better["ratio_low"] == pytest.approx(same["ratio_low"] + 0.1)
 
 
 def test_cli_writes_json_and_pngs(tiny_model_dirs, tmp_path):

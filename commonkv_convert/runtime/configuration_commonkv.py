@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds the optional `sharing` map (KVSharer); the converter writes 1 for plans without one
 MODES = ("keep", "per_layer", "merged")
 MERGE_MODES = ("anchor", "weighted")
+SHARING_PATHS = ("refit", "source")  # how a sharer reads a latent source: own refit up-projections, or the source's
 WEIGHTED_DEFAULTS = {"sink": 4, "window": 32, "block": 16}  # S, W, K of a weighted group
 KV_DEFAULTS = {"kv_group": 32, "kv_residual": 32, "kv_window": 32, "kv_pool": 7, "kv_latent_axis": "channel"}
 SCALE_BYTES = 2  # quantization mins and steps are stored as float16
@@ -78,17 +79,17 @@ class KVCacheOptions:
         return heads * (quantized + (held - q) * width * element_size)
 
 
-
 @dataclass(frozen=True)
 class LayerRole:
     """What one decoder layer stores in the cache and where its keys/values come from."""
 
     layer: int
-    mode: str  # keep | per_layer | merged
+    mode: str  # keep | per_layer | merged, or shared (a KVSharer layer reading a latent source's latent)
     group: int  # index into commonkv["groups"]
     rank: int  # latent width r (0 for keep)
-    source: int  # layer whose cache entry this layer reads (itself unless a non-anchor merged layer)
+    source: int  # layer whose cache entry this layer reads (itself unless a non-anchor merged layer or a sharer)
     merge: str = ""  # anchor | weighted for a merged layer, "" otherwise
+    borrow: int = -1  # KVSharer: the layer whose keys/values this layer attends over as they are (-1: none)
 
     @property
     def stores(self) -> bool:
@@ -174,14 +175,45 @@ class CommonKVConfig(PretrainedConfig):
         missing = [i for i, r in enumerate(roles) if r is None]
         if missing:
             raise ValueError(f"commonkv.groups does not cover layers {missing}; the checkpoint config is corrupt.")
-        return roles  # type: ignore[return-value]
+        return self._shared_roles(roles)  # type: ignore[arg-type]
+
+    def sharing_pairs(self) -> dict[int, int]:
+        """KVSharer's map, sharer → source (both layer indices); empty without one."""
+        version = int(self.commonkv.get("format_version", 1))
+        if version > FORMAT_VERSION:
+            raise ValueError(f"This checkpoint has commonkv format_version {version}; this runtime reads up to "
+                             f"{FORMAT_VERSION}. To resolve, upgrade the commonkv package or load with "
+                             "trust_remote_code=True (the checkpoint ships its own runtime).")
+        return {int(s): int(j) for s, j in self.commonkv.get("sharing", {}).get("pairs", [])}
+
+    def _shared_roles(self, roles: list[LayerRole]) -> list[LayerRole]:
+        """A sharer stores nothing and attends over its source's cache: a kept source's keys and values as they
+        are; a latent source's latent through its own refit up-projections (`refit`), or the keys and values the
+        source rebuilt from it (`source`)."""
+        pairs = self.sharing_pairs()
+        path = self.commonkv.get("sharing", {}).get("latent_path", "refit")
+        groups = self.commonkv["groups"]
+        for s, j in pairs.items():
+            src, own = roles[j], roles[s]
+            if (not 0 <= j < s < len(roles) or j in pairs or s in pairs.values() or own.mode != "keep"
+                    or len(groups[own.group]["layers"]) != 1 or src.merge == "weighted" or path not in SHARING_PATHS):
+                raise ValueError(f"commonkv.sharing pair [{s}, {j}] is invalid (a sharer must be a later kept layer "
+                                 "alone in its group and read a non-sharing, non-weighted layer); the config is corrupt.")
+            if src.latent and path == "refit":
+                roles[s] = LayerRole(s, "shared", src.group, src.rank, src.source)
+            else:
+                roles[s] = LayerRole(s, "keep", own.group, 0, src.source, borrow=j)
+        return roles
 
     def kv_elements_per_token(self) -> int:
         """Cache elements stored per token over all layers; for weighted groups the asymptotic figure (r per
         token for the group: the per-layer sinks and recent window are a constant, see `cache_elements`)."""
         full = 2 * self.num_key_value_heads * self.head_dim
         total = 0
+        sharers = set(self.sharing_pairs())
         for group in self.commonkv["groups"]:
+            if sharers.issuperset(group["layers"]):
+                continue  # KVSharer: these layers read another layer's cache
             if group["mode"] == "keep":
                 total += full * len(group["layers"])
             elif group["mode"] == "merged":
@@ -200,7 +232,10 @@ class CommonKVConfig(PretrainedConfig):
         the chunking of prefill and decode.
         """
         total = 0
+        sharers = set(self.sharing_pairs())
         for group in self.commonkv["groups"]:
+            if sharers.issuperset(group["layers"]):
+                continue  # KVSharer: these layers read another layer's cache
             if group["mode"] == "merged" and group.get("merge", "anchor") == "weighted":
                 sinks, recent, merged = weighted_split(tokens, group)
                 total += int(group["rank"]) * (len(group["layers"]) * (sinks + recent) + merged)
@@ -269,4 +304,5 @@ def default_block(num_layers: int) -> dict:
     }
 
 
-__all__ = ["CommonKVConfig", "LayerRole", "KVCacheOptions", "FORMAT_VERSION", "MODES", "MERGE_MODES", "weighted_split"]
+__all__ = ["CommonKVConfig", "LayerRole", "KVCacheOptions", "FORMAT_VERSION", "MODES", "MERGE_MODES", "SHARING_PATHS",
+           "weighted_split"]

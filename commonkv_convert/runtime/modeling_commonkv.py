@@ -267,6 +267,25 @@ class CommonKVCache(Cache):
             else:
                 layers.append(DynamicLayer())
         super().__init__(layers=layers)
+        # KVSharer: the keys/values a source layer attended over, held in this forward only, for the layers that
+        # reuse them, until the last of those has run (for a kept source, references to its own cache)
+        self.readers: dict[int, int] = {}  # source layer → its last sharer
+        for role in self.roles:
+            if role.borrow >= 0:
+                self.readers[role.borrow] = max(self.readers.get(role.borrow, -1), role.layer)
+        self.lent: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def lend(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        if layer_idx in self.readers:
+            self.lent[layer_idx] = (key, value)
+
+    def borrow(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys/values a KVSharer layer attends over: its source's, from this forward."""
+        source = self.roles[layer_idx].borrow
+        kv = self.lent[source]
+        if self.readers[source] == layer_idx:
+            del self.lent[source]
+        return kv
 
     # ---- runtime compression: eviction scores during a long prefill, then evict and quantize after it ----
     def begin(self, q_len: int, attention_mask: torch.Tensor | None) -> None:
@@ -435,12 +454,13 @@ class CommonKVAttention(nn.Module):
         if role.latent:
             self.k_up = nn.Linear(role.rank, d_kv, bias=True)
             self.v_up = nn.Linear(role.rank, d_kv, bias=True)
-        else:
+        elif role.stores:  # (a KVSharer layer that borrows its source's keys and values has no projections)
             self.k_proj = nn.Linear(d, d_kv, bias=qkv_bias)
             self.v_proj = nn.Linear(d, d_kv, bias=qkv_bias)
         if arch.get("qk_norm", False):
             self.q_norm = CommonKVRMSNorm(self.head_dim, eps=config.rms_norm_eps)
-            self.k_norm = CommonKVRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            if role.borrow < 0:
+                self.k_norm = CommonKVRMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
     def _norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
         norm = getattr(self, name, None)
@@ -467,20 +487,26 @@ class CommonKVAttention(nn.Module):
             key = self.k_up(latent).view(b, -1, self.num_kv_heads, self.head_dim)
             key = apply_rope(self._norm("k_norm", key).transpose(1, 2), *cache.key_rope(self.layer_idx, cos, sin))
             cache.observe(self.layer_idx, query, key, self.scaling)
-            if self._use_fused(q_len, latent.shape[-1]):
+            lends = self.layer_idx in cache.readers  # KVSharer `source` path: sharers reuse these keys/values
+            if self._use_fused(q_len, latent.shape[-1]) and not lends:
                 out = self._fused_output(query, key, latent, attention_mask)
             else:
                 value = self.v_up(latent).view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+                cache.lend(self.layer_idx, key, value)
                 out = self.o_proj(self._attend(query, key, value, attention_mask)[0].reshape(b, q_len, -1))
             if isinstance(layer_cache, WeightedLayer):
                 layer_cache.fold()  # after attending: this forward used the layer's own latents
             return out
-        else:
+        elif self.role.stores:
             shape = (b, q_len, -1, self.head_dim)
             key = self._norm("k_norm", self.k_proj(hidden_states).view(shape)).transpose(1, 2)
             key = apply_rope(key, cos[:, -q_len:], sin[:, -q_len:])
             value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
             key, value = cache.layers[self.layer_idx].update(key, value)
+            cache.lend(self.layer_idx, key, value)
+            cache.observe(self.layer_idx, query, key, self.scaling)
+        else:  # KVSharer: attend over the source layer's keys and values as it attended over them
+            key, value = cache.borrow(self.layer_idx)
             cache.observe(self.layer_idx, query, key, self.scaling)
 
         out, _ = self._attend(query, key, value, attention_mask)
