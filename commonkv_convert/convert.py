@@ -204,10 +204,12 @@ def analyze_source(source: SourceModel, options: ConvertOptions, reporter: Repor
         cross = {split: list(range(max(0, l - group + 1), l)) if group > 1 else [] for split in ("fit", "held_out")}
         window.append(LayerStats(l, *work.grams(l, ["fit", "held_out"], cross)))
     transforms: dict[int, torch.Tensor] = {}
+    devices = resolve_devices(options.device)
+    dev = devices[0]  # factorization runs on the first device; its results come back to the CPU
     result = CalibrationResult()
     stream = calibrate(source, facts, tokens, max_group=group, held_out=held_out, validation=validation,
                        reporter=reporter, result=result, keep_tokens=keep_tokens,
-                       state=ActivationState(work, done), devices=resolve_devices(options.device))
+                       state=ActivationState(work, done), devices=devices)
     for stats in stream:
         stats.gram, stats.cross = work.save_grams(stats.layer, stats.gram, stats.cross)
         work.save(f"layers/{stats.layer}.pt", {"cos_prev": stats.cos_prev, "tokens": stats.tokens,
@@ -217,7 +219,7 @@ def analyze_source(source: SourceModel, options: ConvertOptions, reporter: Repor
         live = {s.layer: s for s in window}
         transforms = {l: transforms[l] if l in transforms else _row_transform(source, facts, live[l], options)
                       for l in live}  # only the window's: this dict must not grow with the model
-        weights = {l: transforms[l] @ _kv_weight(source, l) for l in live}
+        weights = {l: (transforms[l] @ _kv_weight(source, l)).to(dev) for l in live}
         for size in range(1, min(options.group_size, stats.layer + 1) + 1):
             first = stats.layer - size + 1
             span = {l: weights[l] for l in range(first, stats.layer + 1)}
@@ -228,11 +230,11 @@ def analyze_source(source: SourceModel, options: ConvertOptions, reporter: Repor
             if limit < 1:
                 continue  # no latent of this span can be narrower than keeping it: not a candidate
             ranks = rank_grid(limit, options.rank_step) if limit >= options.rank_step else torch.tensor([limit])
+            fit, held = _grams(live, "fit", dev), _grams(live, "held_out", dev)
             if size > 1 and options.merge == "weighted":
-                cand = weighted_factorize(span, _grams(live, "fit"), _grams(live, "held_out"), ranks)
+                cand = _to_device(weighted_factorize(span, fit, held, ranks), "cpu")
             else:
-                cand = factorize(span, first, _grams(live, "fit"), _grams(live, "held_out"), ranks,
-                                 whiten=not options.plain_svd)
+                cand = _to_device(factorize(span, first, fit, held, ranks, whiten=not options.plain_svd), "cpu")
             if size > 1:
                 group_sim[(first, size)] = latent_similarity(cand, live)
             candidates[(first, size)] = store.put(_undo_transform(cand, transforms), group_sim.get((first, size)))
@@ -271,12 +273,23 @@ def replan(analysis: Analysis, options: ConvertOptions) -> Analysis:
                                requested_ratio=options.ratio)
 
 
-def _grams(live: dict[int, LayerStats], split: str):
+def _grams(live: dict[int, LayerStats], split: str, device: torch.device | str = "cpu"):
     def gram(i: int, j: int) -> torch.Tensor:
         if i == j:
-            return live[i].gram[split]
-        return live[i].cross[split][j] if j < i else live[j].cross[split][i].T
+            return live[i].gram[split].to(device)
+        return (live[i].cross[split][j] if j < i else live[j].cross[split][i].T).to(device)
     return gram
+
+
+def _to_device(cand: Candidate, device: torch.device | str) -> Candidate:
+    """Every tensor of a candidate (also inside its per-layer dicts) moved to `device`."""
+    for f in dataclasses.fields(cand):
+        value = getattr(cand, f.name)
+        if isinstance(value, torch.Tensor):
+            setattr(cand, f.name, value.to(device))
+        elif isinstance(value, dict):
+            setattr(cand, f.name, {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in value.items()})
+    return cand
 
 
 def _summary(stats: LayerStats) -> LayerStats:

@@ -82,7 +82,7 @@ def factorize(
     layers = tuple(sorted(weights))
     r_max = int(ranks[-1])
     g_pp = fit(predictor, predictor)
-    ridge = torch.eye(g_pp.shape[0], dtype=g_pp.dtype) * g_pp.diagonal().mean().clamp_min(1e-12) * DAMP
+    ridge = torch.eye(g_pp.shape[0], dtype=g_pp.dtype, device=g_pp.device) * g_pp.diagonal().mean().clamp_min(1e-12) * DAMP
 
     def cross(l: int) -> torch.Tensor:
         """X_l X_pᵀ, with the ridge on the predictor's own Gram: at full rank the refit is then W A⁻¹ exactly,

@@ -54,7 +54,7 @@ def weighted_factorize(weights: dict[int, torch.Tensor], fit: Gram, held_out: Gr
     """
     layers = tuple(sorted(weights))
     r_max = int(ranks[-1])
-    eye = torch.eye(weights[layers[0]].shape[1], dtype=torch.float64)
+    eye = torch.eye(weights[layers[0]].shape[1], dtype=torch.float64, device=weights[layers[0]].device)
     own = {l: fit(l, l) + eye * fit(l, l).diagonal().mean().clamp_min(1e-12) * DAMP for l in layers}
     pooled = sum(own.values())
     chol = damped_cholesky(pooled, 0.0)
@@ -74,7 +74,7 @@ def weighted_factorize(weights: dict[int, torch.Tensor], fit: Gram, held_out: Gr
     q = sum(fit_terms[l][1].sum(0) for l in layers)  # [n, n, r_max]: Σ_l tr(P_l C_jk P_lᵀ) per rank
     p = sum(fit_terms[l][0].sum(0) for l in layers)  # [n, r_max]:    Σ_l tr(P_l C_jl W_lᵀ) per rank
     q, p = q.permute(2, 0, 1), p.T  # per rank
-    ridge = torch.eye(n, dtype=q.dtype) * q.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)[:, None, None] * 1e-9
+    ridge = torch.eye(n, dtype=q.dtype, device=q.device) * q.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)[:, None, None] * 1e-9
     w = torch.linalg.solve(q + ridge, p.unsqueeze(-1)).squeeze(-1)  # [r_max, n]
 
     d_kv = weights[layers[0]].shape[0] // 2
@@ -102,7 +102,7 @@ def _terms(weights, up, per_down, gram: Gram) -> dict:
         u, a = up[l], per_down[l]
         cross = torch.stack([torch.cumsum(u * (weights[l] @ gram(l, j) @ a.T), -1) for j in layers], 1)
         n = len(layers)
-        quad = torch.empty(u.shape[0], n, n, u.shape[1], dtype=u.dtype)
+        quad = torch.empty(u.shape[0], n, n, u.shape[1], dtype=u.dtype, device=u.device)
         for x, j in enumerate(layers):
             for y, k in enumerate(layers):
                 if y < x:
