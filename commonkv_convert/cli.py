@@ -215,6 +215,27 @@ def inspect(
         out.print(groups)
 
 
+KVBits = Annotated[Optional[int], typer.Option("--kv-bits", help="Run time: quantize the cache to 8, 4 or 2 bits.")]
+KVBudget = Annotated[Optional[int], typer.Option("--kv-budget", help="Run time: after prefill keep this many context tokens per layer plus the window (SnapKV-style eviction).")]
+KVWindow = Annotated[Optional[int], typer.Option("--kv-window", help="--kv-budget: observation window, recent tokens always kept (default 32).")]
+KVGroup = Annotated[Optional[int], typer.Option("--kv-group", help="--kv-bits: values per quantization group (default 32).")]
+KVResidual = Annotated[Optional[int], typer.Option("--kv-residual", help="--kv-bits: recent tokens kept unquantized (default 32).")]
+
+
+def _kv_runtime(bits: int | None, budget: int | None, window: int | None, group: int | None,
+                residual: int | None) -> dict:
+    """Run-time cache options for `load_checkpoint` (only those given), checked here for a one-line error."""
+    from .runtime.configuration_commonkv import KV_DEFAULTS, KVCacheOptions
+
+    given = {"kv_bits": bits, "kv_budget": budget, "kv_window": window, "kv_group": group, "kv_residual": residual}
+    given = {k: v for k, v in given.items() if v is not None}
+    try:
+        KVCacheOptions(**{k.removeprefix("kv_"): v for k, v in {**KV_DEFAULTS, **given}.items()})
+    except ValueError as e:
+        raise UserInputError(f"{e} To resolve, see `--help` for the --kv-* options.") from None
+    return given
+
+
 @app.command(epilog="Example:\n\n  commonkv generate ./SmolLM2-135M-commonkv-0.5 \"The capital of France is\"")
 @handle_errors
 def generate(
@@ -224,14 +245,20 @@ def generate(
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the tokenizer's chat template.")] = False,
+    kv_bits: KVBits = None,
+    kv_budget: KVBudget = None,
+    kv_window: KVWindow = None,
+    kv_group: KVGroup = None,
+    kv_residual: KVResidual = None,
 ) -> None:
     """Generate from a converted checkpoint, streaming tokens to the terminal."""
     from .generate import stream_generate
 
     if max_new_tokens < 1:
         raise UserInputError(f"--max-new-tokens {max_new_tokens} is below 1. To resolve, pass e.g. 64.")
+    runtime = _kv_runtime(kv_bits, kv_budget, kv_window, kv_group, kv_residual)
     stats = stream_generate(path, prompt, max_new_tokens=max_new_tokens, device=device, dtype=dtype, chat=chat,
-                            write=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+                            write=lambda text: (sys.stdout.write(text), sys.stdout.flush()), runtime=runtime)
     err.print(f"\n[dim]{stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tok/s, "
               f"cache {stats['cache_bytes'] / 2**20:.2f} MiB (full cache would be {stats['full_cache_bytes'] / 2**20:.2f} MiB)[/]")
 
@@ -273,6 +300,11 @@ def evaluate(
     plot: Annotated[Optional[Path], typer.Option(help="Write PNG plots (memory vs context, needle map) to this directory.")] = None,
     no_save: Annotated[bool, typer.Option("--no-save", help="Do not store the results in the checkpoint (commonkv_eval.json).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    kv_bits: KVBits = None,
+    kv_budget: KVBudget = None,
+    kv_window: KVWindow = None,
+    kv_group: KVGroup = None,
+    kv_residual: KVResidual = None,
 ) -> None:
     """Evaluate quality, memory and speed of a checkpoint (or a baseline) on real text, offline."""
     import torch
@@ -292,7 +324,7 @@ def evaluate(
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise UserInputError(f"--dtype {dtype!r} is unknown. To resolve, pass float32, bfloat16 or float16.")
-    runtime: dict = {}
+    runtime = _kv_runtime(kv_bits, kv_budget, kv_window, kv_group, kv_residual)
     target = load_target(model, dtype=torch_dtype, device=pick_device(device), runtime=runtime,
                          baseline=baseline, ratio=ratio)
     reporter = RichReporter(err, quiet=quiet or json_out == Path("-"))

@@ -107,3 +107,13 @@ def test_copied_checkpoint_quantizes_with_remote_code_only(merged_dirs, tmp_path
                          stdin=subprocess.DEVNULL, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split()[-4:] == ["OK", "CompressedLatentLayer", "50", "True"]
+
+
+@pytest.mark.parametrize("flags,message", [(["--kv-bits", "3"], "kv_bits=3"), (["--kv-budget", "0"], "kv_budget=0")])
+def test_cli_refuses_bad_cache_options(merged_dirs, flags, message):
+    from typer.testing import CliRunner
+
+    from commonkv_convert.cli import app
+
+    result = CliRunner().invoke(app, ["generate", str(merged_dirs["llama"]), "hi", *flags], catch_exceptions=False)
+    assert result.exit_code == 2 and message in result.output

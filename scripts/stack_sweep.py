@@ -1,0 +1,225 @@
+"""The compression stack on SmolLM2-135M: CommonKV × cache quantization × SnapKV-style eviction, measured bytes.
+
+    python scripts/stack_sweep.py axes                # per-channel vs per-token quantization error (latents, K, V)
+    python scripts/stack_sweep.py ppl [--only NAME…]  # compressed-context perplexity + measured cache bytes
+    python scripts/stack_sweep.py needle [--only …]   # needle retrieval at 4096 tokens
+    python scripts/stack_sweep.py report              # docs/stack.md table + docs/stack/*.png from the JSON
+
+Checkpoints (ratio 0: every layer kept, the full cache; 0.5 and 0.75: CommonKV) are converted once into
+--workdir. Every figure runs in bfloat16 (the dtype a deployment uses), so "removed" is measured against the
+16-bit full cache: 1 − cache.nbytes() after a C-token prefill / (Σ_layers 2·h_kv·hd · 2 bytes · C).
+Results go to --json (one entry per configuration; reruns skip what is there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from commonkv_convert.convert import convert
+from commonkv_convert.evaluate.ppl import compressed_context_ppl, tokenize_text
+from commonkv_convert.evaluate.runner import EvalSettings, run_eval
+from commonkv_convert.evaluate.targets import load_target
+from commonkv_convert.evaluate.text import essays_text
+from commonkv_convert.recipe import ConvertOptions
+from commonkv_convert.runtime import load_checkpoint
+from commonkv_convert.runtime.quantization import dequantize, quantize
+from commonkv_convert.testing import smollm2_dir
+
+DTYPE = torch.bfloat16
+C, E, WINDOWS = 2048, 128, 4
+RATIOS = (0.0, 0.5, 0.75)
+
+
+def configs() -> dict[str, tuple[float, dict]]:
+    """name → (conversion ratio, run-time options). 'full' is ratio 0 without options: the reference."""
+    out: dict[str, tuple[float, dict]] = {}
+    for ratio in RATIOS:
+        tag = "full" if ratio == 0 else f"ckv{ratio:g}"
+        out[tag] = (ratio, {})
+        for bits in (8, 4, 2):
+            out[f"{tag}+q{bits}"] = (ratio, {"kv_bits": bits})
+        for budget in (512, 256, 128):
+            out[f"{tag}+e{budget}"] = (ratio, {"kv_budget": budget})
+        for bits, budget in ((4, 512), (2, 512), (2, 256), (2, 128)):
+            out[f"{tag}+q{bits}+e{budget}"] = (ratio, {"kv_bits": bits, "kv_budget": budget})
+        if ratio:
+            for bits in (4, 2):
+                out[f"{tag}+q{bits}token"] = (ratio, {"kv_bits": bits, "kv_latent_axis": "token"})
+    return out
+
+
+def checkpoint(workdir: Path, ratio: float) -> Path:
+    out = workdir / f"smollm2-r{ratio:g}"
+    if not (out / "config.json").is_file():
+        convert(str(smollm2_dir()), out, ConvertOptions(ratio=ratio), overwrite=True)
+    return out
+
+
+class PrefillBytes(torch.nn.Module):
+    """Wraps a model; records the cache bytes after every prefill (a call without a cache)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.bytes = model, []
+
+    @property
+    def device(self):
+        return self.inner.device
+
+    def forward(self, input_ids=None, past_key_values=None, logits_to_keep=0, **kwargs):
+        out = self.inner(input_ids=input_ids, past_key_values=past_key_values, logits_to_keep=logits_to_keep, **kwargs)
+        if past_key_values is None:
+            self.bytes.append(out.past_key_values.nbytes())
+        return out
+
+
+def load(path: Path, runtime: dict):
+    return load_checkpoint(path, dtype=DTYPE, **runtime)
+
+
+def run_ppl(args, results: dict) -> None:
+    ids = None
+    for name in args.only or list(configs()):
+        ratio, runtime = configs()[name]
+        if "ctx-ppl" in results.get(name, {}):
+            continue
+        path = checkpoint(args.workdir, ratio)
+        model = load(path, runtime)
+        if ids is None:
+            from transformers import AutoTokenizer
+
+            ids = tokenize_text(AutoTokenizer.from_pretrained(path), essays_text(), WINDOWS * (C + E))
+        t0 = time.perf_counter()
+        wrapped = PrefillBytes(model)
+        ppl = compressed_context_ppl(wrapped, ids, C, E, max_windows=WINDOWS)
+        full_bytes = model.config.full_kv_elements_per_token() * DTYPE.itemsize * C
+        assert len(set(wrapped.bytes)) == 1 and wrapped.bytes[0] == model.config.cache_bytes(C, DTYPE.itemsize)
+        entry = {"ratio": ratio, "runtime": runtime, "ctx-ppl": ppl["ppl"], "nll": ppl["nll"], "tokens": ppl["tokens"],
+                 "cache_bytes": wrapped.bytes[0], "full_cache_bytes": full_bytes,
+                 "removed": 1 - wrapped.bytes[0] / full_bytes, "seconds": round(time.perf_counter() - t0, 1)}
+        results.setdefault(name, {}).update(entry)
+        save(args.json, results)
+        print(name, json.dumps(entry), flush=True)
+
+
+def run_needle(args, results: dict) -> None:
+    settings = EvalSettings(contexts=(4096,), depths=(0.1, 0.3, 0.5, 0.7, 0.9), samples=1)
+    for name in args.only or ["full", "ckv0.5", "ckv0.75", "full+q2", "full+e256", "ckv0.5+q2", "ckv0.5+q2+e512",
+                              "ckv0.75+q2+e512", "ckv0.75+q2+e256", "ckv0.75+q2+e128"]:
+        if "needle" in results.get(name, {}):
+            continue
+        ratio, runtime = configs()[name]
+        target = load_target(str(checkpoint(args.workdir, ratio)), dtype=DTYPE, runtime=runtime, name=name)
+        t0 = time.perf_counter()
+        result = run_eval(target, ["needle"], settings)["tasks"]["needle"]
+        results.setdefault(name, {"ratio": ratio, "runtime": runtime}).update(
+            needle=result["accuracy"], needle_probes=[(p["depth"], p["score"]) for p in result["probes"]],
+            needle_seconds=round(time.perf_counter() - t0, 1))
+        save(args.json, results)
+        print(name, "needle", result["accuracy"], flush=True)
+
+
+@torch.inference_mode()
+def run_axes(args, results: dict) -> None:
+    """KIVI's measurement: relative error of what attention reads, quantizing per channel vs per token."""
+    from transformers import AutoTokenizer
+
+    out = {}
+    for ratio in (0.0, 0.75):
+        path = checkpoint(args.workdir, ratio)
+        model = load_checkpoint(path, dtype=torch.float32)
+        ids = tokenize_text(AutoTokenizer.from_pretrained(path), essays_text(), 1024)
+        with torch.inference_mode():
+            cache = model(ids, use_cache=True).past_key_values
+        for bits in (4, 2):
+            for axis in ("channel", "token"):
+                errs = {"keys": [], "values": []}
+                for i, layer in enumerate(cache.layers):
+                    attn = model.model.layers[i].self_attn
+                    if getattr(layer, "latent", None) is not None:  # compare what the up-projections rebuild
+                        c = layer.latent
+                        q = dequantize(*quantize(c, bits, 32, axis), bits, 32, axis, c.shape[-1], c.dtype)
+                        pairs = {"keys": (attn.k_up(c), attn.k_up(q)), "values": (attn.v_up(c), attn.v_up(q))}
+                    elif getattr(layer, "keys", None) is not None:
+                        pairs = {}
+                        for kind, x in (("keys", layer.keys), ("values", layer.values)):
+                            pairs[kind] = (x, dequantize(*quantize(x, bits, 32, axis), bits, 32, axis, x.shape[-1],
+                                                         x.dtype))
+                    else:
+                        continue
+                    for kind, (ref, got) in pairs.items():
+                        errs[kind].append(((got - ref).norm() / ref.norm()).item())
+                for kind, values in errs.items():
+                    key = f"{'full' if ratio == 0 else f'ckv{ratio:g}'} {kind} {bits}-bit {axis}"
+                    out[key] = sum(values) / len(values)
+                    print(key, round(out[key], 4), flush=True)
+    results["_axes"] = out
+    save(args.json, results)
+
+
+def save(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+
+
+def report(args, results: dict) -> None:
+    full = results["full"]["ctx-ppl"]
+    rows = sorted(((n, r) for n, r in results.items() if "ctx-ppl" in r), key=lambda x: -x[1]["removed"])
+    lines = [f"| configuration | removed (measured) | ctx-ppl | vs full | needle@4k |", "|---|---|---|---|---|"]
+    for name, r in sorted(rows, key=lambda x: x[1]["removed"]):
+        needle = f"{r['needle']:.1f}" if "needle" in r else "-"
+        lines.append(f"| {name} | {100 * r['removed']:.1f}% | {r['ctx-ppl']:.2f} | "
+                     f"{100 * (r['ctx-ppl'] / full - 1):+.1f}% | {needle} |")
+    within = [(r["removed"], n) for n, r in rows if r["ctx-ppl"] <= 1.1 * full]
+    best = max(within) if within else None
+    lines.append("")
+    lines.append(f"Largest measured compression within +10% ctx-ppl of the full cache ({full:.2f}): "
+                 + (f"{100 * best[0]:.1f}% removed ({best[1]})." if best else "none."))
+    if "_axes" in results:
+        lines += ["", "| quantization error (relative, mean over layers) | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in results["_axes"].items()]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for prefix, label in (("full", "full cache (ratio 0)"), ("ckv0.5", "CommonKV 0.5"), ("ckv0.75", "CommonKV 0.75")):
+            for kind, marker in (("", "o"), ("+q", "s"), ("+e", "^")):
+                pts = sorted((r["removed"], r["ctx-ppl"]) for n, r in rows if n.split("+")[0] == prefix
+                             and (("+" in n and n[len(prefix):].startswith(kind) and "token" not in n) if kind else n == prefix))
+                if pts:
+                    ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle="-",
+                            label=f"{label} {kind.strip('+') or 'alone'}")
+        ax.axhline(1.1 * full, color="grey", linestyle=":", label="+10% of full")
+        ax.set_xlabel("KV cache removed, % (measured bytes, vs 16-bit full cache)")
+        ax.set_ylabel(f"ctx-ppl (C={C}, E={E})")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.plot, dpi=120, bbox_inches="tight")
+        print("wrote", args.plot)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["axes", "ppl", "needle", "report"])
+    parser.add_argument("--only", nargs="*", default=[], help="configuration names (see configs())")
+    parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "commonkv" / "stack")
+    parser.add_argument("--json", type=Path, default=Path("docs/stack.json"))
+    parser.add_argument("--plot", type=Path, default=None, help="report: write the ctx-ppl vs removed PNG here")
+    args = parser.parse_args()
+    results = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    {"axes": run_axes, "ppl": run_ppl, "needle": run_needle, "report": report}[args.what](args, results)
+
+
+if __name__ == "__main__":
+    main()
