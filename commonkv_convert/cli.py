@@ -422,11 +422,19 @@ def push(
     commit_message: Annotated[Optional[str], typer.Option(help="Commit title (default: names the achieved ratio).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the checkpoint and list what would be uploaded; no network.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors (and --json output).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors (and --json output); no upload progress.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show huggingface_hub's log messages (the token is never logged).")] = False,
 ) -> None:
     """Publish a converted checkpoint to the Hugging Face Hub (model card refreshed with eval results first)."""
+    from huggingface_hub.utils import disable_progress_bars
+    from huggingface_hub.utils import logging as hub_logging
+
     from .hub import push as run_push
 
+    if quiet or as_json:
+        disable_progress_bars()
+    if verbose:
+        hub_logging.set_verbosity_info()
     if not (quiet or as_json or dry_run):
         err.print(f"Pushing {path} to {repo_id} ...", soft_wrap=True, highlight=False)
     plan = run_push(path, repo_id, private=private, token=token, revision=revision, create_pr=create_pr,

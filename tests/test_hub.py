@@ -245,3 +245,20 @@ def test_refuses_incomplete_or_unvalidated_checkpoints(hub, ckpt, breakage, mess
 def test_refuses_a_plain_model_directory(tiny_model_dirs):
     with pytest.raises(UserInputError, match="not a CommonKV checkpoint"):
         check_checkpoint_dir(tiny_model_dirs["llama"])
+
+
+def test_verbose_turns_on_hub_logging_and_never_logs_the_token(hub, ckpt, capfd, caplog):
+    import logging as std_logging
+
+    from huggingface_hub.utils import logging as hub_logging
+
+    caplog.set_level(std_logging.DEBUG)
+    try:
+        result = CliRunner().invoke(app, ["push", str(ckpt), "me/verbose", "--token", TOKEN, "--verbose", "--json"])
+        assert result.exit_code == 0, result.output
+        assert hub_logging.get_verbosity() == hub_logging.INFO
+    finally:
+        hub_logging.set_verbosity_warning()  # the library default, for the tests that follow
+    assert json.loads(result.stdout)["commit"]
+    captured = capfd.readouterr()
+    assert TOKEN not in result.output + captured.out + captured.err + caplog.text
