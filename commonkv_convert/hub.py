@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint.card import refresh_card
+from .checkpoint.card import refresh_card, update_card
 from .errors import HubError, UserInputError
 
 RUNTIME_FILES = ("configuration_commonkv.py", "modeling_commonkv.py")
@@ -118,9 +118,7 @@ def push(path: Path, repo_id: str, *, private: bool = False, token: str | None =
         raise HubError("No Hugging Face token found. To resolve, run `hf auth login` with a write token, "
                        "set HF_TOKEN, or pass --token.")
     if card_changed:
-        tmp = path / ".README.md.tmp"
-        tmp.write_text(card)
-        tmp.replace(path / "README.md")
+        update_card(path, repo_id)
     plan.result = _upload(path, repo_id, token=token, source=source, private=private, revision=revision,
                           create_pr=create_pr, commit_message=commit_message or _default_message(path),
                           endpoint=endpoint)

@@ -104,6 +104,19 @@ def refresh_card(checkpoint: Path, repo_id: str | None = None) -> str:
     return text
 
 
+def update_card(checkpoint: Path, repo_id: str | None = None) -> bool:
+    """Rewrite the checkpoint's README.md in place as `refresh_card` renders it (atomic); True if it changed.
+    `commonkv eval` can call this after writing commonkv_eval.json; `commonkv push` does before uploading."""
+    card = checkpoint / "README.md"
+    text = refresh_card(checkpoint, repo_id)
+    if text == card.read_text():
+        return False
+    tmp = checkpoint / ".README.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(card)
+    return True
+
+
 def evaluation_markdown(evaluation: dict | None) -> str:
     """A task | metric | value table from `commonkv eval` output ({"tasks": {task: metrics}} or the bare map)."""
     if not evaluation:
