@@ -59,6 +59,11 @@ METHODS: dict[str, Method] = {
         "group_size": 4, "merge": "weighted"}),
     "average": Method("adjacent layers' raw K/V averaged, deepest layers first (MiniCache-style)",
                       baseline="average"),
+    "commonkv+q2": Method("CommonKV + 2-bit cache at run time (latents per channel, K per channel, V per token, "
+                          "groups of 32, 32 recent tokens unquantized)", WHITENED, runtime={"kv_bits": 2}),
+    "commonkv+q2+evict": Method("CommonKV + 2-bit cache + SnapKV-style eviction after prefill to 128 context "
+                                "tokens + a 32-token window per layer (the share removed grows with the prompt)",
+                                WHITENED, runtime={"kv_bits": 2, "kv_budget": 128}),
 }
 
 
