@@ -117,7 +117,16 @@ def factorize(
 
 
 def _right_singular_vectors(m: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k right singular vectors (rows) of m, from the eigenvectors of mᵀm: d × d, cheaper than an SVD."""
+    """Top-k right singular vectors (rows) of m, from the eigenvectors of its smaller Gram, cheaper than an SVD.
+
+    With fewer rows than columns (a layer's 2·d_kv rows against the hidden size d: 1024 × 4096 for Llama-3-8B)
+    the n × n eigenproblem of m mᵀ gives the left vectors u_i, and v_i = mᵀ u_i / ‖mᵀ u_i‖: (d/n)³ less work.
+    """
+    rows, cols = m.shape
+    if rows < cols and k < rows:
+        _, vecs = torch.linalg.eigh(m @ m.T)
+        v = m.T @ vecs.flip(-1)[:, :k]
+        return (v / v.norm(dim=0).clamp_min(torch.finfo(v.dtype).tiny)).T
     _, vecs = torch.linalg.eigh(m.T @ m)
     return vecs.flip(-1)[:, :k].T
 

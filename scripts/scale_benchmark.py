@@ -39,16 +39,15 @@ VOCAB = 32000
 REPO = Path(__file__).resolve().parent.parent
 
 
-def build(size: str, out_dir: Path, seed: int = 0) -> int:
-    """Write a random Llama checkpoint of SHAPES[size]; returns its parameter count."""
+def build(shape: dict, out_dir: Path, vocab: int = VOCAB, seed: int = 0) -> int:
+    """Write a random Llama checkpoint of `shape` (a SHAPES entry); returns its parameter count."""
     import torch
     from transformers import AutoConfig
 
     from commonkv_convert.checkpoint.writer import CheckpointWriter
     from commonkv_convert.testing import byte_tokenizer
 
-    shape = SHAPES[size]
-    config = AutoConfig.for_model("llama", vocab_size=VOCAB, max_position_embeddings=4096, eos_token_id=256,
+    config = AutoConfig.for_model("llama", vocab_size=vocab, max_position_embeddings=4096, eos_token_id=256,
                                   pad_token_id=257, bos_token_id=None, tie_word_embeddings=False,
                                   dtype="float32", **shape)
     d, ffn, hd = shape["hidden_size"], shape["intermediate_size"], shape["hidden_size"] // shape["num_attention_heads"]
@@ -67,7 +66,7 @@ def build(size: str, out_dir: Path, seed: int = 0) -> int:
         return torch.ones(n)
 
     with CheckpointWriter(out_dir, max_shard_size="2GB", overwrite=True) as writer:
-        writer.add_tensor("model.embed_tokens.weight", rand(VOCAB, d))
+        writer.add_tensor("model.embed_tokens.weight", rand(vocab, d))
         for i in range(shape["num_hidden_layers"]):
             p = f"model.layers.{i}."
             for name, dims in (("self_attn.q_proj", (d, d)), ("self_attn.k_proj", (d_kv, d)),
@@ -77,7 +76,7 @@ def build(size: str, out_dir: Path, seed: int = 0) -> int:
             writer.add_tensor(p + "input_layernorm.weight", ones(d))
             writer.add_tensor(p + "post_attention_layernorm.weight", ones(d))
         writer.add_tensor("model.norm.weight", ones(d))
-        writer.add_tensor("lm_head.weight", rand(VOCAB, d))
+        writer.add_tensor("lm_head.weight", rand(vocab, d))
         writer.write_json("config.json", config.to_dict())
         with tempfile.TemporaryDirectory() as tok:
             for file in byte_tokenizer().save_pretrained(tok):
@@ -146,7 +145,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "build":
-        print(build(sys.argv[2], Path(sys.argv[3])))
+        print(build(SHAPES[sys.argv[2]], Path(sys.argv[3])))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -162,7 +161,7 @@ def main() -> None:
         model, out = args.root / f"llama-{size}b", args.root / f"llama-{size}b-commonkv"
         if not (model / "config.json").exists():
             t0 = time.perf_counter()
-            params = build(size, model)
+            params = build(SHAPES[size], model)
             print(f"built {model} ({params / 1e9:.2f} B params) in {time.perf_counter() - t0:.0f} s", flush=True)
         params = count_params(model)
         row = convert_measured(model, out, args.samples, args.seq_len, extra)
