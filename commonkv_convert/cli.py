@@ -187,7 +187,8 @@ def _plan_table(analysis) -> Table:
     return table
 
 
-@app.command(epilog="Examples:\n\n  commonkv inspect ./SmolLM2-135M\n\n  commonkv inspect ./SmolLM2-135M-commonkv-0.5 --json")
+@app.command(epilog="Examples:\n\n  commonkv inspect ./SmolLM2-135M\n\n  commonkv inspect ./SmolLM2-135M-commonkv-0.5 --json"
+             "\n\n" + EXIT_CODES)
 @handle_errors
 def inspect(
     path: Annotated[str, typer.Argument(help="Model directory or Hub id (plain or converted).")],
