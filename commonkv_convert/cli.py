@@ -112,6 +112,11 @@ def convert(
     sink: Annotated[Optional[int], typer.Option(help="weighted merge: sink tokens kept per layer (default 4).")] = None,
     window: Annotated[Optional[int], typer.Option(help="weighted merge: recent tokens kept per layer (default 32).")] = None,
     block: Annotated[Optional[int], typer.Option(help="weighted merge: tokens merged per fold (default 16).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="commonkv, kvsharer (layers reuse another layer's cache) or commonkv+kvsharer." + _default("method"))] = None,
+    share_layers: Annotated[Optional[int], typer.Option(help="KVSharer: layers that reuse another's cache (kvsharer: default round(ratio·layers)).")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="KVSharer: least cosine of final hidden states with the source model." + _default("share_threshold"))] = None,
+    share_order: Annotated[Optional[str], typer.Option(help="KVSharer: dissimilar-first (paper) or similar-first." + _default("share_order"))] = None,
+    share_latent: Annotated[Optional[str], typer.Option(help="commonkv+kvsharer: a sharer reads a latent source via refit up-projections or the source's (source)." + _default("share_latent"))] = None,
     max_shard_size: Annotated[Optional[str], typer.Option(help="Largest weight shard, e.g. 2GB." + _default("max_shard_size"))] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle (.bin) weights.")] = False,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
@@ -131,7 +136,8 @@ def convert(
 
     flags = dict(ratio=ratio, group_size=group_size, calib=calib, samples=samples, seq_len=seq_len,
                  rank_step=rank_step, allocator=allocator, max_shard_size=max_shard_size, revision=revision,
-                 merge=merge, sink=sink, window=window, block=block,
+                 merge=merge, sink=sink, window=window, block=block, method=method, share_layers=share_layers,
+                 share_threshold=threshold, share_order=share_order, share_latent=share_latent,
                  plain_svd=plain_svd or None, allow_pickle=allow_pickle or None,
                  validate=False if no_validate else None, allow_keep=False if no_keep else None, device=device)
     if recipe is not None:
@@ -139,7 +145,9 @@ def convert(
     else:
         options = ConvertOptions(**{k: v for k, v in flags.items() if v is not None})
     if out_dir is None and not dry_run:
-        out_dir = Path(f"{Path(model.rstrip('/')).name}-commonkv-{options.ratio:g}")
+        suffix = f"kvsharer-{options.share_layers}" if options.method == "kvsharer" and options.share_layers else \
+            f"{options.method.replace('+', '-')}-{options.ratio:g}"
+        out_dir = Path(f"{Path(model.rstrip('/')).name}-{suffix}")
     reporter = RichReporter(err, quiet=quiet or as_json)
     command = "commonkv " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result = run_convert(model, out_dir, options, reporter=reporter, dry_run=dry_run, overwrite=overwrite,
@@ -150,6 +158,9 @@ def convert(
         return
     out.print(_plan_table(result.analysis))
     a = result.analysis
+    if a.sharing:
+        out.print("KVSharer: " + ", ".join(f"layer {s} reads layer {j}" for s, j in sorted(a.sharing.pairs.items()))
+                  + f" ({len(a.sharing.trials)} pairs tried, {a.sharing.order}, threshold {a.sharing.threshold:g})")
     out.print(f"KV elements per token: {a.facts.kv_elements_per_token} → {a.elements} "
               f"(ratio requested {a.requested_ratio:g}, achieved {a.achieved_ratio:.4f})")
     if dry_run:
