@@ -261,8 +261,7 @@ def from_report(path: Path) -> dict:
         "model": str(path),
         "source": "report",
         "base_model": report.get("base_model", {}).get("id"),
-        "layers": report.get("kv_elements_per_token") and len({l for g in report.get("groups", [])
-                                                                 for l in g["layers"]}),
+        "layers": len({l for g in report.get("groups", []) for l in g["layers"]}),
         "adjacent": adjacent,
         "distance": {kind: [round(sum(r[kind] for r in adjacent if kind in r) /
                                   max(1, sum(kind in r for r in adjacent)), 4)]
