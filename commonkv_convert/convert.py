@@ -26,7 +26,8 @@ from .checkpoint.reader import SourceModel, open_model
 from .checkpoint.writer import CheckpointWriter
 from .errors import ModelSourceError, PlanError, UserInputError, ValidationError
 from .factorize import Candidate, balance_transform, factorize, rank_grid, value_output_metric
-from .kvsharer import SharingPlan, plan_sharing, refit_up_projections, shared_options, sharer_weights
+from .kvsharer import SharingPlan, keep_plan, plan_sharing, refit_up_projections, shared_options, sharer_weights, \
+    sharing_layers
 from .memory import peak_rss_bytes, release_memory
 from .progress import Reporter
 from .recipe import ConvertOptions
@@ -190,8 +191,7 @@ def analyze_source(source: SourceModel, options: ConvertOptions, reporter: Repor
                                  sorted(set(source.weight_map.values())), source.config, fingerprint(tokens)),
               reporter.log)
     if options.method == "kvsharer":  # nothing to factorize: every layer but the sharers keeps its K/V
-        plan = sorted(shared_options([keep_option(l, facts.d_kv) for l in range(facts.num_layers)],
-                                     sharing.sharers), key=lambda o: o.start)
+        plan = keep_plan(facts.num_layers, facts.d_kv, sharing.sharers)
         ratio = len(sharing.pairs) / facts.num_layers if options.share_layers is not None else options.ratio
         return Analysis(facts, plan, {}, [], {}, calibration, sharing.final_hidden,
                         tokens[-held_out:][:validation], ratio, CandidateStore(work), sharing=sharing)
@@ -268,8 +268,13 @@ def replan(analysis: Analysis, options: ConvertOptions) -> Analysis:
     """The same analysis allocated for other budget options (ratio, allocator, a group size no larger than
     the analyzed one): calibration and factorization do not depend on them, so sweeps run them once."""
     options.check()
-    sharers = analysis.sharing.sharers if analysis.sharing else set()
-    return dataclasses.replace(analysis, plan=allocate_plan(analysis.candidates, analysis.facts, options, sharers),
+    facts, sharing = analysis.facts, analysis.sharing
+    if sharing and options.method == "kvsharer":  # fewer sharers: a prefix of the same search
+        sharing = sharing.prefix(sharing_layers(options.share_layers, options.ratio, facts.num_layers))
+        return dataclasses.replace(analysis, plan=keep_plan(facts.num_layers, facts.d_kv, sharing.sharers),
+                                   requested_ratio=options.ratio, sharing=sharing)
+    sharers = sharing.sharers if sharing else set()
+    return dataclasses.replace(analysis, plan=allocate_plan(analysis.candidates, facts, options, sharers),
                                requested_ratio=options.ratio)
 
 

@@ -21,12 +21,13 @@ factorize.py makes for a merged group, for layers any distance apart).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
 from .architectures import ArchFacts
-from .budget import Option
+from .budget import Option, keep_option
 from .calibrate import base_config, load_layer
 from .checkpoint.reader import SourceModel
 from .errors import PlanError
@@ -55,6 +56,17 @@ class SharingPlan:
     @property
     def sharers(self) -> set[int]:
         return set(self.pairs)
+
+    def prefix(self, n: int) -> "SharingPlan":
+        """The plan a search for n sharers finds: the walk for fewer is a prefix of the walk for more (it only
+        stops earlier), so one search serves every smaller N."""
+        if n > len(self.pairs):
+            raise PlanError(f"The search found {len(self.pairs)} sharing layers; {n} were asked for. To resolve, "
+                            "search for the largest N (ratio) first.")
+        accepted = [t for t in self.trials if t["accepted"]]
+        last = self.trials.index(accepted[n - 1]) + 1 if n else 0
+        return dataclasses.replace(self, pairs=dict(list(self.pairs.items())[:n]), requested=n,
+                                   trials=self.trials[:last])
 
     def config_entry(self, latent_path: str) -> dict:
         """The `sharing` key of the checkpoint's `commonkv` block (read by configuration_commonkv.layer_roles)."""
@@ -267,6 +279,11 @@ def search_sharing(source: SourceModel, facts: ArchFacts, tokens: torch.Tensor, 
 # ---------------------------------------------------------------------------------------------------------
 # planning with sharers, and the combination with CommonKV
 # ---------------------------------------------------------------------------------------------------------
+def keep_plan(num_layers: int, d_kv: int, sharers: set[int]) -> list[Option]:
+    """KVSharer alone: every layer keeps its K/V, the sharers at no cost."""
+    return sorted(shared_options([keep_option(l, d_kv) for l in range(num_layers)], sharers), key=lambda o: o.start)
+
+
 def shared_options(options: list[Option], sharers: set[int]) -> list[Option]:
     """Budget options with sharers taken out: a sharing layer is a kept layer that stores nothing (cost 0), and
     no latent option may cover it (its cache is its source's)."""

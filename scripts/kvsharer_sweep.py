@@ -7,8 +7,9 @@ Paul Graham essays (no overlap), prefill C=512 tokens into the model's own cache
 non-overlapping windows. Rows:
   kvsharer N (order)         N layers read an earlier layer's K/V (search threshold --threshold)
   commonkv R                 CommonKV alone at the ratio KVSharer N reaches (N / layers), and at --combined-ratio
-  commonkv+kvsharer N (path) N sharers plus CommonKV over the other layers, --combined-ratio in total, a sharer
-                             reading a latent source through its refit up-projections (refit) or the source's (source)
+  commonkv+kvsharer N (order, path)  N sharers plus CommonKV over the other layers, --combined-ratio in total, a
+                             sharer reading a latent source through its refit up-projections (refit) or the keys
+                             and values the source rebuilt (source)
 "memory removed" is measured: 1 − cache bytes / full cache bytes of a real cache after the validation prompts.
 """
 
@@ -41,10 +42,11 @@ def variants(args, layers: int) -> dict[str, dict]:
     for ratio in sorted({round(n / layers, 6) for n in args.share} | {args.combined_ratio}):
         out[f"commonkv R={ratio:g}"] = dict(ratio=ratio)
     for n in args.combined_share:
-        for path in args.paths:
-            out[f"commonkv+kvsharer N={n} R={args.combined_ratio:g} ({path})"] = dict(
-                method="commonkv+kvsharer", share_layers=n, ratio=args.combined_ratio, share_latent=path,
-                share_threshold=args.threshold)
+        for order in args.combined_orders:
+            for path in args.paths:
+                out[f"commonkv+kvsharer N={n} R={args.combined_ratio:g} ({order}, {path})"] = dict(
+                    method="commonkv+kvsharer", share_layers=n, ratio=args.combined_ratio, share_latent=path,
+                    share_order=order, share_threshold=args.threshold)
     return out
 
 
@@ -55,6 +57,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=ConvertOptions.share_threshold)
     parser.add_argument("--combined-ratio", type=float, default=0.5)
     parser.add_argument("--combined-share", type=int, nargs="*", default=[4])
+    parser.add_argument("--combined-orders", nargs="+", default=["dissimilar-first", "similar-first"])
     parser.add_argument("--paths", nargs="+", default=["refit", "source"])
     parser.add_argument("--only", nargs="*", help="run only the rows whose name contains one of these")
     parser.add_argument("--windows", type=int, default=8)

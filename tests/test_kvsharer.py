@@ -228,3 +228,27 @@ def test_newer_format_is_refused(shared_dirs, tmp_path):
     config.commonkv = {**config.commonkv, "format_version": 3}
     with pytest.raises(ValueError, match="format_version 3"):
         config.layer_roles()
+
+
+def test_sweep_replans_kvsharer_as_a_prefix(tiny_model_dirs, tmp_path):
+    """One search for the most sharers serves every smaller N: the walk for fewer only stops earlier."""
+    from commonkv_convert.convert import convert_sweep
+
+    base = dict(method="kvsharer", share_threshold=-1.0, samples=8, seq_len=64, validate=False)
+    results = convert_sweep(str(tiny_model_dirs["llama"]), ConvertOptions(ratio=0.5, **base),
+                            {f"r{r}": ConvertOptions(ratio=r, **base) for r in (0.25, 0.5)}, tmp_path)
+    full, small = (results[k].report["sharing"] for k in ("r0.5", "r0.25"))
+    assert len(full["pairs"]) == 2 and len(small["pairs"]) == 1
+    first = next(t for t in full["trials"] if t["accepted"])
+    assert small["pairs"] == [[first["layer"], first["source"]]]
+    alone = convert_tiny(tiny_model_dirs["llama"], tmp_path / "alone", ratio=0.25, **base)
+    assert json.loads((alone / "commonkv_report.json").read_text())["sharing"]["pairs"] == small["pairs"]
+
+
+def test_cli_rejects_bad_sharing_flags(tiny_model_dirs):
+    from typer.testing import CliRunner
+
+    from commonkv_convert.cli import app
+
+    result = CliRunner().invoke(app, ["convert", str(tiny_model_dirs["llama"]), "--share-layers", "2", "--dry-run"])
+    assert result.exit_code == 2 and "needs a KVSharer method" in result.output
