@@ -82,8 +82,9 @@ class WorkDir:
                     f"{len(old.get('shards', []))} shards written.")
                 return True
             return False
-        if old is not None or self.root.exists():
+        if old is not None:
             log(f"Found unfinished work for a different conversion in {self.root}; starting over.")
+        if any(self.root.glob("*")):
             shutil.rmtree(self.root, ignore_errors=True)
         for sub in ("act", "grams", "layers", "candidates"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
