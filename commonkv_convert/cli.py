@@ -456,10 +456,10 @@ def push(
         return
     if quiet:
         return
-    source = plan.token_source or "none found (a real push needs one)"
+    source = f"from {plan.token_source}" if plan.token_source else "none found (a real push needs one)"
     if dry_run:
         out.print(f"Dry run: {len(plan.files)} files, {plan.bytes / 2**20:.1f} MiB would go to {repo_id}"
-                  f"{' (pull request)' if create_pr else ''}; token from {source}; "
+                  f"{' (pull request)' if create_pr else ''}; token {source}; "
                   f"model card {'would be refreshed' if plan.card_changed else 'is up to date'}.")
         for name in plan.files:
             out.print(f"  {name}", highlight=False)
