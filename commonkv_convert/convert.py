@@ -98,7 +98,7 @@ def convert(model: str, out_dir: Path | None, options: ConvertOptions, *, report
 
 
 # Options a sweep may vary after one analysis: they only steer the budget stage and the writer.
-BUDGET_FIELDS = ("ratio", "allocator", "group_size", "allow_keep", "validate", "max_shard_size")
+BUDGET_FIELDS = ("ratio", "allocator", "group_size", "allow_keep", "validate", "max_shard_size", "share_latent")
 
 
 def convert_sweep(model: str, options: ConvertOptions, variants: dict[str, ConvertOptions], out_root: Path, *,

@@ -64,6 +64,15 @@ METHODS: dict[str, Method] = {
     "commonkv+q2+evict": Method("CommonKV + 2-bit cache + SnapKV-style eviction after prefill to 128 context "
                                 "tokens + a 32-token window per layer (the share removed grows with the prompt)",
                                 WHITENED, runtime={"kv_bits": 2, "kv_budget": 128}),
+    # KVSharer: one search for N = 0.8 · layers (threshold off, so every ratio is reached); each ratio's N sharers
+    # are a prefix of it. Ratios above 0.8 are out of reach (a source cannot share).
+    "kvsharer": Method("KVSharer: later layers reuse an earlier layer's whole K/V cache, pairs tried most "
+                       "dissimilar first (the paper), N = ratio · layers", {
+                           "method": "kvsharer", "share_threshold": -1.0, "ratio": 0.8}),
+    "kvsharer-similar": Method("KVSharer's search with pairs tried most similar first (the control)", {
+        "method": "kvsharer", "share_threshold": -1.0, "share_order": "similar-first", "ratio": 0.8}),
+    "commonkv+kvsharer": Method("4 KVSharer layers (similar-first) + CommonKV over the others to reach the ratio", {
+        **WHITENED, "method": "commonkv+kvsharer", "share_layers": 4, "share_order": "similar-first"}),
 }
 
 

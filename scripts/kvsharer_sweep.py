@@ -24,9 +24,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from commonkv_convert.convert import convert
+from commonkv_convert.convert import convert_sweep
 from commonkv_convert.errors import PlanError
 from commonkv_convert.evaluate.ppl import compressed_context_ppl, tokenize_text
+from commonkv_convert.evaluate.runner import EvalSettings, headline, run_eval
+from commonkv_convert.evaluate.targets import load_target
 from commonkv_convert.evaluate.text import essays_text
 from commonkv_convert.recipe import ConvertOptions
 from commonkv_convert.runtime import load_checkpoint
@@ -63,6 +65,9 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--eval-len", type=int, default=128)
+    parser.add_argument("--needle", type=int, default=0, metavar="TOKENS",
+                        help="also run the needle task (commonkv eval's) at this context length")
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -73,41 +78,54 @@ def main() -> None:
                                                  max_windows=args.windows)["ppl"]
     source = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
     layers = source.config.num_hidden_layers
-    rows = [{"variant": "full cache", "ppl": score(source), "measured_ratio": 0.0}]
+    needle = lambda path: headline(run_eval(load_target(str(path)), ["needle"], EvalSettings(  # noqa: E731
+        contexts=(args.needle,), depths=tuple(args.depths), samples=1)))["needle"] if args.needle else None
+    rows = [{"variant": "full cache", "ppl": score(source), "measured_ratio": 0.0, "needle": needle(source_dir)}]
     print(json.dumps(rows[-1]), flush=True)
     del source
-    for name, fields in variants(args, layers).items():
-        if args.only and not any(s in name for s in args.only):
-            continue
+    chosen = {n: f for n, f in variants(args, layers).items() if not args.only or any(s in n for s in args.only)}
+    analyses: dict[str, dict[str, dict]] = {}  # rows that differ only in ratio / latent path share one analysis
+    for name, fields in chosen.items():
+        key = json.dumps({k: v for k, v in fields.items() if k not in ("ratio", "share_latent")}, sort_keys=True)
+        analyses.setdefault(key, {})[name] = fields
+    for key, members in analyses.items():
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
+            options = {name: ConvertOptions(**fields) for name, fields in members.items()}
+            base = ConvertOptions(**{**json.loads(key), "ratio": max(o.ratio for o in options.values())})
             try:
-                result = convert(str(source_dir), Path(tmp) / "ckpt", ConvertOptions(**fields))
+                results = convert_sweep(str(source_dir), base, {f"v{i}": o for i, o in enumerate(options.values())},
+                                        Path(tmp))
             except PlanError as error:  # e.g. the search found fewer than N sharings above the threshold
-                print(json.dumps({"variant": name, "error": str(error)}), flush=True)
+                print(json.dumps({"variants": list(members), "error": str(error)}), flush=True)
                 continue
             seconds = time.perf_counter() - start
-            model = load_checkpoint(result.out_dir, dtype=torch.float32)
-            report = result.report
-            sharing = report.get("sharing", {})
-            rows.append({
-                "variant": name, "ppl": score(model), "measured_ratio": report["validation"]["measured_ratio"],
-                "kl": report["validation"].get("kl_source_to_converted"),
-                "pairs": sharing.get("pairs"), "tried": sharing.get("tried"),
-                "last_cosine": next((t["cosine"] for t in reversed(sharing.get("trials", [])) if t["accepted"]), None),
-                "convert_s": round(seconds, 1),
-            })
-        print(json.dumps(rows[-1]), flush=True)
+            for name, result in zip(options, results.values()):
+                model = load_checkpoint(result.out_dir, dtype=torch.float32)
+                report = result.report
+                sharing = report.get("sharing", {})
+                rows.append({
+                    "variant": name, "ppl": score(model), "measured_ratio": report["validation"]["measured_ratio"],
+                    "kl": report["validation"].get("kl_source_to_converted"),
+                    "pairs": sharing.get("pairs"), "tried": sharing.get("tried"),
+                    "last_cosine": next((t["cosine"] for t in reversed(sharing.get("trials", [])) if t["accepted"]),
+                                        None),
+                    "analysis_and_writes_s": round(seconds, 1),
+                })
+                del model
+                rows[-1]["needle"] = needle(result.out_dir)
+                print(json.dumps(rows[-1]), flush=True)
     full = rows[0]["ppl"]
     lines = [f"Compressed-context perplexity, SmolLM2-135M-Instruct, essays, C={args.context}, E={args.eval_len}, "
              f"{args.windows} windows; KVSharer threshold {args.threshold}.", "",
-             "| variant | memory removed (measured) | ctx-ppl | vs full | pairs sharer←source | search cosine |",
-             "|---|---|---|---|---|---|"]
+             "| variant | memory removed (measured) | ctx-ppl | vs full | needle | pairs sharer←source | search cosine |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         pairs = " ".join(f"{s}←{j}" for s, j in r.get("pairs") or []) or "-"
         cosine = f"{r['last_cosine']:.3f}" if r.get("last_cosine") is not None else "-"
+        found = f"{r['needle']:.2f}" if r.get("needle") is not None else "-"
         lines.append(f"| {r['variant']} | {r['measured_ratio']:.3f} | {r['ppl']:.2f} | "
-                     f"{100 * (r['ppl'] / full - 1):+.1f}% | {pairs} | {cosine} |")
+                     f"{100 * (r['ppl'] / full - 1):+.1f}% | {found} | {pairs} | {cosine} |")
     table = "\n".join(lines)
     print(table)
     if args.out:
