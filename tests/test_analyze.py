@@ -138,3 +138,14 @@ def test_missing_matplotlib_is_one_line_naming_the_extra(monkeypatch, tiny_model
     result = CliRunner().invoke(app, ["analyze", str(tiny_model_dirs["llama"]), "--out", str(tmp_path / "a")])
     assert result.exit_code == 2 and "[plot]" in result.output
     assert not (tmp_path / "a").exists(), "nothing is written when plotting cannot work"
+
+
+@pytest.mark.slow
+def test_smollm2_shows_the_papers_observation(smollm2):
+    """On a real pretrained model: adjacent hidden states alike, raw K/V not, latents under a shared projection
+    alike again (docs/analyze has the full-size run; this one uses less calibration text)."""
+    result = analyze(str(smollm2), ConvertOptions(group_size=2, ratio=0.7, samples=8, seq_len=128))
+    mean = {kind: values[0] for kind, values in result["distance"].items()}  # adjacent pairs
+    assert mean["hidden"] > 0.8 and mean["latent"] > 0.7
+    assert abs(mean["key"]) < 0.1 and abs(mean["value"]) < 0.1
+    assert result["suggestion"]["ratio_high"] is not None
