@@ -45,11 +45,12 @@ def test_refresh_points_at_repo_and_renders_eval_once(tmp_path):
     (tmp_path / "README.md").write_text(_card())
     assert refresh_card(tmp_path) == _card()  # nothing to change
     (tmp_path / "commonkv_eval.json").write_text(json.dumps({"tasks": {"ctx-ppl": {"ppl": 24.912, "context": 512}}}))
-    assert update_card(tmp_path, "org/smol-ckv") is True
+    assert update_card(tmp_path, "org/SmolLM2-ckv-0.5") is True
     text = (tmp_path / "README.md").read_text()
-    assert 'from_pretrained("org/smol-ckv", trust_remote_code=True)' in text
+    assert 'from_pretrained("org/SmolLM2-ckv-0.5", trust_remote_code=True)' in text
+    assert "\n# SmolLM2-ckv-0.5\n" in text and "# smol-ckv" not in text  # the title names the repo
     assert "| ctx-ppl | ppl | 24.91 |" in text and "| ctx-ppl | context | 512 |" in text
-    assert update_card(tmp_path, "org/smol-ckv") is False  # idempotent
+    assert update_card(tmp_path, "org/SmolLM2-ckv-0.5") is False  # idempotent
     assert text.count("## Evaluation") == 1 and ModelCard.load(tmp_path / "README.md").data.library_name == "transformers"
 
 

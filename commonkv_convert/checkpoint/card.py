@@ -92,12 +92,13 @@ def render_card(config_block: dict, base_model: str, name: str, command: str, fu
 
 
 def refresh_card(checkpoint: Path, repo_id: str | None = None) -> str:
-    """The checkpoint's README.md with its load snippet pointing at `repo_id` (when given) and its evaluation
+    """The checkpoint's README.md with its title and load snippet naming `repo_id` (when given) and its evaluation
     section re-rendered from commonkv_eval.json (when present). Returns the new text; writes nothing."""
     card = ModelCard.load(checkpoint / "README.md")
     text = card.content
     if repo_id is not None:
         text = _replace_section(text, "load", _load_snippet(repo_id))
+        text = re.sub(r"^# .*$", lambda _: f"# {repo_id.split('/')[-1]}", text, count=1, flags=re.M)  # the title
     eval_path = checkpoint / EVAL_FILE
     if eval_path.is_file():
         text = _replace_section(text, "eval", evaluation_markdown(json.loads(eval_path.read_text())))
