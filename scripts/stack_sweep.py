@@ -45,8 +45,10 @@ def configs() -> dict[str, tuple[float, dict]]:
             out[f"{tag}+q{bits}"] = (ratio, {"kv_bits": bits})
         for budget in (512, 256, 128):
             out[f"{tag}+e{budget}"] = (ratio, {"kv_budget": budget})
-        for bits, budget in ((4, 512), (2, 512), (2, 256), (2, 128)):
+        for bits, budget in ((4, 512), (2, 512), (2, 256), (2, 128), (4, 128), (4, 64), (2, 64)):
             out[f"{tag}+q{bits}+e{budget}"] = (ratio, {"kv_bits": bits, "kv_budget": budget})
+        out[f"{tag}+q2r128"] = (ratio, {"kv_bits": 2, "kv_residual": 128})  # KIVI's longer fp window
+        out[f"{tag}+q4+e256"] = (ratio, {"kv_bits": 4, "kv_budget": 256})
         if ratio:
             for bits in (4, 2):
                 out[f"{tag}+q{bits}token"] = (ratio, {"kv_bits": bits, "kv_latent_axis": "token"})
@@ -61,20 +63,25 @@ def checkpoint(workdir: Path, ratio: float) -> Path:
 
 
 class PrefillBytes(torch.nn.Module):
-    """Wraps a model; records the cache bytes after every prefill (a call without a cache)."""
+    """Wraps a model; records the prompt length and cache bytes after every prefill (a call without a cache)."""
 
     def __init__(self, model):
         super().__init__()
-        self.inner, self.bytes = model, []
+        self.inner, self.bytes, self.prompts = model, [], []
 
     @property
     def device(self):
         return self.inner.device
 
+    @property
+    def generation_config(self):
+        return self.inner.generation_config
+
     def forward(self, input_ids=None, past_key_values=None, logits_to_keep=0, **kwargs):
         out = self.inner(input_ids=input_ids, past_key_values=past_key_values, logits_to_keep=logits_to_keep, **kwargs)
         if past_key_values is None:
             self.bytes.append(out.past_key_values.nbytes())
+            self.prompts.append(input_ids.shape[1])
         return out
 
 
@@ -108,18 +115,20 @@ def run_ppl(args, results: dict) -> None:
 
 
 def run_needle(args, results: dict) -> None:
-    settings = EvalSettings(contexts=(4096,), depths=(0.1, 0.3, 0.5, 0.7, 0.9), samples=1)
-    for name in args.only or ["full", "ckv0.5", "ckv0.75", "full+q2", "full+e256", "ckv0.5+q2", "ckv0.5+q2+e512",
-                              "ckv0.75+q2+e512", "ckv0.75+q2+e256", "ckv0.75+q2+e128"]:
+    settings = EvalSettings(contexts=(4096,), depths=tuple(args.depths), samples=1)
+    for name in args.only or ["full", "full+q4", "full+q4+e512", "full+e512", "ckv0.5+q4", "full+q2", "full+q4+e128"]:
         if "needle" in results.get(name, {}):
             continue
         ratio, runtime = configs()[name]
         target = load_target(str(checkpoint(args.workdir, ratio)), dtype=DTYPE, runtime=runtime, name=name)
+        per_token = target.model.config.full_kv_elements_per_token() * DTYPE.itemsize
+        target.model = wrapped = PrefillBytes(target.model)
         t0 = time.perf_counter()
         result = run_eval(target, ["needle"], settings)["tasks"]["needle"]
+        removed = [1 - b / (per_token * t) for b, t in zip(wrapped.bytes, wrapped.prompts)]
         results.setdefault(name, {"ratio": ratio, "runtime": runtime}).update(
             needle=result["accuracy"], needle_probes=[(p["depth"], p["score"]) for p in result["probes"]],
-            needle_seconds=round(time.perf_counter() - t0, 1))
+            needle_removed=sum(removed) / len(removed), needle_seconds=round(time.perf_counter() - t0, 1))
         save(args.json, results)
         print(name, "needle", result["accuracy"], flush=True)
 
@@ -185,28 +194,43 @@ def report(args, results: dict) -> None:
         lines += [f"| {k} | {v:.4f} |" for k, v in results["_axes"].items()]
     text = "\n".join(lines) + "\n"
     print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
     if args.plot:
-        import matplotlib
+        plot(rows, full, args.plot)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for prefix, label in (("full", "full cache (ratio 0)"), ("ckv0.5", "CommonKV 0.5"), ("ckv0.75", "CommonKV 0.75")):
-            for kind, marker in (("", "o"), ("+q", "s"), ("+e", "^")):
-                pts = sorted((r["removed"], r["ctx-ppl"]) for n, r in rows if n.split("+")[0] == prefix
-                             and (("+" in n and n[len(prefix):].startswith(kind) and "token" not in n) if kind else n == prefix))
-                if pts:
-                    ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle="-",
-                            label=f"{label} {kind.strip('+') or 'alone'}")
-        ax.axhline(1.1 * full, color="grey", linestyle=":", label="+10% of full")
-        ax.set_xlabel("KV cache removed, % (measured bytes, vs 16-bit full cache)")
-        ax.set_ylabel(f"ctx-ppl (C={C}, E={E})")
-        ax.set_yscale("log")
-        ax.legend(fontsize=7)
-        args.plot.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(args.plot, dpi=120, bbox_inches="tight")
-        print("wrote", args.plot)
+def plot(rows: list[tuple[str, dict]], full: float, path: Path) -> None:
+    """ctx-ppl against the measured share removed: marker = conversion, colour = what runs on top of it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = {"full": "o", "ckv0.5": "s", "ckv0.75": "^"}
+    colours = {"": "black", "quant": "tab:blue", "evict": "tab:orange", "quant+evict": "tab:green"}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    seen = set()
+    for name, r in rows:
+        base, *opts = name.split("+")
+        if any("token" in o or "r128" in o for o in opts):
+            continue  # design variants, in the table only
+        kind = "+".join(k for k, p in (("quant", "q"), ("evict", "e")) if any(o.startswith(p) for o in opts))
+        label = f"{base} {kind or 'alone'}"
+        ax.scatter(100 * r["removed"], r["ctx-ppl"], marker=markers[base], color=colours[kind],
+                   label=None if label in seen else label)
+        ax.annotate(name.removeprefix(base).lstrip("+"), (100 * r["removed"], r["ctx-ppl"]), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")
+        seen.add(label)
+    ax.axhline(1.1 * full, color="grey", linestyle=":", label="full cache +10%")
+    ax.set_xlabel("KV cache removed, % (measured bytes vs the 16-bit full cache)")
+    ax.set_ylabel(f"compressed-context perplexity (C={C}, E={E})")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    print("wrote", path)
 
 
 def main() -> None:
@@ -216,8 +240,14 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "commonkv" / "stack")
     parser.add_argument("--json", type=Path, default=Path("docs/stack.json"))
     parser.add_argument("--plot", type=Path, default=None, help="report: write the ctx-ppl vs removed PNG here")
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9], help="needle depths")
+    parser.add_argument("--out", type=Path, default=None, help="report: write the markdown table here")
+    parser.add_argument("--also", nargs="*", type=Path, default=[], help="report: more result JSONs to merge in")
     args = parser.parse_args()
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    for extra in args.also:
+        for name, entry in json.loads(extra.read_text()).items():
+            results.setdefault(name, {}).update(entry)
     {"axes": run_axes, "ppl": run_ppl, "needle": run_needle, "report": report}[args.what](args, results)
 
 
