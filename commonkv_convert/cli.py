@@ -354,8 +354,13 @@ def _save_eval(model: str, target, result: dict, json_out: Path | None, plot: Pa
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(text)
     if not no_save and target.meta["kind"] == "commonkv" and Path(model).expanduser().is_dir():
-        # next to the weights, so the model card (and `commonkv push`) can show measured results
-        (Path(model).expanduser() / "commonkv_eval.json").write_text(text)
+        # next to the weights, and into the model card, so a pushed checkpoint shows measured results
+        from .checkpoint.card import update_card
+
+        checkpoint = Path(model).expanduser()
+        (checkpoint / "commonkv_eval.json").write_text(text)
+        if (checkpoint / "README.md").is_file():
+            update_card(checkpoint)
     if plot is not None:
         from .evaluate.plots import plot_eval
 

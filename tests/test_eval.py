@@ -102,6 +102,7 @@ def test_cli_eval_json_plots_and_saved_results(tiny_ckpt, tmp_path):
     payload = json.loads(result.stdout[result.stdout.index("{"):result.stdout.rindex("}") + 1])
     assert set(payload["tasks"]) == {"ctx-ppl", "needle", "memory"}
     assert json.loads((ckpt / "commonkv_eval.json").read_text())["tasks"] == payload["tasks"]
+    assert "ctx-ppl" in (ckpt / "README.md").read_text()  # the model card shows the measured results
     assert (tmp_path / "plots" / "memory.png").stat().st_size > 0 and (tmp_path / "plots" / "needle.png").exists()
 
 
