@@ -121,11 +121,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
     gb = [r["weights_gb"] for r in rows]
     fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=100)
-    ax.plot(gb, [r["peak_rss_mb"] / 1024 for r in rows], "o-", label="peak RSS of the conversion")
+    ax.plot(gb, [r["peak_rss_mb"] * 2**20 / 1e9 for r in rows], "o-", label="peak RSS of the conversion")
     ax.plot(gb, gb, "--", color="grey", label="size of the source weights")
     ax.axhline(2.5, color="red", lw=0.8, ls=":", label="target 2.5 GB")
     ax.set_xlabel("source checkpoint (GB, fp32)")
-    ax.set_ylabel("GB")
+    ax.set_ylabel("GB (10⁹ bytes)")
     ax.set_title("commonkv convert: memory vs model size")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -134,12 +134,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| params | layers | hidden | weights on disk | wall time | peak RSS | top-1 agreement |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| parameters | layers | hidden | weights on disk | wall time | peak RSS | cache bytes = plan |",
+             "|---:|---:|---:|---:|---:|---:|:---:|"]
     for r in rows:
         lines.append(f"| {r['params'] / 1e9:.2f} B | {r['layers']} | {r['hidden']} | {r['weights_gb']:.2f} GB | "
-                     f"{r['wall_s'] / 60:.1f} min | {r['peak_rss_mb'] / 1024:.2f} GB | "
-                     f"{r['validation']['top1_agreement']} |")
+                     f"{r['wall_s'] / 60:.1f} min | {r['peak_rss_mb'] * 2**20 / 1e9:.2f} GB | "
+                     f"{'yes' if r['validation']['bytes_match'] else 'NO'} |")
     return "\n".join(lines)
 
 
@@ -154,10 +154,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--keep", action="store_true", help="keep the built models and outputs")
     parser.add_argument("--out", type=Path, help="write the plot next to this markdown file and print the table")
+    parser.add_argument("--table-only", action="store_true", help="only render ROOT/results.json")
     args, extra = parser.parse_known_args()
     results_path = args.root / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    for size in args.sizes:
+    for size in [] if args.table_only else args.sizes:
         model, out = args.root / f"llama-{size}b", args.root / f"llama-{size}b-commonkv"
         if not (model / "config.json").exists():
             t0 = time.perf_counter()
