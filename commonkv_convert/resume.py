@@ -193,8 +193,8 @@ class ActivationState:
     def save(self, kind: str, layer: int, tensor: torch.Tensor) -> None:
         self.work.save(f"act/{kind}-{layer}.pt", tensor.detach().cpu())
 
-    def load(self, kind: str, layer: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        return self.work.load(f"act/{kind}-{layer}.pt").to(device)
+    def load(self, kind: str, layer: int) -> torch.Tensor:
+        return self.work.load(f"act/{kind}-{layer}.pt")
 
     @staticmethod
     def keep_from(layer_done: int, max_group: int) -> dict[str, int]:
