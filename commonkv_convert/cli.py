@@ -242,7 +242,7 @@ def _kv_runtime(bits: int | None, budget: int | None, window: int | None, group:
     given = {"kv_bits": bits, "kv_budget": budget, "kv_window": window, "kv_group": group, "kv_residual": residual}
     given = {k: v for k, v in given.items() if v is not None}
     try:
-        KVCacheOptions(**{k.removeprefix("kv_"): v for k, v in {**KV_DEFAULTS, **given}.items()})
+        KVCacheOptions(**{k.removeprefix("kv_").removeprefix("evict_"): v for k, v in {**KV_DEFAULTS, **given}.items()})
     except ValueError as e:
         raise UserInputError(f"{e} To resolve, see `--help` for the --kv-* options.") from None
     return given

@@ -48,6 +48,9 @@ def configs() -> dict[str, tuple[float, dict]]:
         for bits, budget in ((4, 512), (2, 512), (2, 256), (2, 128), (4, 128), (4, 64), (2, 64)):
             out[f"{tag}+q{bits}+e{budget}"] = (ratio, {"kv_bits": bits, "kv_budget": budget})
         out[f"{tag}+q2r128"] = (ratio, {"kv_bits": 2, "kv_residual": 128})  # KIVI's longer fp window
+        for bits, budget in ((None, 512), (None, 128), (4, 128)):  # one pick for all layers (kv_evict_scope=model)
+            out[f"{tag}{f'+q{bits}' if bits else ''}+e{budget}m"] = (ratio, {"kv_bits": bits, "kv_budget": budget,
+                                                                            "kv_evict_scope": "model"})
         out[f"{tag}+q4+e256"] = (ratio, {"kv_bits": 4, "kv_budget": 256})
         if ratio:
             for bits in (4, 2):

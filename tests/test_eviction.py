@@ -93,3 +93,21 @@ def test_generate_after_eviction_left_padded_batch(checkpoints):
         for row, p in enumerate(prompts):
             alone = model.generate(p[None], max_new_tokens=6, do_sample=False, pad_token_id=257)
             assert batch[row, -6:].tolist() == alone[0, -6:].tolist(), row
+
+
+def test_model_scope_keeps_the_same_tokens_in_every_layer(checkpoints, monkeypatch):
+    picks = []
+    real = modeling.keep_indices
+    monkeypatch.setattr(modeling, "keep_indices", lambda *a, **k: picks.append(real(*a, **k)) or picks[-1])
+    for scope in ("layer", "model"):
+        picks.clear()
+        model = load_checkpoint(checkpoints["keep"], dtype=torch.float32, kv_budget=BUDGET, kv_window=WINDOW,
+                                kv_evict_scope=scope)
+        with torch.inference_mode():
+            cache = model(_ids(1, 70), use_cache=True).past_key_values
+        assert cache.nbytes() == model.config.cache_bytes(70, 4)
+        distinct = {tuple(p[0].tolist()) for p in picks}
+        if scope == "model":
+            assert (len(picks), len(distinct)) == (1, 1)
+        else:  # one pick per layer, and the layers of this random model do not agree
+            assert len(picks) == model.config.num_hidden_layers and len(distinct) > 1

@@ -18,7 +18,8 @@ MODES = ("keep", "per_layer", "merged")
 MERGE_MODES = ("anchor", "weighted")
 SHARING_PATHS = ("refit", "source")  # how a sharer reads a latent source: own refit up-projections, or the source's
 WEIGHTED_DEFAULTS = {"sink": 4, "window": 32, "block": 16}  # S, W, K of a weighted group
-KV_DEFAULTS = {"kv_group": 32, "kv_residual": 32, "kv_window": 32, "kv_pool": 7, "kv_latent_axis": "channel"}
+KV_DEFAULTS = {"kv_group": 32, "kv_residual": 32, "kv_window": 32, "kv_pool": 7, "kv_latent_axis": "channel",
+               "kv_evict_scope": "layer"}
 SCALE_BYTES = 2  # quantization mins and steps are stored as float16
 POSITION_BYTES = 4  # positions of the tokens kept by eviction, int32
 
@@ -31,6 +32,8 @@ class KVCacheOptions:
     `group` values (latents along `latent_axis`; keys per channel and values per token, as KIVI); None: off.
     budget: after a prefill longer than budget + window, keep per layer the `budget` context tokens the last
     `window` queries attend to most (scores max-pooled over `pool` neighbours) plus those `window`; None: off.
+    scope: `layer` (each cached layer picks by its own readers' scores) or `model` (one pick for every layer, by
+    the scores summed over all layers: a token that a few layers need is kept everywhere).
     """
 
     bits: int | None = None
@@ -40,6 +43,7 @@ class KVCacheOptions:
     window: int = KV_DEFAULTS["kv_window"]
     pool: int = KV_DEFAULTS["kv_pool"]
     latent_axis: str = KV_DEFAULTS["kv_latent_axis"]
+    scope: str = KV_DEFAULTS["kv_evict_scope"]
 
     def __post_init__(self):
         checks = [
@@ -50,6 +54,7 @@ class KVCacheOptions:
             (self.window > 0, f"kv_window={self.window} must be positive"),
             (self.pool > 0 and self.pool % 2 == 1, f"kv_pool={self.pool} must be a positive odd number"),
             (self.latent_axis in ("channel", "token"), f"kv_latent_axis={self.latent_axis!r}: pass channel or token"),
+            (self.scope in ("layer", "model"), f"kv_evict_scope={self.scope!r}: pass layer or model"),
         ]
         for ok, message in checks:
             if not ok:
@@ -132,6 +137,7 @@ class CommonKVConfig(PretrainedConfig):
         kv_window: int = KV_DEFAULTS["kv_window"],
         kv_pool: int = KV_DEFAULTS["kv_pool"],
         kv_latent_axis: str = KV_DEFAULTS["kv_latent_axis"],
+        kv_evict_scope: str = KV_DEFAULTS["kv_evict_scope"],
         **kwargs,
     ):
         self.base_model_type = base_model_type
@@ -155,6 +161,7 @@ class CommonKVConfig(PretrainedConfig):
         # Runtime cache options (quantization, eviction): not part of the conversion, set at load time.
         self.kv_bits, self.kv_group, self.kv_residual = kv_bits, kv_group, kv_residual
         self.kv_budget, self.kv_window, self.kv_pool, self.kv_latent_axis = kv_budget, kv_window, kv_pool, kv_latent_axis
+        self.kv_evict_scope = kv_evict_scope
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     # ---- the plan, as the runtime and the tools read it -------------------------------------------------
@@ -252,7 +259,7 @@ class CommonKVConfig(PretrainedConfig):
         if self.kv_bits is None and self.kv_budget is None:
             return None
         options = KVCacheOptions(self.kv_bits, self.kv_group, self.kv_residual, self.kv_budget, self.kv_window,
-                                 self.kv_pool, self.kv_latent_axis)
+                                 self.kv_pool, self.kv_latent_axis, self.kv_evict_scope)
         if any(g["mode"] == "merged" and g.get("merge", "anchor") == "weighted" for g in self.commonkv["groups"]):
             raise ValueError("kv_bits/kv_budget do not support weighted merge groups (their merged latent is folded "
                              "in blocks). To resolve, convert with --merge anchor or load without them.")

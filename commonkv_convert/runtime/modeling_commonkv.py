@@ -311,8 +311,10 @@ class CommonKVCache(Cache):
             return
         if self.scores:
             o = self.options
+            shared = keep_indices(sum(self.scores.values()), o.budget, o.window, o.pool, self.padding) \
+                if o.scope == "model" else None
             for layer_idx, scores in self.scores.items():
-                index = keep_indices(scores, o.budget, o.window, o.pool, self.padding)
+                index = shared if shared is not None else keep_indices(scores, o.budget, o.window, o.pool, self.padding)
                 self.layers[layer_idx].evict(index, o.budget, self.roles[layer_idx].latent)
             prompt = scores.shape[-1]
             self.evicted = prompt - o.budget - o.window
