@@ -271,8 +271,9 @@ def replan(analysis: Analysis, options: ConvertOptions) -> Analysis:
     facts, sharing = analysis.facts, analysis.sharing
     if sharing and options.method == "kvsharer":  # fewer sharers: a prefix of the same search
         sharing = sharing.prefix(sharing_layers(options.share_layers, options.ratio, facts.num_layers))
+        ratio = len(sharing.pairs) / facts.num_layers if options.share_layers is not None else options.ratio
         return dataclasses.replace(analysis, plan=keep_plan(facts.num_layers, facts.d_kv, sharing.sharers),
-                                   requested_ratio=options.ratio, sharing=sharing)
+                                   requested_ratio=ratio, sharing=sharing)
     sharers = sharing.sharers if sharing else set()
     return dataclasses.replace(analysis, plan=allocate_plan(analysis.candidates, facts, options, sharers),
                                requested_ratio=options.ratio)
