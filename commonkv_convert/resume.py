@@ -21,6 +21,7 @@ N-th layer (shard) is recorded, so tests can interrupt a conversion at a known p
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -33,8 +34,10 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .errors import UserInputError
 
 MANIFEST = "manifest.json"
+LOCK = "lock"
 
 
 class LazyGrams(Mapping):
@@ -62,6 +65,7 @@ class WorkDir:
         self.root = root
         self.persistent = persistent  # False: a temporary directory (dry runs, library calls without output)
         self.manifest: dict = {}
+        self._lock = None
 
     @classmethod
     def for_output(cls, out_dir: Path | None) -> WorkDir:
@@ -73,7 +77,15 @@ class WorkDir:
     # -- manifest ------------------------------------------------------------------------------------
     def bind(self, fingerprint: str, log) -> bool:
         """Adopt the existing work if it was made for the same fingerprint; start over otherwise.
-        Returns whether anything is resumed."""
+        Returns whether anything is resumed. Holds an exclusive lock on the directory until the process ends, so
+        two conversions to the same output cannot mix their work."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.root / LOCK, "a")  # noqa: SIM115 - held for the life of the process
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserInputError(f"Another conversion is using {self.root}. To resolve, wait for it to finish or "
+                                 "choose another output directory.") from None
         old = self._read_manifest()
         if old is not None and old.get("fingerprint") == fingerprint:
             self.manifest = old
@@ -84,8 +96,9 @@ class WorkDir:
             return False
         if old is not None:
             log(f"Found unfinished work for a different conversion in {self.root}; starting over.")
-        if any(self.root.glob("*")):
-            shutil.rmtree(self.root, ignore_errors=True)
+        for stale in self.root.iterdir():
+            if stale.name != LOCK:
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         for sub in ("act", "grams", "layers", "candidates"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.manifest = {"fingerprint": fingerprint, "layers_done": 0, "shards": []}
@@ -163,6 +176,9 @@ class WorkDir:
     def close(self, *, remove: bool) -> None:
         if remove or not self.persistent:
             shutil.rmtree(self.root, ignore_errors=True)
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
 
 
 class _CrossView(Mapping):

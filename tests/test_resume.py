@@ -93,6 +93,17 @@ def test_work_for_other_options_is_discarded_with_a_notice(tiny_model_dirs, tmp_
     assert not (tmp_path / ".out.commonkv-work").exists()
 
 
+def test_two_conversions_cannot_share_a_work_directory(tmp_path):
+    from commonkv_convert.errors import UserInputError
+    from commonkv_convert.resume import WorkDir
+
+    first = WorkDir.for_output(tmp_path / "out")
+    first.bind("a", print)
+    with pytest.raises(UserInputError, match="Another conversion is using"):
+        WorkDir.for_output(tmp_path / "out").bind("b", print)
+    assert first.manifest["fingerprint"] == "a" and (first.root / "manifest.json").is_file()
+
+
 def test_writer_keeps_recorded_shards_and_skips_their_tensors(tmp_path):
     tensors = {f"t{i}": torch.full((100,), float(i)) for i in range(10)}  # 400 bytes each, 3 per 1 KB shard
     recorded: list[dict] = []
