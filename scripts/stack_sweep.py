@@ -43,7 +43,7 @@ def configs() -> dict[str, tuple[float, dict]]:
         out[tag] = (ratio, {})
         for bits in (8, 4, 2):
             out[f"{tag}+q{bits}"] = (ratio, {"kv_bits": bits})
-        for budget in (512, 256, 128):
+        for budget in (1024, 512, 256, 128):
             out[f"{tag}+e{budget}"] = (ratio, {"kv_budget": budget})
         for bits, budget in ((4, 512), (2, 512), (2, 256), (2, 128), (4, 128), (4, 64), (2, 64)):
             out[f"{tag}+q{bits}+e{budget}"] = (ratio, {"kv_bits": bits, "kv_budget": budget})
@@ -182,19 +182,40 @@ def save(path: Path, results: dict) -> None:
 def report(args, results: dict) -> None:
     full = results["full"]["ctx-ppl"]
     rows = sorted(((n, r) for n, r in results.items() if "ctx-ppl" in r), key=lambda x: -x[1]["removed"])
-    lines = [f"| configuration | removed (measured) | ctx-ppl | vs full | needle@4k |", "|---|---|---|---|---|"]
+    lines = [
+        "# The compression stack on SmolLM2-135M-Instruct: CommonKV × quantization × eviction",
+        "",
+        f"Produced by `scripts/stack_sweep.py` (axes, ppl, needle, report), bfloat16 on a shared 2-core CPU. "
+        f"Names: `full` = a ratio-0 conversion (every layer keeps K/V: the full cache), `ckvR` = CommonKV at ratio R; "
+        "`+qB` = B-bit cache (`kv_bits`), `token` = latents quantized per token instead of per channel, "
+        "`r128` = 128 recent tokens unquantized (default 32); `+eN` = eviction to N context tokens + a 32-token "
+        "window per layer after prefill (`kv_budget`), `m` = one pick for all layers (`kv_evict_scope=model`).",
+        "",
+        f"- **removed**: 1 − cache.nbytes() after the {C}-token prefill / the 16-bit full cache of {C} tokens "
+        "(measured; the analytic `config.cache_bytes` agreed on every run).",
+        f"- **ctx-ppl**: prefill {C} essay tokens, score the next {E} against the cache; {WINDOWS} windows.",
+        "- **needle@4k**: share of 3 needles (depths 0.1, 0.5, 0.9) retrieved from a 4096-token prompt, and the "
+        "share of the cache removed at that length (eviction keeps a fixed count, so it removes more at 4k).",
+        "",
+        "| configuration | removed (measured) | ctx-ppl | vs full | needle@4k (removed) |", "|---|---|---|---|---|"]
     for name, r in sorted(rows, key=lambda x: x[1]["removed"]):
-        needle = f"{r['needle']:.1f}" if "needle" in r else "-"
+        needle = "-"
+        if "needle" in r:
+            depths = {d: sc for d, sc in r["needle_probes"] if d in (0.1, 0.5, 0.9)}
+            share = sum(depths.values()) / len(depths)
+            needle = f"{share:.2f}" + (f" ({100 * r['needle_removed']:.1f}%)" if "needle_removed" in r else "")
         lines.append(f"| {name} | {100 * r['removed']:.1f}% | {r['ctx-ppl']:.2f} | "
                      f"{100 * (r['ctx-ppl'] / full - 1):+.1f}% | {needle} |")
-    within = [(r["removed"], n) for n, r in rows if r["ctx-ppl"] <= 1.1 * full]
-    best = max(within) if within else None
+    within = [(r["removed"], -r["ctx-ppl"], n) for n, r in rows if r["ctx-ppl"] <= 1.1 * full]
+    best = max(within)[::2] if within else None
     lines.append("")
     lines.append(f"Largest measured compression within +10% ctx-ppl of the full cache ({full:.2f}): "
                  + (f"{100 * best[0]:.1f}% removed ({best[1]})." if best else "none."))
     if "_axes" in results:
         lines += ["", "| quantization error (relative, mean over layers) | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in results["_axes"].items()]
+    if args.plot and args.out:
+        lines += ["", f"![ctx-ppl vs removed]({args.plot.relative_to(args.out.parent).as_posix()})"]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
