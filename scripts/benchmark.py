@@ -130,18 +130,24 @@ def main() -> None:
         else:
             by_analysis.setdefault(json.dumps(method.analysis, sort_keys=True), []).append(name)
     for key, names in by_analysis.items():
-        analysis = ConvertOptions(**json.loads(key))
-        variants = {f"{name}-{ratio:g}": ConvertOptions(**{**json.loads(key), **METHODS[name].budget, "ratio": ratio})
-                    for name in names for ratio in args.ratios}
+        # methods that differ only in run-time options (quantization, eviction) evaluate one checkpoint
+        variants: dict[str, ConvertOptions] = {}
+        users: dict[str, list[tuple[str, float]]] = {}
+        for name in names:
+            for ratio in args.ratios:
+                options = ConvertOptions(**{**json.loads(key), **METHODS[name].budget, "ratio": ratio})
+                dir_name = next((d for d, o in variants.items() if o == options), f"{name}-{ratio:g}")
+                variants.setdefault(dir_name, options)
+                users.setdefault(dir_name, []).append((name, ratio))
         t0 = time.perf_counter()
-        converted = convert_sweep(source, analysis, variants, workdir, overwrite=True)
+        converted = convert_sweep(source, ConvertOptions(**json.loads(key)), variants, workdir, overwrite=True)
         print(f"# analysis {key}: {len(variants)} checkpoints in {time.perf_counter() - t0:.0f} s", flush=True)
-        for variant, result in converted.items():
-            name, ratio = variant.rsplit("-", 1)
-            target = load_target(str(result.out_dir), runtime=METHODS[name].runtime, name=name)
+        for dir_name, result in converted.items():
             merged = sum(g["mode"] == "merged" for g in result.report["groups"])
-            record(name, float(ratio), target, {"merged_groups": merged, "convert_s": result.report["wall_time_s"]})
-            del target
+            for name, ratio in users[dir_name]:
+                target = load_target(str(result.out_dir), runtime=METHODS[name].runtime, name=name)
+                record(name, ratio, target, {"merged_groups": merged, "write_s": result.report["wall_time_s"]})
+                del target
             shutil.rmtree(result.out_dir)
     total = time.perf_counter() - start
     write_results(args, results, evals, total)
