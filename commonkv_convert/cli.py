@@ -307,7 +307,7 @@ def evaluate(
     baseline: Annotated[Optional[str], typer.Option(help="Compress a stock model's cache at run time: average (MiniCache-style).")] = None,
     ratio: Annotated[Optional[float], typer.Option(help="--baseline: fraction of the cache to remove.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (bfloat16 on CUDA).")] = "float32",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full results as JSON to this file ('-': stdout).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write PNG plots (memory vs context, needle map) to this directory.")] = None,
     no_save: Annotated[bool, typer.Option("--no-save", help="Do not store the results in the checkpoint (commonkv_eval.json).")] = False,
@@ -319,11 +319,9 @@ def evaluate(
     kv_residual: KVResidual = None,
 ) -> None:
     """Evaluate quality, memory and speed of a checkpoint (or a baseline) on real text, offline."""
-    import torch
-
     from .evaluate.runner import EvalSettings, parse_tasks, run_eval
     from .evaluate.targets import load_target
-    from .generate import pick_device
+    from .generate import pick_device, pick_dtype
 
     task_list = parse_tasks(tasks)
     settings = EvalSettings(contexts=_int_list(context, "--context"), ctx_len=ctx_len, eval_len=eval_len,
@@ -333,11 +331,9 @@ def evaluate(
         from .evaluate.plots import require_matplotlib
 
         require_matplotlib()
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    if torch_dtype is None:
-        raise UserInputError(f"--dtype {dtype!r} is unknown. To resolve, pass float32, bfloat16 or float16.")
     runtime = _kv_runtime(kv_bits, kv_budget, kv_window, kv_group, kv_residual)
-    target = load_target(model, dtype=torch_dtype, device=pick_device(device), runtime=runtime,
+    device = pick_device(device)
+    target = load_target(model, dtype=pick_dtype(dtype, device), device=device, runtime=runtime,
                          baseline=baseline, ratio=ratio)
     reporter = RichReporter(err, quiet=quiet or json_out == Path("-"))
     result = run_eval(target, task_list, settings, reporter)
@@ -420,7 +416,6 @@ def analyze(
     for view in summary_tables(result):
         out.print(view)
     out.print(f"Wrote {', '.join(p.name for p in written)} to {out_dir}")
-
 
 
 @app.command(epilog="Examples:\n\n  commonkv push ./SmolLM2-135M-commonkv-0.5 my-org/SmolLM2-135M-commonkv-0.5\n\n"

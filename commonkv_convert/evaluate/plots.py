@@ -60,11 +60,7 @@ def plot_memory(series: dict[str, list[dict]], path: Path) -> None:
     ax.plot([r["context"] for r in full], [r["full_cache_bytes"] / 2**20 for r in full], "k--", label="full cache")
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("KV cache (MiB, measured)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, ax, path)
 
 
 def plot_quality_vs_ratio(rows: list[dict], path: Path, metric: str = "ctx-ppl", full: float | None = None) -> None:
@@ -82,6 +78,10 @@ def plot_quality_vs_ratio(rows: list[dict], path: Path, metric: str = "ctx-ppl",
     ax.set_ylabel(metric)
     if metric.endswith("ppl"):
         ax.set_yscale("log")
+    _save(plt, fig, ax, path)
+
+
+def _save(plt, fig, ax, path: Path) -> None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
