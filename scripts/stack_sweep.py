@@ -1,6 +1,7 @@
 """The compression stack on SmolLM2-135M: CommonKV × cache quantization × SnapKV-style eviction, measured bytes.
 
     python scripts/stack_sweep.py axes                # per-channel vs per-token quantization error (latents, K, V)
+    python scripts/stack_sweep.py values              # ctx-ppl with values per channel instead of per token
     python scripts/stack_sweep.py ppl [--only NAME…]  # compressed-context perplexity + measured cache bytes
     python scripts/stack_sweep.py needle [--only …]   # needle retrieval at 4096 tokens
     python scripts/stack_sweep.py report              # docs/stack.md table + docs/stack/*.png from the JSON
@@ -174,6 +175,32 @@ def run_axes(args, results: dict) -> None:
     save(args.json, results)
 
 
+def run_values(args, results: dict) -> None:
+    """ctx-ppl of the full cache with values quantized per channel instead of per token (KIVI's choice)."""
+    from transformers import AutoTokenizer
+
+    from commonkv_convert.runtime import quantization
+
+    path = checkpoint(args.workdir, 0.0)
+    ids = tokenize_text(AutoTokenizer.from_pretrained(path), essays_text(), WINDOWS * (C + E))
+    real = quantization.CompressedKVLayer.__init__
+
+    def values_per_channel(self, *a, **k):
+        real(self, *a, **k)
+        self.streams[1].axis = "channel"
+
+    quantization.CompressedKVLayer.__init__ = values_per_channel
+    try:
+        out = {f"full+q{bits} values per channel": compressed_context_ppl(load(path, {"kv_bits": bits}), ids, C, E,
+                                                                          max_windows=WINDOWS)["ppl"]
+               for bits in (4, 2)}
+    finally:
+        quantization.CompressedKVLayer.__init__ = real
+    print(out)
+    results["_values_axis"] = out
+    save(args.json, results)
+
+
 def save(path: Path, results: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1) + "\n")
@@ -211,6 +238,9 @@ def report(args, results: dict) -> None:
     lines.append("")
     lines.append(f"Largest measured compression within +10% ctx-ppl of the full cache ({full:.2f}): "
                  + (f"{100 * best[0]:.1f}% removed ({best[1]})." if best else "none."))
+    if "_values_axis" in results:
+        lines += ["", "Values per channel instead of per token (KIVI's choice), ctx-ppl: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in results["_values_axis"].items()) + "."]
     if "_axes" in results:
         lines += ["", "| quantization error (relative, mean over layers) | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in results["_axes"].items()]
@@ -259,7 +289,7 @@ def plot(rows: list[tuple[str, dict]], full: float, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["axes", "ppl", "needle", "report"])
+    parser.add_argument("what", choices=["axes", "values", "ppl", "needle", "report"])
     parser.add_argument("--only", nargs="*", default=[], help="configuration names (see configs())")
     parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "commonkv" / "stack")
     parser.add_argument("--json", type=Path, default=Path("docs/stack.json"))
@@ -272,7 +302,8 @@ def main() -> None:
     for extra in args.also:
         for name, entry in json.loads(extra.read_text()).items():
             results.setdefault(name, {}).update(entry)
-    {"axes": run_axes, "ppl": run_ppl, "needle": run_needle, "report": report}[args.what](args, results)
+    {"axes": run_axes, "values": run_values, "ppl": run_ppl, "needle": run_needle,
+     "report": report}[args.what](args, results)
 
 
 if __name__ == "__main__":
