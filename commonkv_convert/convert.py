@@ -350,7 +350,6 @@ class CandidateStore:
                 similarity[(first, size)] = meta["similarity"]
         return candidates, similarity
 
-
     @staticmethod
     def factors(cand: Candidate, rank: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         saved = torch.load(cand.path, weights_only=True)

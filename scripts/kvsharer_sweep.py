@@ -2,7 +2,7 @@
 
     python scripts/kvsharer_sweep.py [--share 4 8] [--combined-ratio 0.5] [--windows 8] [--out table.md]
 
-Protocol as scripts/quality_vs_baselines.py (DESIGN §7): calibration on the bundled prompts, evaluation on the
+Protocol of scripts/benchmark.py (DESIGN §7): calibration on the bundled prompts, evaluation on the
 Paul Graham essays (no overlap), prefill C=512 tokens into the model's own cache, score the next E=128, over
 non-overlapping windows. Rows:
   kvsharer N (order)         N layers read an earlier layer's K/V (search threshold --threshold)
