@@ -6,6 +6,8 @@ from pathlib import Path
 
 from ..errors import UserInputError
 
+PPL_CLIP = 4.0  # quality-vs-ratio plots show perplexities up to this multiple of the full cache's
+
 
 def require_matplotlib():
     try:
@@ -78,6 +80,9 @@ def plot_quality_vs_ratio(rows: list[dict], path: Path, metric: str = "ctx-ppl",
     ax.set_ylabel(metric)
     if metric.endswith("ppl"):
         ax.set_yscale("log")
+        if full is not None:  # a broken method (ppl in the thousands) would flatten every other line
+            ax.set_ylim(0.95 * full, PPL_CLIP * full)
+            ax.set_title(f"values above {PPL_CLIP:g}× the full cache are off the chart (see the table)", fontsize=8)
     _save(plt, fig, ax, path)
 
 
