@@ -70,10 +70,12 @@ def plot_quality_vs_ratio(rows: list[dict], path: Path, metric: str = "ctx-ppl",
     plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(6, 4))
     methods = sorted({r["method"] for r in rows if r["method"] != "full cache"})
-    for method in methods:
+    colors, markers = plt.cm.tab20.colors, "os^Dv<>ph*X"
+    for i, method in enumerate(methods):
         points = sorted((r["removed"], r[metric]) for r in rows if r["method"] == method and r.get(metric) is not None)
         if points:
-            ax.plot(*zip(*points), marker="o", label=method)
+            ax.plot(*zip(*points), marker=markers[i % len(markers)], color=colors[(2 * i) % 20 + (i >= 10)],
+                    label=method)
     if full is not None:
         ax.axhline(full, color="k", linestyle="--", label="full cache")
     ax.set_xlabel("share of the KV cache removed (measured bytes)")
