@@ -111,6 +111,7 @@ def test_cli_eval_json_plots_and_saved_results(tiny_ckpt, tmp_path):
     (["--context", "10"], "--context"),
     (["--baseline", "average", "--ratio", "0.5"], "already a CommonKV checkpoint"),
     (["--dtype", "int3"], "--dtype"),
+    (["--ratio", "0.5"], "--ratio only applies with --baseline"),
 ])
 def test_cli_eval_bad_input_is_one_line(tiny_ckpt, args, needle):
     result = CliRunner().invoke(app, ["eval", str(tiny_ckpt), *args])

@@ -75,7 +75,11 @@ def run_eval(target: EvalTarget, tasks: list[str], settings: EvalSettings, repor
 
 
 def _essay_ids(target: EvalTarget, tokens: int):
-    return tokenize_text(target.tokenizer, essays_text(), tokens)
+    ids = tokenize_text(target.tokenizer, essays_text(), tokens)
+    if ids.shape[1] < tokens:  # never measure a shorter context than asked for without saying so
+        raise UserInputError(f"{tokens} tokens asked for, but the essay text holds {ids.shape[1]}. "
+                             "To resolve, pass a shorter --context / --ctx-len or fewer --windows.")
+    return ids
 
 
 def _ctx_ppl(target: EvalTarget, s: EvalSettings, reporter: Reporter) -> dict:

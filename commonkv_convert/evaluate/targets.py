@@ -71,6 +71,9 @@ def load_target(model: str, *, dtype: torch.dtype = torch.float32, device: str |
                              "keeps every layer and allows these options on the full cache).")
     if baseline is not None and baseline not in BASELINES:
         raise UserInputError(f"--baseline {baseline!r} is unknown. To resolve, pass one of {', '.join(BASELINES)}.")
+    if ratio is not None and baseline is None:
+        raise UserInputError("--ratio only applies with --baseline (a converted checkpoint has its ratio built in). "
+                             "To resolve, add --baseline average or drop --ratio.")
     if baseline is not None and ratio is None:
         raise UserInputError("--baseline needs --ratio (the fraction of the cache to remove).")
     if commonkv:
