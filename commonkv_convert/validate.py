@@ -51,18 +51,17 @@ def layerwise_model(out_dir: Path) -> Iterator[torch.nn.Module]:
     """The runtime model of a checkpoint with its decoder layers read from the shards only while they run.
 
     The model's own forward runs unchanged; a hook before each decoder layer materializes its weights (fp32)
-    and one after it drops them again, as accelerate's disk offload does. So validating costs the embeddings,
+    and one after it drops them again, as a disk offload does. So validating costs the embeddings,
     the head and one layer of memory, not a second copy of the model. Every tensor of the checkpoint must be
     used by the runtime: a leftover means the writer and the runtime disagree.
     """
-    from accelerate import init_empty_weights
-
     from .runtime import CommonKVConfig, CommonKVForCausalLM
 
     config = CommonKVConfig.from_pretrained(out_dir)
     config._attn_implementation = "sdpa"
-    with init_empty_weights():
+    with torch.device("meta"):  # no storage for the weights; buffers are rebuilt below
         model = CommonKVForCausalLM(config).eval()
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # non-persistent inv_freq, on the CPU
     with open_model(str(out_dir)) as shards:
         unused = set(shards.tensor_names())
 

@@ -22,6 +22,7 @@ scores are invariant to a common shift.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -42,6 +43,17 @@ except ImportError:  # pragma: no cover - flat import when loaded as a plain mod
     from configuration_commonkv import WEIGHTED_DEFAULTS, CommonKVConfig, LayerRole
     from eviction import keep_indices, window_scores
     from quantization import CompressedKVLayer, CompressedLatentLayer
+
+
+# transformers >= 5.2x names the cache argument `cache` (generate() passes it so) and deprecates
+# `past_key_values`; older releases know only `past_key_values`. The model accepts both names.
+_MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("Pass the cache once, as cache= or past_key_values=, not both.")
+    return cache if cache is not None else past_key_values
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -602,6 +614,7 @@ class CommonKVModel(CommonKVPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,  # attention-backend extras from generate(); not used by this model
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -609,14 +622,14 @@ class CommonKVModel(CommonKVPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        cache = self._cache_for(past_key_values)
+        cache = self._cache_for(_one_cache(cache, past_key_values))
 
         past_len, q_len = cache.get_seq_length(), inputs_embeds.shape[1]
         cache.begin(q_len, attention_mask)
         slots = torch.arange(cache.evicted + past_len + q_len, device=inputs_embeds.device).unsqueeze(0)
         rope = self.rotary_emb(inputs_embeds, slots)  # every true position (slots + evicted tokens)
-        mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=cache.slot_mask(attention_mask),
-                           past_key_values=cache, position_ids=slots[:, -q_len:])
+        mask_kwargs = {"config": self.config, "inputs_embeds": inputs_embeds, "position_ids": slots[:, -q_len:],
+                       "attention_mask": cache.slot_mask(attention_mask), _MASK_CACHE_ARG: cache}
         masks = {"full_attention": create_causal_mask(**mask_kwargs)}
         if "sliding_attention" in self.config.layer_types:
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
@@ -670,11 +683,13 @@ class CommonKVForCausalLM(CommonKVPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         kwargs.pop("return_dict", None)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+                             past_key_values=_one_cache(cache, past_key_values), inputs_embeds=inputs_embeds,
+                             use_cache=use_cache)
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
