@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint.format import REPORT_FILE
 from .convert import Analysis, CandidateStore, allocate_plan, analyze_source
 from .errors import PlanError, UserInputError
 from .progress import Reporter
@@ -47,7 +48,6 @@ ERROR_LOW = 0.006  # mean relative K/V error at the safe end of the suggested ra
 ERROR_HIGH = 0.02  # ... and at the aggressive end (≈ +15% on SmolLM2)
 GROUP_TOLERANCE = 0.05  # a larger group size must lower the estimated error by more than 5% to be suggested
 KEEP_TOKENS = 512  # tokens per layer kept for the layer × layer maps (evenly spaced over the calibration set)
-REPORT_NAME = "commonkv_report.json"
 
 
 def analyze(model: str, options: ConvertOptions, *, reporter: Reporter | None = None) -> dict:
@@ -249,11 +249,11 @@ def _is_converted(path: Path) -> bool:
 
 def from_report(path: Path) -> dict:
     """The adjacent-pair and group similarities a conversion measured, from its commonkv_report.json."""
-    report_path = path / REPORT_NAME
+    report_path = path / REPORT_FILE
     try:
         report = json.loads(report_path.read_text())
     except (OSError, ValueError) as err:
-        raise UserInputError(f"{path} is a converted checkpoint without a readable {REPORT_NAME} ({err}). "
+        raise UserInputError(f"{path} is a converted checkpoint without a readable {REPORT_FILE} ({err}). "
                              "To resolve, analyze the base model instead.") from None
     similarity = report.get("similarity", {})
     adjacent = similarity.get("adjacent", [])

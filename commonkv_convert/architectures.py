@@ -7,6 +7,7 @@ and a gated MLP; they differ only in the facts below. Adding a family means addi
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass
 
 from .errors import UnsupportedModelError
@@ -32,6 +33,16 @@ FAMILIES: dict[str, Family] = {
         Family("qwen3", "Qwen3", qkv_bias=None, o_bias=None, qk_norm=True),
     )
 }
+
+def _cache_kwarg() -> str:
+    """How the installed transformers names a decoder layer's cache argument: `cache` from 5.24 on
+    (`past_key_values` deprecated), `past_key_values` before."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    return "cache" if "cache" in inspect.signature(LlamaDecoderLayer.forward).parameters else "past_key_values"
+
+
+CACHE_KWARG = _cache_kwarg()
 
 LAYER = "model.layers.{i}."
 ATTN = LAYER + "self_attn."

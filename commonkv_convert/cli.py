@@ -124,6 +124,7 @@ def convert(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT_DIR if it exists.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the post-write checks.")] = False,
+    max_kl: Annotated[Optional[float], typer.Option(help="Validation fails above this mean KL(source ‖ converted), in nats." + _default("max_kl"))] = None,
     device: Annotated[Optional[str], typer.Option(help="Calibrate and factorize on cpu, cuda (all GPUs), cuda:N or auto." + _default("device"))] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
@@ -139,7 +140,7 @@ def convert(
                  merge=merge, sink=sink, window=window, block=block, method=method, share_layers=share_layers,
                  share_threshold=threshold, share_order=share_order, share_latent=share_latent,
                  plain_svd=plain_svd or None, allow_pickle=allow_pickle or None,
-                 validate=False if no_validate else None, allow_keep=False if no_keep else None, device=device)
+                 validate=False if no_validate else None, max_kl=max_kl, allow_keep=False if no_keep else None, device=device)
     if recipe is not None:
         options = ConvertOptions.from_yaml(recipe, **flags)
     else:
@@ -319,6 +320,7 @@ def evaluate(
     kv_residual: KVResidual = None,
 ) -> None:
     """Evaluate quality, memory and speed of a checkpoint (or a baseline) on real text, offline."""
+    from .checkpoint.format import CARD_FILE, EVAL_FILE
     from .evaluate.runner import EvalSettings, parse_tasks, run_eval
     from .evaluate.targets import load_target
     from .generate import pick_device, pick_dtype
@@ -354,8 +356,8 @@ def _save_eval(model: str, target, result: dict, json_out: Path | None, plot: Pa
         from .checkpoint.card import update_card
 
         checkpoint = Path(model).expanduser()
-        (checkpoint / "commonkv_eval.json").write_text(text)
-        if (checkpoint / "README.md").is_file():
+        (checkpoint / EVAL_FILE).write_text(text)
+        if (checkpoint / CARD_FILE).is_file():
             update_card(checkpoint)
     if plot is not None:
         from .evaluate.plots import plot_eval

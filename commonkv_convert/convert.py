@@ -22,6 +22,8 @@ from .budget import Option, allocate, candidate_options, keep_option, plan_cost,
 from .calibrate import CalibrationResult, LayerStats, base_config, calibrate, resolve_devices
 from .calibration_data import DEFAULT_CALIBRATION, fingerprint, read_texts, token_sequences
 from .checkpoint.card import render_card
+from .checkpoint.format import (CARD_FILE, CONFIG_FILE, RECIPE_FILE, REPORT_FILE, RUNTIME_DIR, RUNTIME_FILES,
+                                block_version, runtime_fields)
 from .checkpoint.reader import SourceModel, open_model
 from .checkpoint.writer import CheckpointWriter
 from .errors import ModelSourceError, PlanError, UserInputError, ValidationError
@@ -37,8 +39,6 @@ from .similarity import adjacent_pairs, latent_similarity
 from .validate import validate_checkpoint
 from .weighted import WeightedCandidate, up_at_rank, weighted_factorize
 
-RUNTIME_DIR = Path(__file__).parent / "runtime"
-RUNTIME_FILES = ("configuration_commonkv.py", "modeling_commonkv.py", "quantization.py", "eviction.py")
 
 
 @dataclass
@@ -98,7 +98,7 @@ def convert(model: str, out_dir: Path | None, options: ConvertOptions, *, report
 
 
 # Options a sweep may vary after one analysis: they only steer the budget stage and the writer.
-BUDGET_FIELDS = ("ratio", "allocator", "group_size", "allow_keep", "validate", "max_shard_size", "share_latent")
+BUDGET_FIELDS = ("ratio", "allocator", "group_size", "allow_keep", "validate", "max_kl", "max_shard_size", "share_latent")
 
 
 def convert_sweep(model: str, options: ConvertOptions, variants: dict[str, ConvertOptions], out_root: Path, *,
@@ -144,14 +144,12 @@ def _write_validated(source: SourceModel, analysis: Analysis, out_dir: Path, opt
         except BaseException:  # an unvalidated checkpoint must not be left looking complete
             discard(written)
             raise
-        if not report["validation"]["bytes_match"]:
+        failure = validation_failure(report["validation"], options.max_kl)
+        if failure:
             discard(written)
             if work is not None:
                 work.close(remove=True)  # the same inputs would fail the same way: nothing worth resuming
-            raise ValidationError(
-                f"The converted cache holds {report['validation']['cache_bytes']} bytes but the plan says "
-                f"{report['validation']['cache_bytes_expected']}; the output was removed. To resolve, report this "
-                "bug with the command you ran.")
+            raise ValidationError(f"The output was removed: {failure}.")
     report["wall_time_s"] = round(time.perf_counter() - start, 2)
     report["peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)
     _write_report(written, report)
@@ -412,8 +410,9 @@ def config_block(source: SourceModel, analysis: Analysis, options: ConvertOption
             }
         groups.append(group)
     return {
-        "format_version": 1,
+        "format_version": block_version(analysis.sharing is not None),
         "tool_version": __version__,
+        **runtime_fields(),
         "base_model": {"id": source.model_id, "revision": source.revision, "model_type": facts.family.model_type},
         "ratio": {"requested": analysis.requested_ratio, "achieved": round(analysis.achieved_ratio, 6),
                   **({"basis": "asymptotic per token: a weighted group stores r per token plus per-layer sinks "
@@ -424,8 +423,7 @@ def config_block(source: SourceModel, analysis: Analysis, options: ConvertOption
         "arch": facts.runtime_block(),
         "calibration": analysis.calibration,
         "options": options.to_dict(),
-        **({"format_version": 2, "sharing": analysis.sharing.config_entry(options.share_latent)}
-           if analysis.sharing else {}),
+        **({"sharing": analysis.sharing.config_entry(options.share_latent)} if analysis.sharing else {}),
     }
 
 
@@ -481,13 +479,13 @@ def write_checkpoint(source: SourceModel, analysis: Analysis, block: dict, out_d
             bar.advance()
         for layer, up in shared_ups.items():
             _add_up_projections(writer, source, facts, layer, up, dtype)
-        writer.write_json("config.json", checkpoint_config(source.config, block))
+        writer.write_json(CONFIG_FILE, checkpoint_config(source.config, block))
         for name in RUNTIME_FILES:
             writer.copy_file(RUNTIME_DIR / name, name)
         for path in source.tokenizer_files():
             writer.copy_file(path, path.name)
-        writer.write_text("commonkv_recipe.yaml", options.to_yaml())
-        writer.write_text("README.md", render_card(block, source.model_id, out_dir.name, command,
+        writer.write_text(RECIPE_FILE, options.to_yaml())
+        writer.write_text(CARD_FILE, render_card(block, source.model_id, out_dir.name, command,
                                                    facts.kv_elements_per_token, analysis.elements))
         return writer.finalize()
 
@@ -505,6 +503,24 @@ def _add_up_projections(writer: CheckpointWriter, source: SourceModel, facts: Ar
 # ---------------------------------------------------------------------------------------------------------
 # validate and report
 # ---------------------------------------------------------------------------------------------------------
+def validation_failure(validation: dict, max_kl: float) -> str | None:
+    """Why a validation result fails the gate (and record the gate in it), or None when it passes."""
+    validation["max_kl"] = max_kl
+    failure = None
+    if not validation["bytes_match"]:
+        failure = (f"The converted cache holds {validation['cache_bytes']} bytes but the plan says "
+                   f"{validation['cache_bytes_expected']}. To resolve, report this bug with the command you ran")
+    elif "kl_source_to_converted" not in validation:
+        failure = "The logits were not compared with the source's. To resolve, report this bug with the command you ran"
+    elif validation["kl_source_to_converted"] > max_kl:
+        failure = (f"The converted model's next-token distributions differ from the source's by KL "
+                   f"{validation['kl_source_to_converted']:.3g} > --max-kl {max_kl:g} (top-1 agreement "
+                   f"{validation['top1_agreement']:.2f}). To resolve, convert at a lower --ratio, or pass a larger "
+                   "--max-kl to keep it anyway")
+    validation["passed"] = failure is None
+    return failure
+
+
 def build_report(analysis: Analysis, block: dict) -> dict:
     return {
         "tool_version": __version__,
@@ -526,9 +542,9 @@ def build_report(analysis: Analysis, block: dict) -> dict:
 def _write_report(out_dir: Path, report: dict) -> None:
     import json
 
-    tmp = out_dir / ".commonkv_report.json.tmp"
+    tmp = out_dir / f".{REPORT_FILE}.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.rename(out_dir / "commonkv_report.json")
+    tmp.rename(out_dir / REPORT_FILE)
 
 
 def discard(out_dir: Path) -> None:

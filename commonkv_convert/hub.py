@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint.card import refresh_card, update_card
+from .checkpoint.format import (CARD_FILE, CONFIG_FILE, INDEX_FILE, REPORT_FILE, RUNTIME_FILES, SINGLE_SHARD,
+                                TOKENIZER_FILES, shard_problem, shard_tensors)
 from .errors import HubError, UserInputError
+from .runtime.configuration_commonkv import CommonKVConfig
 
-RUNTIME_FILES = ("configuration_commonkv.py", "modeling_commonkv.py")
-REPORT = "commonkv_report.json"
 IGNORE = [".*", "**/.*", "*.tmp"]  # temporary files of an interrupted write, editor files, .git
 
 
@@ -44,34 +45,55 @@ class PushPlan:
 
 
 def check_checkpoint_dir(path: Path) -> dict:
-    """The config of a complete, validated CommonKV checkpoint at `path`, or a one-line UserInputError."""
+    """The config of a complete, loadable, validated CommonKV checkpoint at `path`, or a one-line UserInputError.
+
+    Reads headers only: the config block's schema, every runtime file, each shard's safetensors header against
+    its size and against the index, the validation record."""
     if not path.is_dir():
         raise UserInputError(f"{path} is not a directory. To resolve, pass the output directory of commonkv convert.")
-    config = _read_json(path / "config.json", path)
+    config = _read_json(path / CONFIG_FILE, path)
     if config.get("model_type") != "commonkv" or "commonkv" not in config:
         raise UserInputError(f"{path} is not a CommonKV checkpoint (config.json has no commonkv block). "
                              f"To resolve, convert it first: commonkv convert MODEL {path}.")
-    missing = [name for name in (*RUNTIME_FILES, "README.md", REPORT) if not (path / name).is_file()]
-    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    try:
+        CommonKVConfig(**{k: v for k, v in config.items() if k != "model_type"}).check_block()
+    except (ValueError, TypeError) as err:
+        raise UserInputError(f"{path}/{CONFIG_FILE}: {err}") from None
+    missing = [name for name in (*RUNTIME_FILES, CARD_FILE, REPORT_FILE) if not (path / name).is_file()]
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
         missing.append("tokenizer files")
-    index = path / "model.safetensors.index.json"
+    index = path / INDEX_FILE
     if index.is_file():
-        shards = sorted(set(_read_json(index, path).get("weight_map", {}).values()))
+        weight_map = _read_json(index, path).get("weight_map", {})
+        shards = sorted(set(weight_map.values()))
         missing += [s for s in shards if not (path / s).is_file()]
         if not shards:
-            missing.append("shards listed in model.safetensors.index.json")
-    elif not (path / "model.safetensors").is_file():
-        missing.append("model.safetensors (or an index and its shards)")
+            missing.append(f"shards listed in {INDEX_FILE}")
+    elif (path / SINGLE_SHARD).is_file():
+        weight_map, shards = None, [SINGLE_SHARD]
+    else:
+        missing.append(f"{SINGLE_SHARD} (or an index and its shards)")
     if missing:
         raise UserInputError(f"{path} is an incomplete CommonKV checkpoint: missing {', '.join(missing)}. "
                              "To resolve, convert again into an empty directory and push that.")
-    validation = _read_json(path / REPORT, path).get("validation")
+    for shard in shards:
+        problem = shard_problem(path / shard)
+        absent = [] if problem or weight_map is None else \
+            sorted({n for n, s in weight_map.items() if s == shard} - shard_tensors(path / shard))
+        if problem or absent:
+            why = problem or f"lacks {len(absent)} tensor(s) the index places there ({absent[0]})"
+            raise UserInputError(f"{path}/{shard} is damaged: {why}. To resolve, convert again into an empty "
+                                 "directory and push that.")
+    validation = _read_json(path / REPORT_FILE, path).get("validation")
     if not validation:
         raise UserInputError(f"{path} was never validated (converted with --no-validate). To resolve, convert it "
                              "again without --no-validate so the logits and cache bytes are checked before publishing.")
     if not validation.get("bytes_match"):
         raise UserInputError(f"{path} failed validation (cache bytes differ from the plan). To resolve, convert "
                              "again; report the bug if it persists.")
+    if validation.get("passed") is False:
+        raise UserInputError(f"{path} failed validation (its logits differ from the source's by more than --max-kl). "
+                             "To resolve, convert again at a lower --ratio.")
     return config
 
 
@@ -107,7 +129,7 @@ def push(path: Path, repo_id: str, *, private: bool = False, token: str | None =
     path = Path(path)
     check_checkpoint_dir(path)
     card = refresh_card(path, repo_id)
-    card_changed = card != (path / "README.md").read_text()
+    card_changed = card != (path / CARD_FILE).read_text()
     files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and not _ignored(p, path))
     size = sum((path / f).stat().st_size for f in files)
     token, source = resolve_token(token)
@@ -189,7 +211,7 @@ def _ignored(file: Path, root: Path) -> bool:
 
 
 def _default_message(path: Path) -> str:
-    ratio = json.loads((path / "config.json").read_text())["commonkv"].get("ratio", {})
+    ratio = json.loads((path / CONFIG_FILE).read_text())["commonkv"].get("ratio", {})
     achieved = ratio.get("achieved")
     return f"Upload CommonKV checkpoint ({achieved:.1%} of the KV cache removed)" if achieved is not None \
         else "Upload CommonKV checkpoint"

@@ -30,10 +30,14 @@ def describe(model: str, *, revision: str | None = None) -> dict:
         "full_kv_bytes_per_token": facts.kv_elements_per_token * width,
     }
     if converted:
-        block = config["commonkv"]
-        groups = [{"layers": g["layers"], "mode": g["mode"], "rank": g.get("rank"), "elements": _elements(g, facts)}
-                  for g in block["groups"]]
-        elements = sum(g["elements"] for g in groups)
+        ckv = _converted_config(model, config)
+        block = ckv.commonkv
+        sharers = ckv.sharing_pairs()
+        groups = [{"layers": g["layers"], "mode": "shared" if sharers.keys() >= set(g["layers"]) else g["mode"],
+                   "rank": g.get("rank"), "elements": n, **({"reads": sharers[g["layers"][0]]}
+                                                             if sharers.keys() >= set(g["layers"]) else {})}
+                  for g, n in zip(block["groups"], ckv.group_elements_per_token())]
+        elements = ckv.kv_elements_per_token()
         info.update(
             converted=True,
             base_model=block.get("base_model", {}).get("id"),
@@ -46,7 +50,14 @@ def describe(model: str, *, revision: str | None = None) -> dict:
     return info
 
 
-def _elements(group: dict, facts) -> int:
-    if group["mode"] == "keep":
-        return 2 * facts.d_kv * len(group["layers"])
-    return group["rank"] * (1 if group["mode"] == "merged" else len(group["layers"]))
+def _converted_config(model: str, config: dict):
+    """The runtime's config object (its per-token formula is the one the cache obeys), or a one-line error."""
+    from .errors import ModelSourceError
+    from .runtime.configuration_commonkv import CommonKVConfig
+
+    try:
+        ckv = CommonKVConfig(**{k: v for k, v in config.items() if k != "model_type"})
+        ckv.check_block()
+        return ckv
+    except (ValueError, TypeError) as err:
+        raise ModelSourceError(f"{model}: {err}") from None

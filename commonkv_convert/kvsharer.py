@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .architectures import ArchFacts
+from .architectures import CACHE_KWARG, ArchFacts
 from .budget import Option, keep_option
 from .calibrate import base_config, load_layer
 from .checkpoint.reader import SourceModel
@@ -127,7 +127,8 @@ class _Runner:
                                                                              torch.float32))
 
     def run(self, i: int, hidden: torch.Tensor, hook: _ShareHook) -> torch.Tensor:
-        return self.layer(i)(hidden, attention_mask=None, position_embeddings=self.rope, past_key_values=hook)
+        return self.layer(i)(hidden, attention_mask=None, position_embeddings=self.rope,
+                             **{CACHE_KWARG: hook})
 
 
 @dataclass

@@ -51,6 +51,9 @@ class ConvertOptions:
     allow_pickle: bool = field(default=False, metadata={"help": "Allow loading pickle (.bin) weights."})
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
     validate: bool = field(default=True, metadata={"help": "Compare logits and cache bytes after writing."})
+    max_kl: float = field(default=2.0, metadata={
+        "help": "Validation fails (exit 7, output removed) when the mean KL(source ‖ converted) of the next-token "
+                "distributions exceeds this many nats; a broken conversion scores 3+, SmolLM2 at ratio 0.5 ≈ 0.2."})
     device: str = field(default="auto", metadata={
         "help": "Where calibration and factorization run: cpu, cuda (all GPUs, layers round-robin), cuda:N or auto."})
 
@@ -65,7 +68,10 @@ class ConvertOptions:
         if self.seq_len < 8:
             raise UserInputError(f"--seq-len {self.seq_len} is too short. To resolve, pass --seq-len 256.")
         if not 0.0 < self.held_out < 1.0:
-            raise UserInputError(f"--held-out {self.held_out} is outside (0, 1). To resolve, pass e.g. 0.25.")
+            raise UserInputError(f"held_out {self.held_out} is outside (0, 1). To resolve, set held_out: 0.25 in the "
+                                 "recipe (--recipe FILE).")
+        if not self.max_kl > 0:
+            raise UserInputError(f"--max-kl {self.max_kl} must be positive. To resolve, pass e.g. --max-kl 2.0.")
         if self.rank_step < 1:
             raise UserInputError(f"--rank-step {self.rank_step} is below 1. To resolve, pass e.g. 8.")
         if self.allocator not in ("optimal", "uniform"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -136,7 +137,9 @@ def main() -> None:
         users: dict[str, list[tuple[str, float]]] = {}
         for name in names:
             for ratio in args.ratios:
-                options = ConvertOptions(**{**json.loads(key), **METHODS[name].budget, "ratio": ratio})
+                # max_kl: the broken baselines are the point of the table, so they are measured, not refused
+                options = ConvertOptions(**{**json.loads(key), **METHODS[name].budget, "ratio": ratio,
+                                            "max_kl": math.inf})
                 dir_name = next((d for d, o in variants.items() if o == options), f"{name}-{ratio:g}")
                 variants.setdefault(dir_name, options)
                 users.setdefault(dir_name, []).append((name, ratio))

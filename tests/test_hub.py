@@ -234,12 +234,45 @@ def test_eval_results_are_rendered_into_the_card_on_push(hub, ckpt):
     (lambda p: (p / "modeling_commonkv.py").unlink(), "missing modeling_commonkv.py"),
     (lambda p: next(p.glob("*.safetensors")).unlink(), "incomplete CommonKV checkpoint"),
     (lambda p: (p / "config.json").write_text(json.dumps({"model_type": "llama"})), "not a CommonKV checkpoint"),
+    (lambda p: (p / "quantization.py").unlink(), "missing quantization.py"),
+    (lambda p: (p / "eviction.py").unlink(), "missing eviction.py"),
+    (lambda p: _truncate(next(p.glob("*.safetensors")), 100), "truncated or damaged"),
+    (lambda p: next(p.glob("*.safetensors")).write_bytes(b"\xff" * 64), "damaged: header longer than the file"),
+    (lambda p: _edit_config(p, lambda c: c.pop("commonkv") and c), "not a CommonKV checkpoint"),
+    (lambda p: _edit_config(p, lambda c: c["commonkv"]["groups"].pop() and c), "not each of the 4 layers"),
+    (lambda p: _edit_config(p, lambda c: c["commonkv"].update(format_version=9) or c), "format_version 9"),
+    (lambda p: _edit_report(p, lambda v: v.update(passed=False)), "failed validation"),
 ])
 def test_refuses_incomplete_or_unvalidated_checkpoints(hub, ckpt, breakage, message):
     breakage(ckpt)
     with pytest.raises(UserInputError, match=message):
         push(ckpt, "me/x", token=TOKEN)
     assert hub.requests == []
+
+
+def _truncate(file: Path, drop: int) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[:-drop])
+
+
+def _edit_config(path: Path, change) -> None:
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(change(config)))
+
+
+def _edit_report(path: Path, change) -> None:
+    report = json.loads((path / "commonkv_report.json").read_text())
+    change(report["validation"])
+    (path / "commonkv_report.json").write_text(json.dumps(report))
+
+
+def test_runtime_file_list_is_the_runtime_package(ckpt):
+    """One list: every runtime module ships with the checkpoint, and push checks exactly those."""
+    from commonkv_convert.checkpoint.format import RUNTIME_DIR, RUNTIME_FILES
+
+    modules = {p.name for p in RUNTIME_DIR.glob("*.py")} - {"__init__.py"}
+    assert set(RUNTIME_FILES) == modules and {"quantization.py", "eviction.py"} <= modules
+    assert all((ckpt / name).read_bytes() == (RUNTIME_DIR / name).read_bytes() for name in RUNTIME_FILES)
 
 
 def test_refuses_a_plain_model_directory(tiny_model_dirs):

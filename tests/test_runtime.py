@@ -59,6 +59,34 @@ def test_exact_conversion_generates_source_tokens(family, tiny_model_dirs, exact
     assert torch.equal(source.generate(prompt, **kwargs), converted.generate(prompt, **kwargs))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exact_conversion_generates_source_tokens_for_a_left_padded_batch(family, tiny_model_dirs, exact_dirs):
+    source = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[family], dtype=torch.float32).eval()
+    converted = load_checkpoint(exact_dirs[family], dtype=torch.float32)
+    ids, mask = left_padded([_ids(1, n, n)[0] for n in (6, 13, 9)])
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=257)
+    assert torch.equal(source.generate(ids, **kwargs), converted.generate(ids, **kwargs))
+
+
+@pytest.mark.parametrize("kind", ["exact", "merged"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_hands_the_cache_back_every_step(kind, family, exact_dirs, merged_dirs):
+    """generate() == a manual greedy loop over the returned cache, for every max_new_tokens. transformers 5.24
+    passes the cache as `cache=`; a runtime that ignored it restarted from an empty cache at every step."""
+    model = load_checkpoint((exact_dirs if kind == "exact" else merged_dirs)[family], dtype=torch.float32)
+    model.generation_config.eos_token_id = None  # compare raw argmax steps, never stopped early
+    prompt = _ids(1, 9, 5)
+    with torch.inference_mode():
+        step = model(prompt, use_cache=True)
+        tokens = []
+        for _ in range(8):
+            tokens.append(step.logits[:, -1:].argmax(-1))
+            step = model(tokens[-1], past_key_values=step.past_key_values, use_cache=True)
+    for n in (1, 3, 8):
+        out = model.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=257)
+        assert torch.equal(out[:, 9:], torch.cat(tokens[:n], dim=1)), n
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_left_padded_batch_matches_single_prompts(family, merged_dirs):
     model = load_checkpoint(merged_dirs[family], dtype=torch.float32)

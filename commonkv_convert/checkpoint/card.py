@@ -13,7 +13,8 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-EVAL_FILE = "commonkv_eval.json"
+from .format import CARD_FILE, EVAL_FILE
+
 
 TEMPLATE = """---
 {{ card_data }}
@@ -94,7 +95,7 @@ def render_card(config_block: dict, base_model: str, name: str, command: str, fu
 def refresh_card(checkpoint: Path, repo_id: str | None = None) -> str:
     """The checkpoint's README.md with its title and load snippet naming `repo_id` (when given) and its evaluation
     section re-rendered from commonkv_eval.json (when present). Returns the new text; writes nothing."""
-    card = ModelCard.load(checkpoint / "README.md")
+    card = ModelCard.load(checkpoint / CARD_FILE)
     text = card.content
     if repo_id is not None:
         text = _replace_section(text, "load", _load_snippet(repo_id))
@@ -108,11 +109,11 @@ def refresh_card(checkpoint: Path, repo_id: str | None = None) -> str:
 def update_card(checkpoint: Path, repo_id: str | None = None) -> bool:
     """Rewrite the checkpoint's README.md in place as `refresh_card` renders it (atomic); True if it changed.
     `commonkv eval` can call this after writing commonkv_eval.json; `commonkv push` does before uploading."""
-    card = checkpoint / "README.md"
+    card = checkpoint / CARD_FILE
     text = refresh_card(checkpoint, repo_id)
     if text == card.read_text():
         return False
-    tmp = checkpoint / ".README.md.tmp"
+    tmp = checkpoint / f".{CARD_FILE}.tmp"
     tmp.write_text(text)
     tmp.replace(card)
     return True
@@ -157,7 +158,7 @@ def _load_snippet(repo: str) -> str:
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("{repo}")
+tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)  # reads the shipped config
 ```
 """
 

@@ -9,11 +9,17 @@ The config keeps every field of the base model at the top level (so tools that r
 
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass
 
+import transformers
 from transformers import PretrainedConfig
 
 FORMAT_VERSION = 2  # 2 adds the optional `sharing` map (KVSharer); the converter writes 1 for plans without one
+# The transformers releases this runtime's test suite ran on (oldest, newest); the converter records them in the
+# block, and loading under a release outside them warns once. Keep in step with pyproject.toml and .ci/run.
+TESTED_TRANSFORMERS = ("5.23.0", "5.24.0")
 MODES = ("keep", "per_layer", "merged")
 MERGE_MODES = ("anchor", "weighted")
 SHARING_PATHS = ("refit", "source")  # how a sharer reads a latent source: own refit up-projections, or the source's
@@ -22,6 +28,10 @@ KV_DEFAULTS = {"kv_group": 32, "kv_residual": 32, "kv_window": 32, "kv_pool": 7,
                "kv_evict_scope": "layer"}
 SCALE_BYTES = 2  # quantization mins and steps are stored as float16
 POSITION_BYTES = 4  # positions of the tokens kept by eviction, int32
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that must not load: a missing, malformed or too new config block, or weights missing."""
 
 
 @dataclass(frozen=True)
@@ -157,7 +167,8 @@ class CommonKVConfig(PretrainedConfig):
         self.sliding_window = sliding_window
         self.layer_types = layer_types or ["full_attention"] * num_hidden_layers
         self.use_cache = use_cache
-        self.commonkv = commonkv or default_block(num_hidden_layers)
+        # None only for a bare CommonKVConfig() (transformers builds one to diff against); a model refuses it
+        self.commonkv = commonkv
         # Runtime cache options (quantization, eviction): not part of the conversion, set at load time.
         self.kv_bits, self.kv_group, self.kv_residual = kv_bits, kv_group, kv_residual
         self.kv_budget, self.kv_window, self.kv_pool, self.kv_latent_axis = kv_budget, kv_window, kv_pool, kv_latent_axis
@@ -165,6 +176,48 @@ class CommonKVConfig(PretrainedConfig):
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     # ---- the plan, as the runtime and the tools read it -------------------------------------------------
+    def check_block(self) -> None:
+        """Refuse a missing, malformed or too new `commonkv` block with one line: built from it, a model would
+        get random K/V projections where the checkpoint has latent factors."""
+        block = self.commonkv
+        fix = "The checkpoint config is damaged or not a CommonKV conversion. To resolve, convert the model again."
+        if not isinstance(block, dict):
+            raise CheckpointError(f"config.json has model_type 'commonkv' but no commonkv block. {fix}")
+        version = block.get("format_version", 1)
+        if not isinstance(version, int) or version < 1:
+            raise CheckpointError(f"commonkv.format_version {version!r} is not a positive integer. {fix}")
+        if version > FORMAT_VERSION:
+            raise CheckpointError(f"This checkpoint has commonkv format_version {version}; this runtime reads up to "
+                             f"{FORMAT_VERSION}. To resolve, upgrade the commonkv package or load with "
+                             "trust_remote_code=True (the checkpoint ships its own runtime).")
+        groups = block.get("groups")
+        if not isinstance(groups, list) or not groups:
+            raise CheckpointError(f"commonkv.groups is missing or empty. {fix}")
+        seen: list[int] = []
+        for g, group in enumerate(groups):
+            layers = group.get("layers") if isinstance(group, dict) else None
+            mode = group.get("mode") if isinstance(group, dict) else None
+            rank = group.get("rank") if isinstance(group, dict) else None
+            merge = group.get("merge", "anchor") if isinstance(group, dict) else None
+            ok = (isinstance(layers, list) and layers and all(isinstance(i, int) for i in layers) and mode in MODES
+                  and (mode == "keep" or isinstance(rank, int) and rank > 0)
+                  and (mode != "merged" or merge in MERGE_MODES)
+                  and (merge != "weighted" or mode != "merged" or len(group.get("weights", [])) == len(layers)))
+            if not ok:
+                raise CheckpointError(f"commonkv.groups[{g}] is malformed ({str(group)[:80]}). {fix}")
+            seen += layers
+        if sorted(seen) != list(range(self.num_hidden_layers)):
+            raise CheckpointError(f"commonkv.groups cover layers {sorted(seen)[:8]}…, not each of the "
+                             f"{self.num_hidden_layers} layers once. {fix}")
+
+    def warn_untested_transformers(self) -> None:
+        """Warn once when the installed transformers is outside the releases this runtime was tested with."""
+        low, high = (self.commonkv or {}).get("transformers_tested", TESTED_TRANSFORMERS)
+        if not _release(low) <= _release(transformers.__version__) <= _release(high):
+            warnings.warn(f"This CommonKV runtime was tested with transformers {low} to {high}; "
+                          f"{transformers.__version__} is installed. If generation misbehaves, install a tested "
+                          f"release (pip install 'transformers>={low},<={high}').", stacklevel=3)
+
     @property
     def arch(self) -> dict:
         """Resolved per-family facts (biases, q/k norm) written by the converter."""
@@ -186,11 +239,7 @@ class CommonKVConfig(PretrainedConfig):
 
     def sharing_pairs(self) -> dict[int, int]:
         """KVSharer's map, sharer → source (both layer indices); empty without one."""
-        version = int(self.commonkv.get("format_version", 1))
-        if version > FORMAT_VERSION:
-            raise ValueError(f"This checkpoint has commonkv format_version {version}; this runtime reads up to "
-                             f"{FORMAT_VERSION}. To resolve, upgrade the commonkv package or load with "
-                             "trust_remote_code=True (the checkpoint ships its own runtime).")
+        self.check_block()
         return {int(s): int(j) for s, j in self.commonkv.get("sharing", {}).get("pairs", [])}
 
     def _shared_roles(self, roles: list[LayerRole]) -> list[LayerRole]:
@@ -212,22 +261,26 @@ class CommonKVConfig(PretrainedConfig):
                 roles[s] = LayerRole(s, "keep", own.group, 0, src.source, borrow=j)
         return roles
 
-    def kv_elements_per_token(self) -> int:
-        """Cache elements stored per token over all layers; for weighted groups the asymptotic figure (r per
-        token for the group: the per-layer sinks and recent window are a constant, see `cache_elements`)."""
+    def group_elements_per_token(self) -> list[int]:
+        """Cache elements each group stores per token; for weighted groups the asymptotic figure (r per token
+        for the group: the per-layer sinks and recent window are a constant, see `cache_elements`)."""
         full = 2 * self.num_key_value_heads * self.head_dim
-        total = 0
         sharers = set(self.sharing_pairs())
+        out = []
         for group in self.commonkv["groups"]:
             if sharers.issuperset(group["layers"]):
-                continue  # KVSharer: these layers read another layer's cache
-            if group["mode"] == "keep":
-                total += full * len(group["layers"])
+                out.append(0)  # KVSharer: these layers read another layer's cache
+            elif group["mode"] == "keep":
+                out.append(full * len(group["layers"]))
             elif group["mode"] == "merged":
-                total += int(group["rank"])
+                out.append(int(group["rank"]))
             else:
-                total += int(group["rank"]) * len(group["layers"])
-        return total
+                out.append(int(group["rank"]) * len(group["layers"]))
+        return out
+
+    def kv_elements_per_token(self) -> int:
+        """Cache elements stored per token over all layers (see `group_elements_per_token`)."""
+        return sum(self.group_elements_per_token())
 
     def cache_elements(self, tokens: int) -> int:
         """Cache elements one sequence of `tokens` tokens holds (the analytic figure cache bytes must equal).
@@ -291,6 +344,12 @@ class CommonKVConfig(PretrainedConfig):
         return 2 * self.num_key_value_heads * self.head_dim * self.num_hidden_layers
 
 
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor, patch) of a version string: the leading digits of each part ("0rc1" → 0)."""
+    parts = [re.match(r"\d*", part).group() for part in version.split(".")[:3]]
+    return tuple(int(p or 0) for p in parts + ["0"] * (3 - len(parts)))
+
+
 def weighted_split(tokens: int, group: dict) -> tuple[int, int, int]:
     """(sinks, recent, merged) token counts of a weighted group after `tokens` tokens."""
     sink, window, block = (int(group.get(k, v)) for k, v in WEIGHTED_DEFAULTS.items())
@@ -300,16 +359,5 @@ def weighted_split(tokens: int, group: dict) -> tuple[int, int, int]:
     return sinks, recent, rest - recent
 
 
-def default_block(num_layers: int) -> dict:
-    """An uncompressed plan: every layer keeps its K/V (what a fresh config describes)."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "groups": [{"layers": [i], "mode": "keep"} for i in range(num_layers)],
-        "merge_mode": "anchor",
-        "value_path": "auto",
-        "arch": {"qkv_bias": False, "o_bias": False, "qk_norm": False},
-    }
-
-
-__all__ = ["CommonKVConfig", "LayerRole", "KVCacheOptions", "FORMAT_VERSION", "MODES", "MERGE_MODES", "SHARING_PATHS",
+__all__ = ["CheckpointError", "CommonKVConfig", "LayerRole", "KVCacheOptions", "FORMAT_VERSION", "TESTED_TRANSFORMERS", "MODES", "MERGE_MODES", "SHARING_PATHS",
            "weighted_split"]

@@ -36,11 +36,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 try:  # the checkpoint copy imports its sibling; the package imports the module in its own folder
-    from .configuration_commonkv import WEIGHTED_DEFAULTS, CommonKVConfig, LayerRole
+    from .configuration_commonkv import WEIGHTED_DEFAULTS, CheckpointError, CommonKVConfig, LayerRole
     from .eviction import keep_indices, window_scores
     from .quantization import CompressedKVLayer, CompressedLatentLayer
 except ImportError:  # pragma: no cover - flat import when loaded as a plain module
-    from configuration_commonkv import WEIGHTED_DEFAULTS, CommonKVConfig, LayerRole
+    from configuration_commonkv import WEIGHTED_DEFAULTS, CheckpointError, CommonKVConfig, LayerRole
     from eviction import keep_indices, window_scores
     from quantization import CompressedKVLayer, CompressedLatentLayer
 
@@ -48,6 +48,7 @@ except ImportError:  # pragma: no cover - flat import when loaded as a plain mod
 # transformers >= 5.2x names the cache argument `cache` (generate() passes it so) and deprecates
 # `past_key_values`; older releases know only `past_key_values`. The model accepts both names.
 _MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
@@ -106,11 +107,12 @@ class LatentLayer(CacheLayerMixin):
         self.latent = None
         self.is_initialized = False
 
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError("Pass a negative number of tokens to crop from the end of the cache.")
-        if tokens_to_remove and self.latent is not None:
-            self.latent = self.latent[..., :tokens_to_remove, :]
+    def crop(self, max_length: int) -> None:
+        """Keep the first `max_length` tokens; a negative value removes that many from the end (transformers')."""
+        if self.latent is None:
+            return
+        keep = max_length if max_length >= 0 else self.get_seq_length() + max_length
+        self.latent = self.latent[..., :max(keep, 0), :]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.latent is not None:
@@ -584,10 +586,31 @@ class CommonKVPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' loader, but a weight missing from the shards (or of the wrong shape) is an error: a
+        randomly initialized up-projection would generate garbage without a word."""
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except RuntimeError as err:  # transformers refuses tensors whose shape differs from the model's
+            if "mismatched" not in str(err):
+                raise
+            raise CheckpointError("The checkpoint holds weights of the wrong shape for its config: it is damaged. "
+                                  "To resolve, convert the model again.") from None
+        missing = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise CheckpointError(f"The checkpoint lacks {len(missing)} weight(s) the runtime needs or holds them with the "
+                             f"wrong shape ({shown}): it is damaged or incomplete. To resolve, convert the model again.")
+        return (model, info) if want_info else model
+
 
 class CommonKVModel(CommonKVPreTrainedModel):
     def __init__(self, config: CommonKVConfig):
         super().__init__(config)
+        config.check_block()
+        config.warn_untested_transformers()
         roles = config.layer_roles()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList([CommonKVDecoderLayer(config, role) for role in roles])
@@ -641,9 +664,8 @@ class CommonKVModel(CommonKVPreTrainedModel):
             mask = masks[self.config.layer_types[i]]
             hidden_states = layer(hidden_states, rope, mask, cache, down)
         cache.finish()
-        return BaseModelOutputWithPast(
-            last_hidden_state=self.norm(hidden_states), past_key_values=cache if use_cache else None
-        )
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states),
+                                       **{_OUTPUT_CACHE_FIELD: cache if use_cache else None})
 
     def _cache_for(self, past_key_values: Cache | None) -> CommonKVCache:
         """Our cache, also when generate() or a caller hands us an empty stock cache."""
@@ -690,13 +712,13 @@ class CommonKVForCausalLM(CommonKVPreTrainedModel, GenerationMixin):
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=_one_cache(cache, past_key_values), inputs_embeds=inputs_embeds,
                              use_cache=use_cache)
-        hidden_states = outputs.last_hidden_state
+        hidden_states, cache = outputs.last_hidden_state, getattr(outputs, _OUTPUT_CACHE_FIELD)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUTPUT_CACHE_FIELD: cache})
 
 
 __all__ = ["CommonKVForCausalLM", "CommonKVModel", "CommonKVCache", "LatentLayer", "WeightedLayer",
