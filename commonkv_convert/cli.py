@@ -224,7 +224,8 @@ def inspect(
         for col in ("layers", "mode", "rank", "elements/token"):
             groups.add_column(col)
         for g in info["groups"]:
-            groups.add_row(",".join(map(str, g["layers"])), g["mode"], str(g.get("rank", "-")), str(g["elements"]))
+            mode = g["mode"] + (f" (reads layer {g['reads']})" if "reads" in g else "")
+            groups.add_row(",".join(map(str, g["layers"])), mode, str(g.get("rank", "-")), str(g["elements"]))
         out.print(groups)
 
 

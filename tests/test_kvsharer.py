@@ -109,6 +109,18 @@ def test_too_strict_threshold_is_a_plan_error(tiny_model_dirs, tmp_path):
 
 
 # ---- the checkpoint and the runtime -----------------------------------------------------------------------
+def test_inspect_counts_sharers_as_storing_nothing(shared_dirs):
+    """`commonkv inspect` reports what the cache holds: a sharer's layer costs nothing."""
+    from commonkv_convert.inspection import describe
+
+    info = describe(str(shared_dirs["llama"]))
+    pairs = dict(json.loads((shared_dirs["llama"] / "config.json").read_text())["commonkv"]["sharing"]["pairs"])
+    assert info["achieved_ratio"] == pytest.approx(len(pairs) / info["layers"])
+    shared = [g for g in info["groups"] if g["mode"] == "shared"]
+    assert {g["layers"][0]: g["reads"] for g in shared} == pairs and all(g["elements"] == 0 for g in shared)
+    assert info["kv_elements_per_token"] == info["full_kv_elements_per_token"] * (1 - len(pairs) / info["layers"])
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_runtime_matches_search_and_allocates_nothing(family, tiny_model_dirs, shared_dirs):
     config = json.loads((shared_dirs[family] / "config.json").read_text())
