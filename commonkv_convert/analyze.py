@@ -62,7 +62,6 @@ def analyze(model: str, options: ConvertOptions, *, reporter: Reporter | None = 
     from .checkpoint.reader import open_model
 
     reporter = reporter or Reporter()
-    options.check()
     with open_model(model, revision=options.revision, allow_pickle=options.allow_pickle) as source:
         analysis = analyze_source(source, options, reporter, keep_tokens=KEEP_TOKENS)
         try:

@@ -6,11 +6,13 @@ exception one line and exit 1; a traceback only with COMMONKV_DEBUG=1.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import shlex
 import sys
+from inspect import Parameter, signature
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -36,11 +38,6 @@ err = Console(stderr=True)
 
 EXIT_CODES = """Exit codes: 0 ok · 1 other failure · 2 bad arguments · 3 model source · 4 unsupported architecture ·
 5 calibration data · 6 no plan reaches the ratio · 7 validation failed · 8 Hub refused or unreachable (push)."""
-
-
-def _default(field: str) -> str:
-    """' (default X)' from ConvertOptions, so help text and the library never disagree."""
-    return f" (default {ConvertOptions.__dataclass_fields__[field].default})"
 
 
 def handle_errors(fn):
@@ -92,42 +89,41 @@ def main(
     """Compress the KV cache of Hugging Face decoder LLMs."""
 
 
+_FIELD_TYPES = {"float": float, "int": int, "str": str, "bool": bool, "Path": Path}
+
+
+def _option_flags(fn):
+    """Give `fn` (which takes **flags) one CLI option per ConvertOptions field, with the field's help, default,
+    part (as the help panel) and flag names: a flag cannot drift from the library. Absent flags arrive as None,
+    so a recipe's values stand unless a flag overrides them."""
+    generated = []
+    for f in dataclasses.fields(ConvertOptions):
+        kind = _FIELD_TYPES[str(f.type).split(" ")[0]]  # "float", "int | None", "Path | None", ...
+        names = f.metadata["flags"] or (f"--{f.name.replace('_', '-')}",)
+        default = "" if f.default is None else f" (default {f.default})"
+        info = typer.Option(*names, help=f.metadata["help"] + default, rich_help_panel=f.metadata["part"] + " options")
+        generated.append(Parameter(f.name, Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], info]))
+    written = signature(fn, eval_str=True)
+    own = [p for p in written.parameters.values() if p.kind is not Parameter.VAR_KEYWORD]
+    fn.__signature__ = written.replace(parameters=own + generated)
+    return fn
+
+
 @app.command(epilog="Examples:\n\n  commonkv convert ./SmolLM2-135M --ratio 0.5\n\n"
              "  commonkv convert meta-llama/Llama-3.1-8B out/llama-ckv --ratio 0.5 --group-size 2\n\n"
              "  commonkv convert ./model --ratio 0.7 --dry-run\n\n" + EXIT_CODES)
 @handle_errors
+@_option_flags
 def convert(
     model: Annotated[str, typer.Argument(help="Local model directory or Hub id (org/name).")],
     out_dir: Annotated[Optional[Path], typer.Argument(help="Output directory (default: ./NAME-commonkv-RATIO).")] = None,
-    ratio: Annotated[Optional[float], typer.Option(help="Fraction of KV-cache memory to remove, in [0, 1)." + _default("ratio"))] = None,
-    group_size: Annotated[Optional[int], typer.Option(help="Most adjacent layers that may share one latent (1: no merging)." + _default("group_size"))] = None,
-    calib: Annotated[Optional[Path], typer.Option(help="Calibration text, .txt or .jsonl with {\"text\": ...} lines.")] = None,
-    samples: Annotated[Optional[int], typer.Option(help="Number of calibration sequences." + _default("samples"))] = None,
-    seq_len: Annotated[Optional[int], typer.Option(help="Tokens per calibration sequence." + _default("seq_len"))] = None,
-    rank_step: Annotated[Optional[int], typer.Option(help="Latent ranks are multiples of this." + _default("rank_step"))] = None,
-    plain_svd: Annotated[bool, typer.Option("--plain-svd", help="Plain SVD of the weights (to compare).")] = False,
-    allocator: Annotated[Optional[str], typer.Option(help="optimal (search) or uniform (baseline)." + _default("allocator"))] = None,
-    no_keep: Annotated[bool, typer.Option("--no-keep", help="Give every layer a latent (exactness checks).")] = False,
-    merge: Annotated[Optional[str], typer.Option(help="Merged groups: anchor (causal) or weighted (paper's merge)." + _default("merge"))] = None,
-    sink: Annotated[Optional[int], typer.Option(help="weighted merge: sink tokens kept per layer (default 4).")] = None,
-    window: Annotated[Optional[int], typer.Option(help="weighted merge: recent tokens kept per layer (default 32).")] = None,
-    block: Annotated[Optional[int], typer.Option(help="weighted merge: tokens merged per fold (default 16).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="commonkv, kvsharer (layers reuse another layer's cache) or commonkv+kvsharer." + _default("method"))] = None,
-    share_layers: Annotated[Optional[int], typer.Option(help="KVSharer: layers that reuse another's cache (kvsharer: default round(ratio·layers)).")] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="KVSharer: least cosine of final hidden states with the source model." + _default("share_threshold"))] = None,
-    share_order: Annotated[Optional[str], typer.Option(help="KVSharer: dissimilar-first (paper) or similar-first." + _default("share_order"))] = None,
-    share_latent: Annotated[Optional[str], typer.Option(help="commonkv+kvsharer: a sharer reads a latent source via refit up-projections or the source's (source)." + _default("share_latent"))] = None,
-    max_shard_size: Annotated[Optional[str], typer.Option(help="Largest weight shard, e.g. 2GB." + _default("max_shard_size"))] = None,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle (.bin) weights.")] = False,
-    revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
+    *,
     recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe with these options; flags override it.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT_DIR if it exists.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
-    no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the post-write checks.")] = False,
-    max_kl: Annotated[Optional[float], typer.Option(help="Validation fails above this mean KL(source ‖ converted), in nats." + _default("max_kl"))] = None,
-    device: Annotated[Optional[str], typer.Option(help="Calibrate and factorize on cpu, cuda (all GPUs), cuda:N or auto." + _default("device"))] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    **flags,
 ) -> None:
     """Convert MODEL into a checkpoint whose KV cache is smaller by RATIO.
 
@@ -135,12 +131,6 @@ def convert(
     command continues from there."""
     from .convert import convert as run_convert
 
-    flags = dict(ratio=ratio, group_size=group_size, calib=calib, samples=samples, seq_len=seq_len,
-                 rank_step=rank_step, allocator=allocator, max_shard_size=max_shard_size, revision=revision,
-                 merge=merge, sink=sink, window=window, block=block, method=method, share_layers=share_layers,
-                 share_threshold=threshold, share_order=share_order, share_latent=share_latent,
-                 plain_svd=plain_svd or None, allow_pickle=allow_pickle or None,
-                 validate=False if no_validate else None, max_kl=max_kl, allow_keep=False if no_keep else None, device=device)
     if recipe is not None:
         options = ConvertOptions.from_yaml(recipe, **flags)
     else:
@@ -321,7 +311,6 @@ def evaluate(
     kv_residual: KVResidual = None,
 ) -> None:
     """Evaluate quality, memory and speed of a checkpoint (or a baseline) on real text, offline."""
-    from .checkpoint.format import CARD_FILE, EVAL_FILE
     from .evaluate.runner import EvalSettings, parse_tasks, run_eval
     from .evaluate.targets import load_target
     from .generate import pick_device, pick_dtype
@@ -346,6 +335,8 @@ def evaluate(
 
 
 def _save_eval(model: str, target, result: dict, json_out: Path | None, plot: Path | None, no_save: bool) -> None:
+    from .checkpoint.format import CARD_FILE, EVAL_FILE
+
     text = json.dumps(result, indent=2) + "\n"
     if json_out == Path("-"):
         sys.stdout.write(text)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -79,7 +78,6 @@ def convert(model: str, out_dir: Path | None, options: ConvertOptions, *, report
     """Convert `model` (local dir or Hub id) and write the checkpoint to `out_dir` (unless dry_run)."""
     reporter = reporter or Reporter()
     start = time.perf_counter()
-    options.check()
     if not dry_run:
         if out_dir is None:
             raise UserInputError("No output directory given. To resolve, pass OUT_DIR or use --dry-run.")
@@ -97,23 +95,18 @@ def convert(model: str, out_dir: Path | None, options: ConvertOptions, *, report
             analysis.store.close()
 
 
-# Options a sweep may vary after one analysis: they only steer the budget stage and the writer.
-BUDGET_FIELDS = ("ratio", "allocator", "group_size", "allow_keep", "validate", "max_kl", "max_shard_size", "share_latent")
-
-
 def convert_sweep(model: str, options: ConvertOptions, variants: dict[str, ConvertOptions], out_root: Path, *,
                   reporter: Reporter | None = None, overwrite: bool = False) -> dict[str, ConversionResult]:
     """Calibrate and factorize `model` once with `options`, then write one checkpoint per variant under
-    out_root/NAME. Variants may differ from `options` only in BUDGET_FIELDS (group_size no larger)."""
+    out_root/NAME. Variants may differ from `options` only in its sweep fields (group_size no larger)."""
     reporter = reporter or Reporter()
-    options.check()
+    sweepable = ConvertOptions.sweep_fields()
     for name, variant in variants.items():
-        variant.check()
-        differing = [f for f in variant.to_dict() if f not in BUDGET_FIELDS
+        differing = [f for f in variant.to_dict() if f not in sweepable
                      and variant.to_dict()[f] != options.to_dict()[f]]
         if differing or variant.group_size > options.group_size:
             raise UserInputError(f"sweep variant {name!r} changes {differing or ['group_size']}, which the shared "
-                                 "analysis fixed. To resolve, vary only " + ", ".join(BUDGET_FIELDS) +
+                                 "analysis fixed. To resolve, vary only " + ", ".join(sweepable) +
                                  " (group_size no larger than the analyzed one), or convert it separately.")
     results = {}
     with open_model(model, revision=options.revision, allow_pickle=options.allow_pickle) as source:
@@ -265,7 +258,6 @@ def allocate_plan(candidates: dict[tuple[int, int], Candidate], facts: ArchFacts
 def replan(analysis: Analysis, options: ConvertOptions) -> Analysis:
     """The same analysis allocated for other budget options (ratio, allocator, a group size no larger than
     the analyzed one): calibration and factorization do not depend on them, so sweeps run them once."""
-    options.check()
     facts, sharing = analysis.facts, analysis.sharing
     if sharing and options.method == "kvsharer":  # fewer sharers: a prefix of the same search
         sharing = sharing.prefix(sharing_layers(options.share_layers, options.ratio, facts.num_layers))

@@ -11,54 +11,77 @@ import yaml
 from .errors import UserInputError
 
 
-@dataclass
+# The parts the options fall into (the CLI shows one help panel per part).
+CALIBRATION, FACTORIZATION, BUDGET, SHARING, OUTPUT = "Calibration", "Factorization", "Budget", "KVSharer", "Output"
+
+
+def option(default, help: str, part: str, *flags: str, sweep: bool = False):
+    """A conversion option: its default, its help, its part, and CLI flags where they differ from --field-name
+    (booleans: "--on/--off"). `sweep`: it steers only the budget stage and the writer, so a sweep may vary it
+    after one analysis. The CLI, the recipe, sweeps and the library all read this one declaration."""
+    return field(default=default, metadata={"help": help, "part": part, "flags": flags, "sweep": sweep})
+
+
+@dataclass(frozen=True)
 class ConvertOptions:
-    ratio: float = field(default=0.5, metadata={"help": "Fraction of KV-cache memory to remove, in [0, 1)."})
-    group_size: int = field(default=4, metadata={
-        "help": "Largest number of adjacent layers that may share one latent (1 = per-layer latents only)."})
-    calib: Path | None = field(default=None, metadata={"help": "Calibration text (.txt or .jsonl); default: bundled prompts."})
-    samples: int = field(default=32, metadata={"help": "Calibration sequences."})
-    seq_len: int = field(default=256, metadata={"help": "Tokens per calibration sequence."})
-    held_out: float = field(default=0.125, metadata={"help": "Share of sequences kept out of the fit to measure errors."})
-    rank_step: int = field(default=8, metadata={"help": "Latent ranks are multiples of this."})
-    plain_svd: bool = field(default=False, metadata={"help": "Plain SVD of the weights instead of activation-aware."})
-    allocator: str = field(default="optimal", metadata={"help": "optimal (search) or uniform (same group size and rank)."})
-    allow_keep: bool = field(default=True, metadata={
-        "help": "Let the allocator leave layers uncompressed (off: every layer gets a latent, up to full rank)."})
-    balance: bool = field(default=True, metadata={"help": "Equalize key and value energy before the joint SVD."})
-    value_metric: str = field(default="output", metadata={
-        "help": "Measure value error after o_proj (output) or as is (plain)."})
-    value_weight: float = field(default=1.0, metadata={"help": "Weight of value error relative to key error."})
-    merge: str = field(default="anchor", metadata={
-        "help": "How merged groups store old tokens: anchor (the first layer's latent, causal) or weighted "
-                "(the CommonKV paper's calibrated weighted sum; per-layer sinks and recent window)."})
-    sink: int = field(default=4, metadata={"help": "weighted merge: first tokens each layer keeps as its own latent."})
-    window: int = field(default=32, metadata={"help": "weighted merge: recent tokens each layer keeps at least."})
-    block: int = field(default=16, metadata={"help": "weighted merge: tokens are merged K at a time."})
-    method: str = field(default="commonkv", metadata={
-        "help": "commonkv (latent sharing), kvsharer (layers reuse another layer's whole cache, KVSharer) or "
-                "commonkv+kvsharer (both: --share-layers sharers, CommonKV over the rest to reach --ratio)."})
-    share_layers: int | None = field(default=None, metadata={
-        "help": "KVSharer: layers that reuse another layer's cache (kvsharer: default round(ratio · layers))."})
-    share_threshold: float = field(default=0.5, metadata={
-        "help": "KVSharer: keep a sharing only if the final hidden states' cosine with the source model stays above this."})
-    share_order: str = field(default="dissimilar-first", metadata={
-        "help": "KVSharer: try layer pairs dissimilar-first (the paper) or similar-first (the control)."})
-    share_latent: str = field(default="refit", metadata={
-        "help": "commonkv+kvsharer: a sharer reads a latent source through its own refit up-projections (refit) "
-                "or the source's (source)."})
-    max_shard_size: str = field(default="2GB", metadata={"help": "Largest safetensors shard."})
-    allow_pickle: bool = field(default=False, metadata={"help": "Allow loading pickle (.bin) weights."})
-    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
-    validate: bool = field(default=True, metadata={"help": "Compare logits and cache bytes after writing."})
-    max_kl: float = field(default=2.0, metadata={
-        "help": "Validation fails (exit 7, output removed) when the mean KL(source ‖ converted) of the next-token "
-                "distributions exceeds this many nats; a broken conversion scores 3+, SmolLM2 at ratio 0.5 ≈ 0.2."})
-    device: str = field(default="auto", metadata={
-        "help": "Where calibration and factorization run: cpu, cuda (all GPUs, layers round-robin), cuda:N or auto."})
+    """Every option of a conversion, validated once when constructed; the recipe YAML is its flat dict."""
+
+    ratio: float = option(0.5, "Fraction of KV-cache memory to remove, in [0, 1).", BUDGET, sweep=True)
+    group_size: int = option(4, "Largest number of adjacent layers that may share one latent (1: no merging).", BUDGET, sweep=True)
+    calib: Path | None = option(None, "Calibration text, .txt or .jsonl with {\"text\": ...} lines; default: bundled "
+                                      "prompts.", CALIBRATION)
+    samples: int = option(32, "Calibration sequences.", CALIBRATION)
+    seq_len: int = option(256, "Tokens per calibration sequence.", CALIBRATION)
+    held_out: float = option(0.125, "Share of sequences kept out of the fit to measure errors.", CALIBRATION)
+    rank_step: int = option(8, "Latent ranks are multiples of this.", FACTORIZATION)
+    plain_svd: bool = option(False, "Plain SVD of the weights instead of activation-aware (to compare).",
+                             FACTORIZATION, "--plain-svd/--whitened-svd")
+    allocator: str = option("optimal", "optimal (search) or uniform (same group size and rank).", BUDGET, sweep=True)
+    allow_keep: bool = option(True, "Let the allocator leave layers uncompressed (--no-keep: every layer gets a "
+                                    "latent, up to full rank; for exactness checks).", BUDGET, "--keep/--no-keep", sweep=True)
+    balance: bool = option(True, "Equalize key and value energy before the joint SVD.", FACTORIZATION,
+                           "--balance/--no-balance")
+    value_metric: str = option("output", "Measure value error after o_proj (output) or as is (plain).", FACTORIZATION)
+    value_weight: float = option(1.0, "Weight of value error relative to key error.", FACTORIZATION)
+    merge: str = option("anchor", "How merged groups store old tokens: anchor (the first layer's latent, causal) or "
+                                  "weighted (the CommonKV paper's calibrated weighted sum; per-layer sinks and recent "
+                                  "window).", FACTORIZATION)
+    sink: int = option(4, "weighted merge: first tokens each layer keeps as its own latent.", FACTORIZATION)
+    window: int = option(32, "weighted merge: recent tokens each layer keeps at least.", FACTORIZATION)
+    block: int = option(16, "weighted merge: tokens are merged K at a time.", FACTORIZATION)
+    method: str = option("commonkv", "commonkv (latent sharing), kvsharer (layers reuse another layer's whole cache) "
+                                     "or commonkv+kvsharer (--share-layers sharers, CommonKV over the rest to reach "
+                                     "--ratio).", SHARING)
+    share_layers: int | None = option(None, "KVSharer: layers that reuse another layer's cache (kvsharer: default "
+                                            "round(ratio · layers)).", SHARING)
+    share_threshold: float = option(0.5, "KVSharer: keep a sharing only if the final hidden states' cosine with the "
+                                         "source model stays above this.", SHARING, "--share-threshold", "--threshold")
+    share_order: str = option("dissimilar-first", "KVSharer: try layer pairs dissimilar-first (the paper) or "
+                                                  "similar-first (the control).", SHARING)
+    share_latent: str = option("refit", "commonkv+kvsharer: a sharer reads a latent source through its own refit "
+                                        "up-projections (refit) or the source's (source).", SHARING, sweep=True)
+    max_shard_size: str = option("2GB", "Largest safetensors shard, e.g. 2GB.", OUTPUT, sweep=True)
+    allow_pickle: bool = option(False, "Allow loading pickle (.bin) weights.", OUTPUT,
+                                "--allow-pickle/--no-allow-pickle")
+    revision: str | None = option(None, "Hub revision (branch, tag or commit).", OUTPUT)
+    validate: bool = option(True, "Compare logits and cache bytes after writing.", OUTPUT, "--validate/--no-validate", sweep=True)
+    max_kl: float = option(2.0, "Validation fails (exit 7, output removed) when the mean KL(source ‖ converted) of "
+                                "the next-token distributions exceeds this many nats; a broken conversion scores 3+, "
+                                "SmolLM2 at ratio 0.5 about 0.2.", OUTPUT, sweep=True)
+    device: str = option("auto", "Where calibration and factorization run: cpu, cuda (all GPUs, layers round-robin), "
+                                 "cuda:N or auto.", CALIBRATION)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.calib, str):
+            object.__setattr__(self, "calib", Path(self.calib))
+        self.check()
+
+    @classmethod
+    def sweep_fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["sweep"])
 
     def check(self) -> None:
-        """Reject nonsense before any work starts; each message names the fix."""
+        """Reject nonsense before any work starts (run at construction); each message names the fix."""
         if not 0.0 <= self.ratio < 1.0:
             raise UserInputError(f"--ratio {self.ratio} is outside [0, 1). To resolve, pass e.g. --ratio 0.5.")
         if self.group_size < 1:
@@ -68,8 +91,7 @@ class ConvertOptions:
         if self.seq_len < 8:
             raise UserInputError(f"--seq-len {self.seq_len} is too short. To resolve, pass --seq-len 256.")
         if not 0.0 < self.held_out < 1.0:
-            raise UserInputError(f"held_out {self.held_out} is outside (0, 1). To resolve, set held_out: 0.25 in the "
-                                 "recipe (--recipe FILE).")
+            raise UserInputError(f"--held-out {self.held_out} is outside (0, 1). To resolve, pass e.g. 0.25.")
         if not self.max_kl > 0:
             raise UserInputError(f"--max-kl {self.max_kl} must be positive. To resolve, pass e.g. --max-kl 2.0.")
         if self.rank_step < 1:

