@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint.format import REPORT_FILE
+from .checkpoint.format import REPORT_FILE, group_elements
 from .convert import Analysis, CandidateStore, allocate_plan, analyze_source
 from .errors import PlanError, UserInputError
 from .progress import Reporter
@@ -109,7 +109,7 @@ def cosine_matrix(samples: list[torch.Tensor]) -> torch.Tensor:
 
 def latent_rank(ratio: float, group: int, d_kv: int, step: int, hidden: int) -> int:
     """Rank of a merged group of `group` layers that keeps (1 − ratio) of their K/V elements, on the rank grid."""
-    rank = int((1 - ratio) * group * 2 * d_kv) // step * step
+    rank = int((1 - ratio) * group_elements("keep", group, 0, d_kv)) // step * step
     return max(min(step, hidden), min(rank, hidden))
 
 

@@ -10,6 +10,7 @@ import importlib
 import inspect
 from dataclasses import dataclass
 
+from .checkpoint.format import group_elements
 from .errors import UnsupportedModelError
 
 
@@ -69,7 +70,7 @@ class ArchFacts:
     @property
     def kv_elements_per_token(self) -> int:
         """Elements a full K/V cache holds per token over all layers."""
-        return 2 * self.d_kv * self.num_layers
+        return group_elements("keep", self.num_layers, 0, self.d_kv)
 
     def runtime_block(self) -> dict:
         """The resolved flags the runtime reads from `commonkv.arch` (no family branches in the runtime)."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .checkpoint.format import group_elements
 from .errors import PlanError
 from .factorize import Candidate
 
@@ -41,12 +42,12 @@ def candidate_options(cand: Candidate, key_weight: float = 1.0, value_weight: fl
     for idx, rank in enumerate(cand.ranks.tolist()):
         errors = {l: (float(cand.err_k[l][idx]), float(cand.err_v[l][idx])) for l in layers}
         loss = sum(key_weight * k + value_weight * v for k, v in errors.values())
-        out.append(Option(layers[0], len(layers), mode, rank, rank, loss, errors))
+        out.append(Option(layers[0], len(layers), mode, rank, group_elements(mode, len(layers), rank, 0), loss, errors))
     return out
 
 
 def keep_option(layer: int, d_kv: int) -> Option:
-    return Option(layer, 1, "keep", 0, 2 * d_kv, 0.0, {layer: (0.0, 0.0)})
+    return Option(layer, 1, "keep", 0, group_elements("keep", 1, 0, d_kv), 0.0, {layer: (0.0, 0.0)})
 
 
 def allocate(options: list[Option], num_layers: int, budget: int) -> list[Option]:

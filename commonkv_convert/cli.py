@@ -166,12 +166,14 @@ def convert(
 
 
 def _plan_rows(analysis) -> list[dict]:
+    from .checkpoint.format import group_elements
+
     rows = []
     for opt in analysis.plan:
         k = sum(e[0] for e in opt.errors.values()) / opt.size
         v = sum(e[1] for e in opt.errors.values()) / opt.size
         rows.append({"layers": opt.layers, "mode": opt.mode, "rank": opt.rank,
-                     "elements_before": 2 * analysis.facts.d_kv * opt.size, "elements_after": opt.cost,
+                     "elements_before": group_elements("keep", opt.size, 0, analysis.facts.d_kv), "elements_after": opt.cost,
                      "key_error": round(k, 5), "value_error": round(v, 5)})
     return rows
 

@@ -1,5 +1,6 @@
 """The checkpoint format, in one place: file names, the runtime files every checkpoint ships, the config
-block's version, and the structural check of a safetensors shard that `push` runs before uploading.
+block's version, the cache elements a group stores per token (`group_elements`), and the structural check
+of a safetensors shard that `push` runs before uploading.
 
 The block's schema itself is checked by the runtime (`CommonKVConfig.check_block`), because a checkpoint
 loaded without this package must refuse a damaged block just the same.
@@ -11,7 +12,9 @@ import json
 import struct
 from pathlib import Path
 
-from ..runtime.configuration_commonkv import FORMAT_VERSION, TESTED_TRANSFORMERS
+from ..runtime.configuration_commonkv import FORMAT_VERSION, TESTED_TRANSFORMERS, group_elements
+
+__all__ = ["group_elements"]  # the per-token formula lives with the runtime (a checkpoint must count alone)
 
 RUNTIME_DIR = Path(__file__).resolve().parent.parent / "runtime"
 # Every module of the runtime package but its __init__ (which registers the classes with the Auto API):

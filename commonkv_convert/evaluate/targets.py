@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
+from ..checkpoint.format import group_elements
 from ..checkpoint.reader import open_model
 from ..errors import UserInputError
 from .baselines import averaged_cache_factory
@@ -47,7 +48,7 @@ def full_kv_elements_per_token(config) -> int:
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    return text.num_hidden_layers * 2 * kv_heads * head_dim
+    return group_elements("keep", text.num_hidden_layers, 0, kv_heads * head_dim)
 
 
 def load_target(model: str, *, dtype: torch.dtype = torch.float32, device: str | None = None,

@@ -30,6 +30,15 @@ SCALE_BYTES = 2  # quantization mins and steps are stored as float16
 POSITION_BYTES = 4  # positions of the tokens kept by eviction, int32
 
 
+def group_elements(mode: str, layers: int, rank: int, d_kv: int) -> int:
+    """Cache elements one group of `layers` layers stores per token: K and V of each (`keep`, d_kv = KV heads ×
+    head dim), a latent of each (`per_layer`) or one latent for all (`merged`). The one per-token formula:
+    the planner, the config, inspect, validation, eval and the card all count with it."""
+    if mode == "keep":
+        return 2 * d_kv * layers
+    return rank if mode == "merged" else rank * layers
+
+
 class CheckpointError(ValueError):
     """A checkpoint that must not load: a missing, malformed or too new config block, or weights missing."""
 
@@ -264,19 +273,12 @@ class CommonKVConfig(PretrainedConfig):
     def group_elements_per_token(self) -> list[int]:
         """Cache elements each group stores per token; for weighted groups the asymptotic figure (r per token
         for the group: the per-layer sinks and recent window are a constant, see `cache_elements`)."""
-        full = 2 * self.num_key_value_heads * self.head_dim
         sharers = set(self.sharing_pairs())
-        out = []
-        for group in self.commonkv["groups"]:
-            if sharers.issuperset(group["layers"]):
-                out.append(0)  # KVSharer: these layers read another layer's cache
-            elif group["mode"] == "keep":
-                out.append(full * len(group["layers"]))
-            elif group["mode"] == "merged":
-                out.append(int(group["rank"]))
-            else:
-                out.append(int(group["rank"]) * len(group["layers"]))
-        return out
+        d_kv = self.num_key_value_heads * self.head_dim
+        # KVSharer: a group of sharers reads another layer's cache and stores nothing
+        return [0 if sharers.issuperset(g["layers"]) else
+                group_elements(g["mode"], len(g["layers"]), int(g.get("rank", 0)), d_kv)
+                for g in self.commonkv["groups"]]
 
     def kv_elements_per_token(self) -> int:
         """Cache elements stored per token over all layers (see `group_elements_per_token`)."""
@@ -292,19 +294,12 @@ class CommonKVConfig(PretrainedConfig):
         the chunking of prefill and decode.
         """
         total = 0
-        sharers = set(self.sharing_pairs())
-        for group in self.commonkv["groups"]:
-            if sharers.issuperset(group["layers"]):
-                continue  # KVSharer: these layers read another layer's cache
-            if group["mode"] == "merged" and group.get("merge", "anchor") == "weighted":
+        for group, per_token in zip(self.commonkv["groups"], self.group_elements_per_token()):
+            if per_token and group["mode"] == "merged" and group.get("merge", "anchor") == "weighted":
                 sinks, recent, merged = weighted_split(tokens, group)
                 total += int(group["rank"]) * (len(group["layers"]) * (sinks + recent) + merged)
-            elif group["mode"] == "keep":
-                total += 2 * self.num_key_value_heads * self.head_dim * len(group["layers"]) * tokens
-            elif group["mode"] == "merged":
-                total += int(group["rank"]) * tokens
             else:
-                total += int(group["rank"]) * len(group["layers"]) * tokens
+                total += per_token * tokens
         return total
 
     def kv_options(self) -> KVCacheOptions | None:
@@ -341,7 +336,7 @@ class CommonKVConfig(PretrainedConfig):
         return total * batch
 
     def full_kv_elements_per_token(self) -> int:
-        return 2 * self.num_key_value_heads * self.head_dim * self.num_hidden_layers
+        return group_elements("keep", self.num_hidden_layers, 0, self.num_key_value_heads * self.head_dim)
 
 
 def _release(version: str) -> tuple[int, ...]:
@@ -359,5 +354,5 @@ def weighted_split(tokens: int, group: dict) -> tuple[int, int, int]:
     return sinks, recent, rest - recent
 
 
-__all__ = ["CheckpointError", "CommonKVConfig", "LayerRole", "KVCacheOptions", "FORMAT_VERSION", "TESTED_TRANSFORMERS", "MODES", "MERGE_MODES", "SHARING_PATHS",
+__all__ = ["group_elements", "CheckpointError", "CommonKVConfig", "LayerRole", "KVCacheOptions", "FORMAT_VERSION", "TESTED_TRANSFORMERS", "MODES", "MERGE_MODES", "SHARING_PATHS",
            "weighted_split"]
