@@ -298,6 +298,8 @@ def evaluate(
     windows: Annotated[int, typer.Option(help="ctx-ppl / ppl: text windows.")] = 8,
     depths: Annotated[str, typer.Option(help="needle: depths as fractions of the context.")] = "0.1,0.3,0.5,0.7,0.9",
     samples: Annotated[int, typer.Option(help="ruler: probes per task and context.")] = 3,
+    ask_after: Annotated[bool, typer.Option("--ask-after", help="needle/ruler: compress the context first, then ask "
+                                                               "the question (eviction cannot see what is asked).")] = False,
     baseline: Annotated[Optional[str], typer.Option(help="Compress a stock model's cache at run time: average (MiniCache-style).")] = None,
     ratio: Annotated[Optional[float], typer.Option(help="--baseline: fraction of the cache to remove.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
@@ -319,7 +321,8 @@ def evaluate(
 
     task_list = parse_tasks(tasks)
     settings = EvalSettings(contexts=_int_list(context, "--context"), ctx_len=ctx_len, eval_len=eval_len,
-                            windows=windows, depths=_float_list(depths, "--depths"), samples=samples)
+                            windows=windows, depths=_float_list(depths, "--depths"), samples=samples,
+                            ask_after=ask_after)
     settings.check()
     if plot is not None:
         from .evaluate.plots import require_matplotlib

@@ -63,10 +63,22 @@ def test_probes_are_deterministic_and_hold_their_needles(smollm2_tokenizer):
             text = tok.decode(a.prompt)
             assert all(answer in text for answer in a.answers) or task == "vt"
             assert text.rstrip().endswith((" is", "are", ":"))  # ends at the start of the answer
+            assert tok.decode(a.prompt[a.question_at:]).startswith("\n\nQuestion:")
+            assert all(answer in tok.decode(a.prompt[:a.question_at]) for answer in a.answers) or task == "vt"
     depths = [p.depth for p in make_probes(tok, "niah", 2048, 3, depths=(0.1, 0.5, 0.9))]
     assert depths == [0.1, 0.5, 0.9]
     low, high = (tok.decode(p.prompt).find("special magic number") for p in make_probes(tok, "niah", 2048, 2, depths=(0.1, 0.9)))
     assert 0 < low < high
+
+
+def test_asking_after_the_prefill_changes_nothing_for_an_uncompressed_cache(tiny_model_dirs):
+    """`ask_after` splits the prompt into two forwards; only a cache that compresses after its prefill (eviction)
+    may answer differently."""
+    from commonkv_convert.evaluate.retrieval import greedy_answer
+
+    model = load_target(str(tiny_model_dirs["llama"])).model
+    prompt = torch.randint(0, 256, (90,), generator=torch.Generator().manual_seed(1))
+    assert greedy_answer(model, prompt, 12) == greedy_answer(model, prompt, 12, question_at=70)
 
 
 def test_every_task_runs_and_repeats(tiny_ckpt):

@@ -40,6 +40,7 @@ class Probe:
     prompt: torch.Tensor  # [T] token ids
     answers: tuple[str, ...]  # strings the output must contain
     max_new_tokens: int
+    question_at: int  # prompt[question_at:] is the question (and the start of the answer)
 
 
 @lru_cache(maxsize=4)
@@ -128,17 +129,27 @@ def make_probes(tokenizer: PreTrainedTokenizerBase, task: str, context: int, sam
             raise ValueError(f"unknown retrieval task {task!r}; known: {', '.join(RULER_TASKS)}")
         prompt = build_prompt(tokenizer, context, needles, question, offset)
         width = sum(len(_ids(tokenizer, " " + a)) + 2 for a in answers) + 2
-        probes.append(Probe(task, context, round(depth, 3), prompt, answers, width))
+        at = len(prompt) - len(_ids(tokenizer, question))
+        probes.append(Probe(task, context, round(depth, 3), prompt, answers, width, at))
     return probes
 
 
 @torch.inference_mode()
 def greedy_answer(model: PreTrainedModel, prompt: torch.Tensor, max_new_tokens: int,
-                  new_cache: Callable[[], Cache | None] = lambda: None) -> list[int]:
+                  new_cache: Callable[[], Cache | None] = lambda: None, question_at: int | None = None) -> list[int]:
     """Prefill the prompt into the cache, then decode greedily at explicit positions (so a cache that keeps
-    fewer tokens than it has seen, e.g. after eviction, still decodes at the true positions)."""
+    fewer tokens than it has seen, e.g. after eviction, still decodes at the true positions).
+
+    With `question_at`, only prompt[:question_at] is prefilled (and compressed, where the cache compresses
+    after a prefill); the question follows in a second forward: eviction cannot know what will be asked."""
     ids = prompt.reshape(1, -1).to(model.device)
-    out = model(input_ids=ids, past_key_values=new_cache(), use_cache=True, logits_to_keep=1)
+    if question_at is None:
+        out = model(input_ids=ids, past_key_values=new_cache(), use_cache=True, logits_to_keep=1)
+    else:
+        context = model(input_ids=ids[:, :question_at], past_key_values=new_cache(), use_cache=True, logits_to_keep=1)
+        position = torch.arange(question_at, ids.shape[1], device=model.device).unsqueeze(0)
+        out = model(input_ids=ids[:, question_at:], past_key_values=context.past_key_values, position_ids=position,
+                    use_cache=True, logits_to_keep=1)
     tokens = [int(out.logits[0, -1].argmax())]
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     stop = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
@@ -153,10 +164,12 @@ def greedy_answer(model: PreTrainedModel, prompt: torch.Tensor, max_new_tokens: 
 
 
 def score_probe(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, probe: Probe,
-                new_cache: Callable[[], Cache | None] = lambda: None) -> dict:
-    """Recall of the probe's answers in the greedy output, and the output itself (for reading failures)."""
-    text = tokenizer.decode(greedy_answer(model, probe.prompt, probe.max_new_tokens, new_cache),
-                            skip_special_tokens=True)
+                new_cache: Callable[[], Cache | None] = lambda: None, ask_after: bool = False) -> dict:
+    """Recall of the probe's answers in the greedy output, and the output itself (for reading failures).
+    `ask_after`: the context is compressed before the question is seen (see `greedy_answer`)."""
+    answer = greedy_answer(model, probe.prompt, probe.max_new_tokens, new_cache,
+                           probe.question_at if ask_after else None)
+    text = tokenizer.decode(answer, skip_special_tokens=True)
     found = sum(answer in text for answer in probe.answers)
     return {"task": probe.task, "context": probe.context, "depth": probe.depth,
             "score": found / len(probe.answers), "output": text.strip()}

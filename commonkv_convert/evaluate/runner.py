@@ -39,6 +39,7 @@ class EvalSettings:
     samples: int = 3  # probes per RULER task and context
     new_tokens: int = 32  # speed: decode steps
     seed: int = 0
+    ask_after: bool = False  # needle / ruler: compress the context before the question is seen
 
     def check(self) -> None:
         if not self.contexts or min(self.contexts) < 64:
@@ -112,7 +113,7 @@ def _needle(target: EvalTarget, s: EvalSettings, reporter: Reporter) -> dict:
     rows = []
     with reporter.stage("needle", len(probes)) as bar:
         for probe in probes:
-            rows.append(score_probe(target.model, target.tokenizer, probe, target.new_cache))
+            rows.append(score_probe(target.model, target.tokenizer, probe, target.new_cache, s.ask_after))
             bar.advance(f"{probe.context} @ {probe.depth:g}: {rows[-1]['score']:g}")
     return {"accuracy": round(mean(r["score"] for r in rows), 4), "by_context": _probes_result(rows, "context"),
             "probes": rows}
@@ -124,7 +125,7 @@ def _ruler(target: EvalTarget, s: EvalSettings, reporter: Reporter) -> dict:
     rows = []
     with reporter.stage("ruler", len(probes)) as bar:
         for probe in probes:
-            rows.append(score_probe(target.model, target.tokenizer, probe, target.new_cache))
+            rows.append(score_probe(target.model, target.tokenizer, probe, target.new_cache, s.ask_after))
             bar.advance(f"{probe.task} {probe.context}: {rows[-1]['score']:g}")
     by_task = {task: _probes_result([r for r in rows if r["task"] == task], "context") for task in s.ruler_tasks}
     return {"score": round(mean(r["score"] for r in rows), 4),
