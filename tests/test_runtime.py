@@ -17,7 +17,7 @@ from commonkv_convert.runtime import load_checkpoint
 from commonkv_convert.runtime.modeling_commonkv import LatentLayer
 from commonkv_convert.testing import TINY_FAMILIES
 
-from .helpers import left_padded
+from .helpers import convert_tiny, left_padded
 
 FAMILIES = list(TINY_FAMILIES)
 
@@ -56,6 +56,18 @@ def test_exact_conversion_generates_source_tokens(family, tiny_model_dirs, exact
     converted = load_checkpoint(exact_dirs[family], dtype=torch.float32)
     prompt = _ids(1, 12, 3)
     kwargs = dict(max_new_tokens=24, do_sample=False, pad_token_id=257)
+    assert torch.equal(source.generate(prompt, **kwargs), converted.generate(prompt, **kwargs))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_ratio_zero_checkpoint_generates_source_tokens(family, tiny_model_dirs, tmp_path):
+    """`--ratio 0` keeps every layer's K/V: generate() must be the source's, token for token (transformers 5.24's
+    `cache=` once made it `Paris-----…`)."""
+    source = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[family], dtype=torch.float32).eval()
+    converted = load_checkpoint(convert_tiny(tiny_model_dirs[family], tmp_path / "r0", ratio=0.0), dtype=torch.float32)
+    assert all(g["mode"] == "keep" for g in converted.config.commonkv["groups"])
+    prompt = _ids(1, 10, 4)
+    kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=257)
     assert torch.equal(source.generate(prompt, **kwargs), converted.generate(prompt, **kwargs))
 
 
