@@ -102,7 +102,8 @@ def _option_flags(fn):
         names = f.metadata["flags"] or (f"--{f.name.replace('_', '-')}",)
         default = "" if f.default is None else f" (default {f.default})"
         info = typer.Option(*names, help=f.metadata["help"] + default, rich_help_panel=f.metadata["part"] + " options")
-        generated.append(Parameter(f.name, Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], info]))
+        generated.append(Parameter(f.name, Parameter.KEYWORD_ONLY, default=None,
+                                   annotation=Annotated[Optional[kind], info]))
     written = signature(fn, eval_str=True)
     own = [p for p in written.parameters.values() if p.kind is not Parameter.VAR_KEYWORD]
     fn.__signature__ = written.replace(parameters=own + generated)

@@ -27,7 +27,8 @@ class ConvertOptions:
     """Every option of a conversion, validated once when constructed; the recipe YAML is its flat dict."""
 
     ratio: float = option(0.5, "Fraction of KV-cache memory to remove, in [0, 1).", BUDGET, sweep=True)
-    group_size: int = option(4, "Largest number of adjacent layers that may share one latent (1: no merging).", BUDGET, sweep=True)
+    group_size: int = option(4, "Largest number of adjacent layers that may share one latent (1: no merging).",
+                             BUDGET, sweep=True)
     calib: Path | None = option(None, "Calibration text, .txt or .jsonl with {\"text\": ...} lines; default: bundled "
                                       "prompts.", CALIBRATION)
     samples: int = option(32, "Calibration sequences.", CALIBRATION)
@@ -38,7 +39,8 @@ class ConvertOptions:
                              FACTORIZATION, "--plain-svd/--whitened-svd")
     allocator: str = option("optimal", "optimal (search) or uniform (same group size and rank).", BUDGET, sweep=True)
     allow_keep: bool = option(True, "Let the allocator leave layers uncompressed (--no-keep: every layer gets a "
-                                    "latent, up to full rank; for exactness checks).", BUDGET, "--keep/--no-keep", sweep=True)
+                                    "latent, up to full rank; for exactness checks).", BUDGET, "--keep/--no-keep",
+                             sweep=True)
     balance: bool = option(True, "Equalize key and value energy before the joint SVD.", FACTORIZATION,
                            "--balance/--no-balance")
     value_metric: str = option("output", "Measure value error after o_proj (output) or as is (plain).", FACTORIZATION)
@@ -64,10 +66,11 @@ class ConvertOptions:
     allow_pickle: bool = option(False, "Allow loading pickle (.bin) weights.", OUTPUT,
                                 "--allow-pickle/--no-allow-pickle")
     revision: str | None = option(None, "Hub revision (branch, tag or commit).", OUTPUT)
-    validate: bool = option(True, "Compare logits and cache bytes after writing.", OUTPUT, "--validate/--no-validate", sweep=True)
+    validate: bool = option(True, "Compare logits and cache bytes after writing.", OUTPUT, "--validate/--no-validate",
+                            sweep=True)
     max_kl: float = option(2.0, "Validation fails (exit 7, output removed) when the mean KL(source ‖ converted) of "
-                                "the next-token distributions exceeds this many nats; a broken conversion scores 3+, "
-                                "SmolLM2 at ratio 0.5 about 0.2.", OUTPUT, sweep=True)
+                                "the next-token distributions exceeds this many nats (SmolLM2 at ratio 0.5: 0.2).",
+                           OUTPUT, sweep=True)
     device: str = option("auto", "Where calibration and factorization run: cpu, cuda (all GPUs, layers round-robin), "
                                  "cuda:N or auto.", CALIBRATION)
 
