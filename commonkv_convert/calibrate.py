@@ -19,7 +19,7 @@ from transformers import AutoConfig
 
 from .architectures import ArchFacts
 from .checkpoint.reader import SourceModel
-from .memory import release_memory
+from .memory import frozen_heap, release_memory
 from .progress import Reporter
 from .resume import ActivationState
 
@@ -132,7 +132,8 @@ def calibrate(
             window.extend(state.load("x", j) for j in range(max(0, start - window.maxlen), start))
     kept = torch.linspace(0, tokens.numel() - 1, min(keep_tokens, tokens.numel())).long() if keep_tokens else None
 
-    with torch.inference_mode(), reporter.stage("Calibrating", facts.num_layers - start) as bar:
+    stage = reporter.stage("Calibrating", facts.num_layers - start)
+    with torch.inference_mode(), frozen_heap(), stage as bar:
         for i in range(start, facts.num_layers):
             device = devices[i % len(devices)]
             layer = load_layer(source, facts, cfg, i).to(device)

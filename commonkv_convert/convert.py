@@ -20,7 +20,7 @@ from .architectures import ArchFacts, layer_types, resolve
 from .budget import Option, allocate, candidate_options, keep_option, plan_cost, uniform
 from .calibrate import CalibrationResult, LayerStats, base_config, calibrate, resolve_devices
 from .calibration_data import DEFAULT_CALIBRATION, fingerprint, read_texts, token_sequences
-from .checkpoint.card import render_card
+from .checkpoint.card import hub_base_model, render_card
 from .checkpoint.format import (CARD_FILE, CONFIG_FILE, RECIPE_FILE, REPORT_FILE, RUNTIME_DIR, RUNTIME_FILES,
                                 block_version, runtime_fields)
 from .checkpoint.reader import SourceModel, open_model
@@ -195,6 +195,7 @@ def analyze_source(source: SourceModel, options: ConvertOptions, reporter: Repor
         cross = {split: list(range(max(0, l - group + 1), l)) if group > 1 else [] for split in ("fit", "held_out")}
         window.append(LayerStats(l, *work.grams(l, ["fit", "held_out"], cross)))
     transforms: dict[int, torch.Tensor] = {}
+    weights: dict[int, torch.Tensor] = {}
     devices = resolve_devices(options.device)
     dev = devices[0]  # factorization runs on the first device; its results come back to the CPU
     result = CalibrationResult()
@@ -209,8 +210,8 @@ def analyze_source(source: SourceModel, options: ConvertOptions, reporter: Repor
         everything[stats.layer] = _summary(stats)
         live = {s.layer: s for s in window}
         transforms = {l: transforms[l] if l in transforms else _row_transform(source, facts, live[l], options)
-                      for l in live}  # only the window's: this dict must not grow with the model
-        weights = {l: (transforms[l] @ _kv_weight(source, l)).to(dev) for l in live}
+                      for l in live}  # only the window's: these dicts must not grow with the model
+        weights = {l: weights[l] if l in weights else (transforms[l] @ _kv_weight(source, l)).to(dev) for l in live}
         for size in range(1, min(options.group_size, stats.layer + 1) + 1):
             first = stats.layer - size + 1
             span = {l: weights[l] for l in range(first, stats.layer + 1)}
@@ -477,8 +478,10 @@ def write_checkpoint(source: SourceModel, analysis: Analysis, block: dict, out_d
         for path in source.tokenizer_files():
             writer.copy_file(path, path.name)
         writer.write_text(RECIPE_FILE, options.to_yaml())
+        base_model = options.base_model or hub_base_model(source.model_id, source.config)
         writer.write_text(CARD_FILE, render_card(block, source.model_id, out_dir.name, command,
-                                                   facts.kv_elements_per_token, analysis.elements))
+                                                 facts.kv_elements_per_token, analysis.elements,
+                                                 base_model=base_model))
         return writer.finalize()
 
 

@@ -90,17 +90,18 @@ def factorize(
         return fit(l, predictor) + ridge if l == predictor else fit(l, predictor)
 
     g_pp = g_pp + ridge
+    w_cross = {l: weights[l] @ cross(l) for l in layers}  # W_l C_lp, read by the SVD target and the refit
     if whiten:
         chol = damped_cholesky(g_pp, 0.0)
         # M L = W_l C_lp G_pp⁻¹ L = W_l C_lp L⁻ᵀ  (stacked over l); L⁻ᵀ via a triangular solve
-        targets = torch.cat([weights[l] @ cross(l) for l in layers])  # [Σ rows, d]
+        targets = torch.cat([w_cross[l] for l in layers])  # [Σ rows, d]
         whitened = torch.linalg.solve_triangular(chol, targets.T, upper=False).T
         vh = _right_singular_vectors(whitened, r_max)
         down = torch.linalg.solve_triangular(chol.T, vh.T, upper=True).T  # V_rᵀ L⁻¹
     else:
         down = _right_singular_vectors(torch.cat([weights[l] for l in layers]), r_max)
     down = _orthonormalize(down, g_pp)
-    up = {l: weights[l] @ cross(l) @ down.T for l in layers}  # least squares, since A G Aᵀ = I
+    up = {l: w_cross[l] @ down.T for l in layers}  # least squares, since A G Aᵀ = I
 
     p_ho = down @ held_out(predictor, predictor) @ down.T
     err_k, err_v = {}, {}
@@ -151,8 +152,10 @@ def _error_by_rank(b, q, p, total, ranks) -> torch.Tensor:
 def cosine_from_grams(cross: torch.Tensor, gram_a: torch.Tensor, gram_b: torch.Tensor,
                       proj: torch.Tensor | None = None) -> float:
     """Frobenius cosine of P X_a and P X_b over all tokens, from X_a X_bᵀ and the two Grams (P = I if None)."""
-    def trace(m: torch.Tensor) -> torch.Tensor:  # tr(P M Pᵀ) without forming the product
-        return m.trace() if proj is None else ((proj @ m) * proj).sum()
+    outer = None if proj is None else proj.T @ proj  # tr(P M Pᵀ) = Σ M ∘ PᵀP: one d × d product for all three
+
+    def trace(m: torch.Tensor) -> torch.Tensor:
+        return m.trace() if outer is None else (m * outer).sum()
     return float(trace(cross) / (trace(gram_a) * trace(gram_b)).sqrt().clamp_min(1e-30))
 
 

@@ -6,6 +6,8 @@ import ctypes
 import gc
 import resource
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def peak_rss_bytes() -> int:
@@ -21,3 +23,19 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
+
+
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Keep the objects alive now (transformers' modules: ~300k) out of every later garbage collection.
+
+    `release_memory` runs once per layer; a full collection scans every tracked object and cost 0.25 s per
+    call on SmolLM2 (8 s of a 30-layer conversion), although none of those objects ever becomes garbage.
+    Not nestable (gc.freeze is process-wide): the calibration loop is the one user.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

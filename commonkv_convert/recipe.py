@@ -66,6 +66,9 @@ class ConvertOptions:
     allow_pickle: bool = option(False, "Allow loading pickle (.bin) weights.", OUTPUT,
                                 "--allow-pickle/--no-allow-pickle")
     revision: str | None = option(None, "Hub revision (branch, tag or commit).", OUTPUT)
+    base_model: str | None = option(None, "Hub id of the source model, for the card's base_model (default: MODEL when "
+                                          "it is a Hub id, else the id its config records in _name_or_path).", OUTPUT,
+                                    sweep=True)
     validate: bool = option(True, "Compare logits and cache bytes after writing.", OUTPUT, "--validate/--no-validate",
                             sweep=True)
     max_kl: float = option(2.0, "Validation fails (exit 7, output removed) when the mean KL(source ‖ converted) of "
@@ -111,6 +114,7 @@ class ConvertOptions:
         if self.value_metric not in ("output", "plain"):
             raise UserInputError(f"value_metric {self.value_metric!r} is unknown. To resolve, pass output or plain.")
         self._check_sharing()
+        self._check_base_model()
         # Imported here: both pull in torch, which `commonkv --version` and `--help` should not wait for.
         from .calibration_data import check_file
         from .checkpoint.writer import parse_size
@@ -118,6 +122,13 @@ class ConvertOptions:
         parse_size(self.max_shard_size)
         if self.calib is not None:
             check_file(Path(self.calib))
+
+    def _check_base_model(self) -> None:
+        from .checkpoint.card import is_hub_id
+
+        if self.base_model is not None and not is_hub_id(self.base_model):
+            raise UserInputError(f"--base-model {self.base_model!r} is not a Hub id. To resolve, pass namespace/name, "
+                                 "e.g. HuggingFaceTB/SmolLM2-135M-Instruct.")
 
     def _check_sharing(self) -> None:
         methods = ("commonkv", "kvsharer", "commonkv+kvsharer")
@@ -174,6 +185,8 @@ def _recipe_value(path: Path, key: str, value, default):
         return None
     if key == "calib" and isinstance(value, str):
         return Path(value)
+    if key == "base_model" and isinstance(value, str):
+        return value
     if key == "revision" and isinstance(value, (str, int)) and not isinstance(value, bool):
         return str(value)  # YAML reads an all-digit commit prefix as a number
     if key == "max_shard_size" and isinstance(value, int) and not isinstance(value, bool):

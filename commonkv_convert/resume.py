@@ -2,8 +2,8 @@
 
     OUT/../.OUT.commonkv-work/
       manifest.json                fingerprint; layers calibrated and factorized; shards written (+ sha256)
-      act/{kind}-{layer}.pt        calibration activations needed to continue at the next layer
-      grams/{layer}.pt             Grams of the layers a later span may still read (dropped after)
+      act/{kind}-{layer}.safetensors  calibration activations needed to continue at the next layer
+      grams/{layer}.safetensors    Grams of the layers a later span may still read (dropped after)
       layers/{layer}.pt            per-layer scalars (similarities, token counts)
       candidates/{first}-{size}.pt factors and held-out errors of every candidate span
       out/                         the checkpoint being written, renamed to OUT when complete
@@ -32,6 +32,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from . import __version__
 from .errors import UserInputError
@@ -49,7 +51,7 @@ class LazyGrams(Mapping):
     def __getitem__(self, key) -> torch.Tensor:
         if key not in self._keys:
             raise KeyError(key)
-        return torch.load(self._path, weights_only=True, mmap=True)[str(key)].clone()
+        return read_tensor(self._path, str(key))
 
     def __iter__(self) -> Iterator:
         return iter(self._keys)
@@ -113,11 +115,11 @@ class WorkDir:
         """Record that `layer` is calibrated and factorized; drop files no later stage reads."""
         self.manifest["layers_done"] = layer + 1
         self._write_manifest()
-        for file in (self.root / "act").glob("*.pt"):
+        for file in (self.root / "act").glob("*.safetensors"):
             kind, _, idx = file.stem.rpartition("-")
             if int(idx) < keep_from.get(kind, 0):
                 file.unlink(missing_ok=True)
-        for file in (self.root / "grams").glob("*.pt"):
+        for file in (self.root / "grams").glob("*.safetensors"):
             if int(file.stem) < keep_from["grams"]:
                 file.unlink(missing_ok=True)
         crash_point("layer", layer + 1)
@@ -161,15 +163,23 @@ class WorkDir:
     def load(self, rel: str):
         return torch.load(self.root / rel, weights_only=True)
 
+    def save_tensors(self, rel: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Plain tensors as safetensors (atomic like `save`): no pickle and no CRC pass, so the ~50 MB of
+        activations and Grams saved per SmolLM2 layer cost a plain write, and one Gram reads back alone."""
+        path = self.root / rel
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+        tmp.replace(path)
+
     def save_grams(self, layer: int, gram: dict, cross: dict) -> tuple[LazyGrams, dict[str, LazyGrams]]:
         """Write a layer's Grams to disk and return lazy views that read them back on demand."""
         flat = {split: g for split, g in gram.items()}
         flat.update({f"{split}/{j}": c for split, per in cross.items() for j, c in per.items()})
-        self.save(f"grams/{layer}.pt", {k: v.cpu() for k, v in flat.items()})
+        self.save_tensors(f"grams/{layer}.safetensors", flat)
         return self.grams(layer, list(gram), {split: list(per) for split, per in cross.items()})
 
     def grams(self, layer: int, splits: list[str], cross: dict[str, list[int]]) -> tuple[LazyGrams, dict]:
-        path = self.root / f"grams/{layer}.pt"
+        path = self.root / f"grams/{layer}.safetensors"
         lazy = {split: _CrossView(path, split, js) for split, js in cross.items()}
         return LazyGrams(path, list(splits)), lazy
 
@@ -190,7 +200,7 @@ class _CrossView(Mapping):
     def __getitem__(self, j: int) -> torch.Tensor:
         if j not in self._js:
             raise KeyError(j)
-        return torch.load(self._path, weights_only=True, mmap=True)[f"{self._split}/{j}"].clone()
+        return read_tensor(self._path, f"{self._split}/{j}")
 
     def __iter__(self) -> Iterator:
         return iter(self._js)
@@ -207,10 +217,10 @@ class ActivationState:
         self.work, self.start = work, start
 
     def save(self, kind: str, layer: int, tensor: torch.Tensor) -> None:
-        self.work.save(f"act/{kind}-{layer}.pt", tensor.detach().cpu())
+        self.work.save_tensors(f"act/{kind}-{layer}.safetensors", {kind: tensor})
 
     def load(self, kind: str, layer: int) -> torch.Tensor:
-        return self.work.load(f"act/{kind}-{layer}.pt")
+        return read_tensor(self.work.root / f"act/{kind}-{layer}.safetensors", kind)
 
     @staticmethod
     def keep_from(layer_done: int, max_group: int) -> dict[str, int]:
@@ -218,6 +228,12 @@ class ActivationState:
         nxt = layer_done + 1
         return {"hidden": nxt - 1, "key": nxt - 1, "value": nxt - 1, "x": nxt - max(max_group - 1, 1),
                 "grams": nxt - max_group + 1}
+
+
+def read_tensor(path: Path, key: str) -> torch.Tensor:
+    """One tensor of a safetensors file, read on its own (the file's other tensors are not touched)."""
+    with safe_open(path, framework="pt") as f:
+        return f.get_tensor(key)
 
 
 def fingerprint(options: dict, source_path: Path, weight_files: list[Path], config: dict, tokens_sha: str) -> str:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from huggingface_hub import ModelCard
 
-from commonkv_convert.checkpoint.card import evaluation_markdown, refresh_card, render_card, update_card
+from commonkv_convert.checkpoint.card import evaluation_markdown, hub_base_model, refresh_card, render_card, update_card
 
 BLOCK = {
     "ratio": {"requested": 0.5, "achieved": 0.5104},
@@ -19,8 +20,11 @@ BLOCK = {
 COMMAND = "commonkv convert HuggingFaceTB/SmolLM2-135M-Instruct out --ratio 0.5"
 
 
-def _card(base: str = "HuggingFaceTB/SmolLM2-135M-Instruct") -> str:
-    return render_card(BLOCK, base, "smol-ckv", COMMAND, full_elements=1024, elements=416)
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def _card(source: str = HUB_ID, base_model: str | None = HUB_ID) -> str:
+    return render_card(BLOCK, source, "smol-ckv", COMMAND, full_elements=1024, elements=416, base_model=base_model)
 
 
 def test_front_matter_and_body(tmp_path):
@@ -38,7 +42,27 @@ def test_front_matter_and_body(tmp_path):
 
 
 def test_local_source_has_no_base_model(tmp_path):
-    assert "base_model" not in _card(str(tmp_path)).split("---")[1]
+    card = _card(str(tmp_path), base_model=None)
+    assert "base_model" not in card.split("---")[1] and f"version of `{tmp_path}`" in card
+
+
+def test_local_source_with_a_hub_id_links_it(tmp_path):
+    card = _card(str(tmp_path))
+    assert ModelCard(card).data.base_model == HUB_ID
+    assert f"[`{HUB_ID}`](https://huggingface.co/{HUB_ID})" in card and str(tmp_path) not in card
+    assert f"# {HUB_ID} with a smaller KV cache" in card
+
+
+@pytest.mark.parametrize(("model", "config", "expected"), [
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", {}, "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    ("org/finetune", {"_name_or_path": "org/parent"}, "org/finetune"),  # what was downloaded wins
+    ("/models/smol", {"_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}, "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    ("/models/smol", {"_name_or_path": "/home/me/checkpoints/smol"}, None),
+    ("/models/smol", {"_name_or_path": "./smol"}, None),
+    ("/models/smol", {}, None),
+])
+def test_hub_base_model(model, config, expected):
+    assert hub_base_model(model, config) == expected
 
 
 def test_refresh_points_at_repo_and_renders_eval_once(tmp_path):
@@ -48,6 +72,7 @@ def test_refresh_points_at_repo_and_renders_eval_once(tmp_path):
     assert update_card(tmp_path, "org/SmolLM2-ckv-0.5") is True
     text = (tmp_path / "README.md").read_text()
     assert 'from_pretrained("org/SmolLM2-ckv-0.5", trust_remote_code=True)' in text
+    assert f"# {HUB_ID} with a smaller KV cache" in text  # the base model read back from the front matter
     assert "\n# SmolLM2-ckv-0.5\n" in text and "# smol-ckv" not in text  # the title names the repo
     assert "| ctx-ppl | ppl | 24.91 |" in text and "| ctx-ppl | context | 512 |" in text
     assert update_card(tmp_path, "org/SmolLM2-ckv-0.5") is False  # idempotent

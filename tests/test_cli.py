@@ -282,6 +282,30 @@ def test_every_option_is_a_flag_with_the_library_help_and_default(work: Path, ll
     assert (written["allow_keep"], written["share_threshold"], written["validate"]) == (False, 0.4, False)
 
 
+@pytest.fixture(scope="module")
+def llama_copy(tmp_path_factory: pytest.TempPathFactory, llama: Path) -> Path:
+    """The tiny Llama as a local copy of a Hub model: its config still records the Hub id."""
+    copy = tmp_path_factory.mktemp("local_copy") / "tiny-llama"
+    shutil.copytree(llama, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "_name_or_path": "org/tiny-llama"}))
+    return copy
+
+
+@pytest.mark.parametrize(("flags", "expected"), [([], "org/tiny-llama"), (["--base-model", "other/base"], "other/base")])
+def test_card_of_a_local_conversion_names_its_base_model(work: Path, llama_copy: Path, flags, expected) -> None:
+    code, _, stderr = invoke("convert", llama_copy, OUT, "--ratio", "0.5", *TINY, *flags)
+    assert code == 0, stderr
+    card = huggingface_hub.ModelCard.load(work / OUT / "README.md")
+    assert card.data.base_model == expected
+    assert f"# {expected} with a smaller KV cache" in card.text and str(llama_copy) not in card.text
+
+
+def test_base_model_must_be_a_hub_id(work: Path, llama: Path) -> None:
+    assert_fails(["convert", llama, OUT, "--base-model", "./local/dir", *TINY], UserInputError.exit_code, work,
+                 "--base-model", "not a Hub id")
+
+
 def test_dry_run_prints_plan_and_writes_nothing(work: Path, llama: Path) -> None:
     before = sorted(p.name for p in llama.iterdir())
     code, stdout, stderr = invoke("convert", llama, "--dry-run", "--ratio", "0.5", *TINY)

@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from .format import CARD_FILE, EVAL_FILE
 
@@ -22,7 +24,7 @@ TEMPLATE = """---
 
 # {{ name }}
 
-KV-cache-compressed version of `{{ base_model }}` made with [commonkv](https://pypi.org/project/commonkv/)
+KV-cache-compressed version of {{ source }} made with [commonkv](https://pypi.org/project/commonkv/)
 (CommonKV: cross-layer parameter sharing of the K/V projections via SVD).
 
 - KV cache removed: **{{ achieved_pct }}** of the full cache per token (requested {{ requested_pct }}),
@@ -52,9 +54,11 @@ With `pip install commonkv`, `trust_remote_code` is not needed.
 """
 
 
-def render_card(config_block: dict, base_model: str, name: str, command: str, full_elements: int,
-                elements: int, evaluation: dict | None = None) -> str:
-    """Markdown model card for a converted checkpoint directory."""
+def render_card(config_block: dict, source: str, name: str, command: str, full_elements: int,
+                elements: int, evaluation: dict | None = None, *, base_model: str | None = None) -> str:
+    """Markdown model card for a checkpoint converted from `source` (a path or Hub id, as given). `base_model` is
+    the Hub id of what was converted (see `hub_base_model`): the Hub links the card to it through the front matter.
+    """
     groups = config_block["groups"]
     rows = []
     for g in groups:
@@ -66,7 +70,7 @@ def render_card(config_block: dict, base_model: str, name: str, command: str, fu
             "value_error": f"{errs['value']:.4f}" if errs else "-",
         })
     data = ModelCardData(
-        base_model=base_model if _is_hub_id(base_model) else None,
+        base_model=base_model,
         tags=["commonkv", "kv-cache-compression"],
         library_name="transformers",
         pipeline_tag="text-generation",
@@ -76,7 +80,7 @@ def render_card(config_block: dict, base_model: str, name: str, command: str, fu
         data,
         template_str=TEMPLATE,
         name=name,
-        base_model=base_model,
+        source=f"[`{base_model}`](https://huggingface.co/{base_model})" if base_model else f"`{source}`",
         achieved_pct=f"{ratio['achieved']:.1%}",
         requested_pct=f"{ratio['requested']:.1%}",
         elements=elements,
@@ -84,7 +88,7 @@ def render_card(config_block: dict, base_model: str, name: str, command: str, fu
         n_merged=sum(g["mode"] == "merged" for g in groups),
         n_per_layer=sum(g["mode"] == "per_layer" for g in groups),
         n_keep=sum(len(g["layers"]) for g in groups if g["mode"] == "keep"),
-        load=_section("load", _load_snippet(name)),
+        load=_section("load", _load_snippet(name, base_model)),
         evaluation=_section("eval", evaluation_markdown(evaluation)),
         groups=rows,
         command=command,
@@ -98,7 +102,7 @@ def refresh_card(checkpoint: Path, repo_id: str | None = None) -> str:
     card = ModelCard.load(checkpoint / CARD_FILE)
     text = card.content
     if repo_id is not None:
-        text = _replace_section(text, "load", _load_snippet(repo_id))
+        text = _replace_section(text, "load", _load_snippet(repo_id, card.data.base_model))
         text = re.sub(r"^# .*$", lambda _: f"# {repo_id.split('/')[-1]}", text, count=1, flags=re.M)  # the title
     eval_path = checkpoint / EVAL_FILE
     if eval_path.is_file():
@@ -153,10 +157,12 @@ def _format(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _load_snippet(repo: str) -> str:
+def _load_snippet(repo: str, base_model: str | None) -> str:
+    what = f"{base_model} with a smaller KV cache" if base_model else "the converted model"
     return f"""```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+# {what}
 model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)
 tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)  # reads the shipped config
 ```
@@ -174,6 +180,19 @@ def _replace_section(text: str, name: str, body: str) -> str:
     return text.rstrip("\n") + f"\n\n## {'Evaluation' if name == 'eval' else 'Load'}\n\n" + _section(name, body)
 
 
-def _is_hub_id(model: str) -> bool:
-    """`org/name` (what the Hub's base_model field accepts), not a local path."""
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", model) is not None and not Path(model).exists()
+def hub_base_model(model: str, config: dict) -> str | None:
+    """The Hub id a card names as base_model: MODEL itself when it is one (what was downloaded and converted),
+    else the id a local copy's config still records in `_name_or_path`, else None (a path is no base_model)."""
+    for name in (model, config.get("_name_or_path")):
+        if isinstance(name, str) and is_hub_id(name):
+            return name
+    return None
+
+
+def is_hub_id(name: str) -> bool:
+    """`namespace/name` as the Hub spells repo ids (what base_model accepts), and not an existing local path."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return "/" in name and not Path(name).expanduser().exists()
