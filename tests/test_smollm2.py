@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from commonkv_convert.convert import convert
 from commonkv_convert.evaluate.ppl import compressed_context_ppl
-from commonkv_convert.recipe import ConvertOptions
 from commonkv_convert.runtime import load_checkpoint
 
 from .helpers import check_checkpoint
@@ -18,10 +17,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
-def smollm2_converted(smollm2, tmp_path_factory):
-    out = tmp_path_factory.mktemp("smollm2") / "smollm2-ckv-0.5"
-    convert(str(smollm2), out, ConvertOptions(ratio=0.5))
-    return out
+def smollm2_converted(demo_run) -> Path:
+    """SmolLM2 converted at ratio 0.5 with the default options: the demo's checkpoint (one conversion per session)."""
+    return Path(demo_run["checkpoint"])
 
 
 def test_conversion_reaches_ratio_in_plan_and_bytes(smollm2_converted):

