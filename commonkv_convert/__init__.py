@@ -25,4 +25,7 @@ def __getattr__(name: str):
     import importlib
 
     module, attr = _LAZY[name]
-    return getattr(importlib.import_module(module), attr)
+    value = getattr(importlib.import_module(module), attr)
+    # importing commonkv_convert.convert bound the submodule to the name `convert`: the function wins from now on
+    globals()[name] = value
+    return value

@@ -194,6 +194,10 @@ def write_results(args, results: list[dict], evals: EvalSettings, total: float) 
         f"{total / 60:.1f} min on {torch.get_num_threads()} CPU threads (torch {torch.__version__}). "
         "Calibration: the bundled prompts; evaluation: Paul Graham essays (never in the calibration text).",
         "",
+        *([f"`python scripts/benchmark.py` without `--full` runs {', '.join(FAST_METHODS)} at "
+           f"{' and '.join(f'{r:g}' for r in FAST_RATIOS)} ({1 + len(FAST_METHODS) * len(FAST_RATIOS)} targets, the "
+           "same protocol, so its rows equal these) into docs/results_fast.md, which states its own run time.", ""]
+          if args.full else []),
         f"- **removed**: share of the KV cache removed, from the bytes a real cache held after a "
         f"{MEMORY_CONTEXTS[-1]}-token "
         "prefill, against the full fp32 cache.",
