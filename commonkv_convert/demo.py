@@ -17,7 +17,8 @@ import torch
 from rich.table import Table
 
 from . import __version__
-from .convert import RUNTIME_DIR, RUNTIME_FILES, convert
+from .checkpoint.format import REPORT_FILE, RUNTIME_DIR, RUNTIME_FILES
+from .convert import convert
 from .errors import CommonKVError
 from .evaluate.runner import EvalSettings, headline, run_eval
 from .evaluate.targets import load_target
@@ -75,7 +76,7 @@ def run_demo(root: Path | None = None, reporter: Reporter | None = None) -> dict
 def is_current(checkpoint: Path) -> bool:
     """A complete, validated demo checkpoint written by this version with this runtime: worth reusing."""
     try:
-        report = json.loads((checkpoint / "commonkv_report.json").read_text())
+        report = json.loads((checkpoint / REPORT_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return False
     shipped = [checkpoint / name for name in RUNTIME_FILES]

@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard
 from typer.testing import CliRunner
 
 from commonkv_convert.cli import app
-from commonkv_convert.convert import RUNTIME_FILES
+from commonkv_convert.checkpoint.format import CARD_FILE, REPORT_FILE, RUNTIME_FILES
 from commonkv_convert.demo import SETTINGS, is_current
 from commonkv_convert.smollm2 import HUB_ID
 
@@ -41,11 +41,11 @@ def test_demo_compares_source_and_converted(demo_run: dict) -> None:
 def test_demo_checkpoint_is_complete_names_its_base_and_is_reused(demo_run: dict, tmp_path: Path) -> None:
     checkpoint = Path(demo_run["checkpoint"])
     check_checkpoint(checkpoint)
-    assert ModelCard.load(checkpoint / "README.md").data.base_model == HUB_ID
+    assert ModelCard.load(checkpoint / CARD_FILE).data.base_model == HUB_ID
     assert is_current(checkpoint)
     stale = tmp_path / "stale"
     stale.mkdir()
-    for name in ("commonkv_report.json", *RUNTIME_FILES):
+    for name in (REPORT_FILE, *RUNTIME_FILES):
         shutil.copy(checkpoint / name, stale / name)
     assert is_current(stale)
     (stale / RUNTIME_FILES[-1]).write_text("# an older runtime\n")
