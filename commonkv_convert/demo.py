@@ -32,13 +32,12 @@ CONVERTED = f"{SUBDIR}-commonkv-{RATIO:g}"  # beside the built model in the cach
 PROMPT = "The capital of France is"
 NEW_TOKENS = 12
 TASKS = ["ctx-ppl", "needle", "memory", "speed"]
-# small on purpose (~30 s per model on 2 cores); `commonkv eval` runs the full protocol
 SETTINGS = EvalSettings(contexts=(1024,), ctx_len=512, eval_len=128, windows=2, depths=(0.1, 0.5, 0.9),
                         new_tokens=16)
 SIZES = (f"ctx-ppl: {SETTINGS.windows} essay windows of {SETTINGS.ctx_len} cached + {SETTINGS.eval_len} scored "
          f"tokens; needle: {len(SETTINGS.depths)} depths at {SETTINGS.contexts[0]} tokens; cache bytes and decode "
-         f"speed ({SETTINGS.new_tokens} new tokens) after a {SETTINGS.contexts[0]}-token prompt. Sized for a few "
-         "minutes on 2 CPU cores; `commonkv eval DIR` runs the full protocol.")
+         f"speed ({SETTINGS.new_tokens} new tokens) after a {SETTINGS.contexts[0]}-token prompt. Small on purpose, "
+         "so the demo stays short on a CPU; `commonkv eval DIR` runs the full protocol.")
 
 
 def check_text() -> None:
