@@ -6,7 +6,8 @@
 
 Writes OUT (tables), OUT with .json (every number) and OUT's stem/*.png (quality vs the measured share of the
 cache removed; cache bytes vs context). Both modes evaluate every target the same way, so a fast row equals
-the full table's row for the same method and ratio; the run time of each is in docs/results.md. Each method is a `Method` in METHODS:
+the full table's row for the same method and ratio; the run time of each is in docs/results.md. Each method is
+a `Method` in METHODS:
 
 - a conversion: `analysis` holds the ConvertOptions fields that fix calibration and factorization, `budget`
   the per-method budget fields; methods with the same `analysis` share one calibration

@@ -292,7 +292,8 @@ def llama_copy(tmp_path_factory: pytest.TempPathFactory, llama: Path) -> Path:
     return copy
 
 
-@pytest.mark.parametrize(("flags", "expected"), [([], "org/tiny-llama"), (["--base-model", "other/base"], "other/base")])
+@pytest.mark.parametrize(("flags", "expected"),
+                         [([], "org/tiny-llama"), (["--base-model", "other/base"], "other/base")])
 def test_card_of_a_local_conversion_names_its_base_model(work: Path, llama_copy: Path, flags, expected) -> None:
     code, _, stderr = invoke("convert", llama_copy, OUT, "--ratio", "0.5", *TINY, *flags)
     assert code == 0, stderr
