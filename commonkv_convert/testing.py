@@ -34,7 +34,8 @@ _TINY_COMMON: dict = {
 TINY_FAMILIES: dict[str, dict] = {
     "llama": {"model_type": "llama", **_TINY_COMMON},
     "llama-mqa": {"model_type": "llama", **_TINY_COMMON, "num_key_value_heads": 1},
-    "mistral": {"model_type": "mistral", **_TINY_COMMON, "sliding_window": None},
+    # every layer slides; the window is shorter than calibration sequences and test prompts, so it matters
+    "mistral": {"model_type": "mistral", **_TINY_COMMON, "sliding_window": 24},
     "qwen2": {"model_type": "qwen2", **_TINY_COMMON},  # q/k/v biases are built in
     "qwen3": {"model_type": "qwen3", **_TINY_COMMON, "head_dim": 16},  # q_norm / k_norm built in
 }
