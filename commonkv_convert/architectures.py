@@ -41,6 +41,8 @@ FAMILIES: dict[str, Family] = {
         Family("mistral", "Mistral", qkv_bias=False, o_bias=False, qk_norm=False),
         Family("qwen2", "Qwen2", qkv_bias=True, o_bias=False, qk_norm=False),
         Family("qwen3", "Qwen3", qkv_bias=None, o_bias=None, qk_norm=True),
+        Family("mixtral", "Mixtral", qkv_bias=False, o_bias=False, qk_norm=False),
+        Family("qwen3_moe", "Qwen3Moe", qkv_bias=None, o_bias=None, qk_norm=True),
     )
 }
 

@@ -38,6 +38,10 @@ TINY_FAMILIES: dict[str, dict] = {
     "mistral": {"model_type": "mistral", **_TINY_COMMON, "sliding_window": 24},
     "qwen2": {"model_type": "qwen2", **_TINY_COMMON},  # q/k/v biases are built in
     "qwen3": {"model_type": "qwen3", **_TINY_COMMON, "head_dim": 16},  # q_norm / k_norm built in
+    "mixtral": {"model_type": "mixtral", **_TINY_COMMON, "num_local_experts": 4, "num_experts_per_tok": 2,
+                "sliding_window": None},  # MoE MLP
+    "qwen3_moe": {"model_type": "qwen3_moe", **_TINY_COMMON, "head_dim": 16, "num_experts": 4,
+                  "num_experts_per_tok": 2, "moe_intermediate_size": 64},  # MoE MLP, q/k norm
 }
 """Family name -> config kwargs (with ``model_type``) for ``AutoConfig.for_model``."""
 
