@@ -43,6 +43,7 @@ FAMILIES: dict[str, Family] = {
         Family("qwen3", "Qwen3", qkv_bias=None, o_bias=None, qk_norm=True),
         Family("mixtral", "Mixtral", qkv_bias=False, o_bias=False, qk_norm=False),
         Family("qwen3_moe", "Qwen3Moe", qkv_bias=None, o_bias=None, qk_norm=True),
+        Family("gemma3_text", "Gemma3", qkv_bias=None, o_bias=None, qk_norm=True, embed_scale=True, module="gemma3"),
     )
 }
 

@@ -42,6 +42,11 @@ TINY_FAMILIES: dict[str, dict] = {
                 "sliding_window": None},  # MoE MLP
     "qwen3_moe": {"model_type": "qwen3_moe", **_TINY_COMMON, "head_dim": 16, "num_experts": 4,
                   "num_experts_per_tok": 2, "moe_intermediate_size": 64},  # MoE MLP, q/k norm
+    # scaled embeddings, (1 + w) norms around attention and MLP, sliding and global layers with their own rope,
+    # q/k norm, MQA, a query scale that is not 1/√head_dim
+    "gemma3": {"model_type": "gemma3_text", **_TINY_COMMON, "num_key_value_heads": 1, "head_dim": 16,
+               "query_pre_attn_scalar": 24, "sliding_window": 16,
+               "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]},
 }
 """Family name -> config kwargs (with ``model_type``) for ``AutoConfig.for_model``."""
 

@@ -99,7 +99,7 @@ def _run_isolated(code: str, tmp_path, checkpoint) -> subprocess.CompletedProces
                           cwd=tmp_path, timeout=300)
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral"])  # plain; sliding + scaled; experts stored apart
+@pytest.mark.parametrize("family", ["llama", "gemma3", "mixtral"])  # plain; sliding + scaled; experts stored apart
 def test_copied_checkpoint_loads_with_remote_code_only(family, merged_dirs, tmp_path):
     copy = tmp_path / "copied-checkpoint"
     shutil.copytree(merged_dirs[family], copy)
