@@ -47,6 +47,7 @@ TINY_FAMILIES: dict[str, dict] = {
     "gemma3": {"model_type": "gemma3_text", **_TINY_COMMON, "num_key_value_heads": 1, "head_dim": 16,
                "query_pre_attn_scalar": 24, "sliding_window": 16,
                "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]},
+    "phi3": {"model_type": "phi3", **_TINY_COMMON, "partial_rotary_factor": 0.5},  # fused qkv_proj, partial RoPE
 }
 """Family name -> config kwargs (with ``model_type``) for ``AutoConfig.for_model``."""
 
