@@ -45,6 +45,7 @@ FAMILIES: dict[str, Family] = {
         Family("qwen3_moe", "Qwen3Moe", qkv_bias=None, o_bias=None, qk_norm=True),
         Family("gemma3_text", "Gemma3", qkv_bias=None, o_bias=None, qk_norm=True, embed_scale=True, module="gemma3"),
         Family("phi3", "Phi3", qkv_bias=False, o_bias=False, qk_norm=False, fused_qkv="qkv_proj"),
+        Family("olmo2", "Olmo2", qkv_bias=None, o_bias=None, qk_norm=True, input_norm=None),
     )
 }
 

@@ -48,6 +48,7 @@ TINY_FAMILIES: dict[str, dict] = {
                "query_pre_attn_scalar": 24, "sliding_window": 16,
                "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]},
     "phi3": {"model_type": "phi3", **_TINY_COMMON, "partial_rotary_factor": 0.5},  # fused qkv_proj, partial RoPE
+    "olmo2": {"model_type": "olmo2", **_TINY_COMMON},  # q/k norm over all heads, norms after attention and MLP
 }
 """Family name -> config kwargs (with ``model_type``) for ``AutoConfig.for_model``."""
 
