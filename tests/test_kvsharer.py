@@ -139,7 +139,8 @@ def test_runtime_matches_search_and_allocates_nothing(family, tiny_model_dirs, s
         runner = _Runner(source, resolve(source.config), 24)
         _, reference, _ = layer_means(runner, tokens, 2)
         expected = _run_from(runner, 0, pairs, reference).final
-    torch.testing.assert_close(out.logits, model.lm_head(expected), atol=1e-5, rtol=1e-4)
+    with torch.inference_mode():
+        torch.testing.assert_close(out.logits, model.lm_head(expected), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["kvsharer", "refit", "source"])
