@@ -9,7 +9,7 @@ Tiny models, one family per test::
     @pytest.mark.parametrize("tiny_model_dir", list(TINY_FAMILIES), indirect=True)  # all families
 
 Without the parametrize mark ``tiny_model_dir`` is the "llama" model. ``tiny_model_dirs`` maps every
-family in ``commonkv_convert.testing.TINY_FAMILIES`` to its directory. Conversions: ``checkpoints(family,
+family in ``commonkv_convert.testing.TINY_FAMILIES`` to its directory. Conversions: ``converted(family,
 method)`` for a method of ``METHODS``, converted on first use (``exact_dirs[family]`` and the like are views).
 All are built once per session; treat the directories as read-only.
 """
@@ -114,7 +114,7 @@ def _full_rank(family: str) -> int:
     return min(2 * cfg["num_key_value_heads"] * head_dim, cfg["hidden_size"])
 
 
-# The conversion methods the family × method matrix runs (options per family), built lazily by `checkpoints`.
+# The conversion methods the family × method matrix runs (options per family), built lazily by `converted`.
 METHODS: dict[str, Callable[[str], dict]] = {
     # full-rank per-layer latents everywhere (no merging, nothing kept): must be exact
     "exact": lambda f: dict(ratio=0.0, group_size=1, allow_keep=False, rank_step=_full_rank(f)),
@@ -158,15 +158,15 @@ class _ByFamily(Mapping):
 
 
 @pytest.fixture(scope="session")
-def checkpoints(tiny_model_dirs, tmp_path_factory) -> Checkpoints:
+def converted(tiny_model_dirs, tmp_path_factory) -> Checkpoints:
     return Checkpoints(tiny_model_dirs, tmp_path_factory.mktemp("converted"))
 
 
 def _method_dirs(name: str, method: str):
     """A session fixture `name`: family → the checkpoint of `method` (see `_ByFamily`)."""
     @pytest.fixture(scope="session", name=name)
-    def fixture(checkpoints) -> Mapping[str, Path]:
-        return _ByFamily(checkpoints, method)
+    def fixture(converted) -> Mapping[str, Path]:
+        return _ByFamily(converted, method)
     return fixture
 
 

@@ -42,9 +42,9 @@ def test_full_rank_conversion_is_exact(family, tiny_model_dirs, exact_dirs):
 
 
 @pytest.mark.parametrize("family,method", MATRIX)
-def test_checkpoint_validates_and_holds_its_plan(family, method, checkpoints):
+def test_checkpoint_validates_and_holds_its_plan(family, method, converted):
     """The report's validation passed; a real cache holds the analytic bytes after prefill and every decode step."""
-    path = checkpoints(family, method)
+    path = converted(family, method)
     check_checkpoint(path)
     validation = json.loads((path / "commonkv_report.json").read_text())["validation"]
     assert validation["passed"] and validation["bytes_match"]
@@ -59,9 +59,9 @@ def test_checkpoint_validates_and_holds_its_plan(family, method, checkpoints):
 
 
 @pytest.mark.parametrize("family,method", [(f, m) for f, m in MATRIX if m != "weighted"])
-def test_step_by_step_decode_equals_full_forward(family, method, checkpoints):
+def test_step_by_step_decode_equals_full_forward(family, method, converted):
     """(A weighted group folds older tokens after each forward, so its decode reads merged latents: not here.)"""
-    model = load_checkpoint(checkpoints(family, method), dtype=torch.float32)
+    model = load_checkpoint(converted(family, method), dtype=torch.float32)
     ids = _ids(2, 24)
     with torch.inference_mode():
         full = model(ids).logits
@@ -74,10 +74,10 @@ def test_step_by_step_decode_equals_full_forward(family, method, checkpoints):
 
 
 @pytest.mark.parametrize("family,method", MATRIX)
-def test_generate_hands_the_cache_back_every_step(family, method, checkpoints):
+def test_generate_hands_the_cache_back_every_step(family, method, converted):
     """generate() == a manual greedy loop over the returned cache, for every max_new_tokens. transformers 5.24
     passes the cache as `cache=`; a runtime that ignored it restarted from an empty cache at every step."""
-    model = load_checkpoint(checkpoints(family, method), dtype=torch.float32)
+    model = load_checkpoint(converted(family, method), dtype=torch.float32)
     model.generation_config.eos_token_id = None  # compare raw argmax steps, never stopped early
     prompt = _ids(1, 9, 5)
     with torch.inference_mode():

@@ -451,7 +451,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([rot * cos + rotate_half(rot) * sin, x[..., rd:]], dim=-1)
 
 
-def rope_at(rotary: nn.Module, x: torch.Tensor, positions: torch.Tensor, layer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_at(rotary: nn.Module, x: torch.Tensor, positions: torch.Tensor,
+            layer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of a family's rotary embedding at `positions` [B|1, T]; families with one rope per layer type
     (Gemma-3: local and global) take the layer's type."""
     if "layer_type" in inspect.signature(rotary.forward).parameters:
@@ -482,7 +483,8 @@ class CommonKVAttention(nn.Module):
         self.lends = lends  # KVSharer layers attend over this layer's keys and values: rebuild them explicitly
         d, d_kv, bias = config.hidden_size, self.num_kv_heads * self.head_dim, config.arch.get("qkv_bias", False)
         # fused-qkv families (Phi-3) get their q/k/v split by the converter
-        self.q_proj = family.q_proj if hasattr(family, "q_proj") else nn.Linear(d, self.num_heads * self.head_dim, bias=bias)
+        d_q = self.num_heads * self.head_dim
+        self.q_proj = family.q_proj if hasattr(family, "q_proj") else nn.Linear(d, d_q, bias=bias)
         self.o_proj = family.o_proj
         self.q_norm = getattr(family, "q_norm", None)
         self.k_norm = getattr(family, "k_norm", None) if role.borrow < 0 else None
