@@ -12,16 +12,21 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
+from copy import deepcopy
 from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoConfig
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+from transformers.masking_utils import create_sliding_window_causal_mask
 
-from .architectures import ArchFacts
+from .architectures import ArchFacts, SplitQKV, layer_types
 from .checkpoint.reader import SourceModel
 from .memory import frozen_heap, release_memory
 from .progress import Reporter
 from .resume import ActivationState
+from .runtime.modeling_commonkv import rope_at
 
 
 @dataclass
@@ -49,6 +54,38 @@ def base_config(config: dict):
     cfg = AutoConfig.for_model(config["model_type"], **fields)
     cfg._attn_implementation = "sdpa"
     return cfg
+
+
+def embed(source: SourceModel, facts: ArchFacts, tokens: torch.Tensor) -> torch.Tensor:
+    """Token embeddings [N, T, d] (fp32) as the family computes them (Gemma scales them by √d)."""
+    weight = source.get_tensor("model.embed_tokens.weight", torch.float32)
+    hidden = torch.nn.functional.embedding(tokens, weight)
+    return hidden * torch.tensor(facts.hidden_size**0.5, dtype=weight.dtype) if facts.family.embed_scale else hidden
+
+
+def final_norm(source: SourceModel, facts: ArchFacts) -> torch.nn.Module:
+    norm = facts.transformers_class("RMSNorm")(facts.hidden_size, eps=source.config.get("rms_norm_eps", 1e-6))
+    norm.weight.data.copy_(source.get_tensor("model.norm.weight", torch.float32))
+    return norm
+
+
+def layer_kwargs(cfg, facts: ArchFacts, seq_len: int) -> list[dict]:
+    """Per layer, what the family's model hands its decoder layer for unpadded sequences of `seq_len` tokens: the
+    mask (None: causal; a sliding-window layer's window) and the rotary cos/sin of its layer type."""
+    x = torch.zeros(1, seq_len, facts.hidden_size)
+    positions = torch.arange(seq_len).unsqueeze(0)
+    rotary = facts.transformers_class("RotaryEmbedding")(config=cfg)
+    types = layer_types(cfg)
+    masks = {"full_attention": None}
+    if "sliding_attention" in types:
+        masks["sliding_attention"] = create_sliding_window_causal_mask(cfg, x, None, None, positions)
+    ropes = {t: rope_at(rotary, x, positions, t) for t in set(types)}
+    return [{"attention_mask": masks[t], "position_embeddings": ropes[t]} for t in types]
+
+
+def _to(kwargs: dict, device: torch.device) -> dict:
+    return {k: None if v is None else v.to(device) if isinstance(v, torch.Tensor) else tuple(t.to(device) for t in v)
+            for k, v in kwargs.items()}
 
 
 def resolve_devices(spec: str = "cpu") -> list[torch.device]:
@@ -79,10 +116,46 @@ def load_layer(source: SourceModel, facts: ArchFacts, cfg, layer: int) -> torch.
     layer_cls = facts.transformers_class("DecoderLayer")
     with torch.device("meta"):
         module = layer_cls(cfg, layer)
-    prefix = facts.layer_prefix(layer)
-    state = {name: source.get_tensor(prefix + name, torch.float32) for name in module.state_dict()}
-    module.load_state_dict(state, assign=True, strict=True)
+    stored = source.stored if isinstance(source, SplitQKV) else source  # the layer takes its fused q/k/v as stored
+    module.load_state_dict(module_state(stored, facts.layer_prefix(layer), facts.family.model_type),
+                           assign=True, strict=True)
     return module.eval()
+
+
+def module_state(shards, prefix: str, model_type: str) -> dict[str, torch.Tensor]:
+    """The fp32 tensors stored under `prefix`, named as the family's modules name them (prefix removed).
+
+    Checkpoints keep some weights in another layout than the modules (MoE experts one by one, fused on load):
+    transformers' own conversion mapping for the family turns one into the other, as `from_pretrained` does."""
+    state, merged = {}, {}
+    for name, (target, converter, pattern) in _stored_names(shards, prefix, model_type).items():
+        if converter is None:
+            state[target] = shards.get_tensor(name, torch.float32)
+        else:
+            merged.setdefault(target, deepcopy(converter)).add_tensor(target, name, pattern,
+                                                                      shards.get_tensor(name, torch.float32))
+    for target, converter in merged.items():
+        state.update(converter.convert(target))
+    return {name[len(prefix):]: tensor for name, tensor in state.items()}
+
+
+def module_names(shards, prefix: str, model_type: str) -> dict[str, str]:
+    """Stored tensor name → the module tensor it becomes (as `module_state` names it), under `prefix`."""
+    return {name: target[len(prefix):] for name, (target, _, _) in _stored_names(shards, prefix, model_type).items()}
+
+
+def _stored_names(shards, prefix: str, model_type: str) -> dict[str, tuple]:
+    """Stored name → (full module name, the converter that fuses it or None, its pattern) under `prefix`."""
+    conversions = get_checkpoint_conversion_mapping(model_type) or []
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
+    out = {}
+    for name in shards.tensor_names():
+        if name.startswith(prefix):
+            target, pattern = rename_source_key(name, renamings, converters)
+            out[name] = (target, by_pattern.get(pattern), pattern)
+    return out
 
 
 def calibrate(
@@ -114,15 +187,13 @@ def calibrate(
     cfg = base_config(source.config)
     n = tokens.shape[0]
     splits = {"fit": slice(0, n - held_out), "held_out": slice(n - held_out, n)}
-    rotary = facts.transformers_class("RotaryEmbedding")(config=cfg)
-    positions = torch.arange(tokens.shape[1]).unsqueeze(0)
+    inputs = layer_kwargs(cfg, facts, tokens.shape[1])
     devices = devices or [torch.device("cpu")]
-    rope = rotary(torch.zeros(1, dtype=torch.float32), positions)
     window: deque[torch.Tensor] = deque(maxlen=max(max_group - 1, 1))  # attention inputs of previous layers
     previous: dict[str, torch.Tensor] | None = None
     start = state.start if state is not None else 0
     if start == 0:
-        hidden = torch.nn.functional.embedding(tokens, source.get_tensor("model.embed_tokens.weight", torch.float32))
+        hidden = embed(source, facts, tokens)
         if state is not None:
             state.save("hidden", 0, hidden)
     else:
@@ -138,7 +209,7 @@ def calibrate(
             device = devices[i % len(devices)]
             layer = load_layer(source, facts, cfg, i).to(device)
             hidden = hidden.to(device)
-            x = layer.input_layernorm(hidden)  # [N, T, d]
+            x = facts.attention_input(layer, hidden)  # [N, T, d]
             stats = LayerStats(i, gram={}, cross={})
             first = i - len(window) if max_group > 1 else i
             for split, rows in splits.items():
@@ -149,11 +220,8 @@ def calibrate(
                     for k, prev in enumerate(window)
                 } if max_group > 1 else {}
                 stats.tokens[split] = xs.shape[0]
-            current = {
-                "hidden": hidden,
-                "key": layer.self_attn.k_proj(x),
-                "value": layer.self_attn.v_proj(x),
-            }
+            key, value = facts.kv_outputs(layer.self_attn, x)
+            current = {"hidden": hidden, "key": key, "value": value}
             if previous is not None:
                 stats.cos_prev = {k: _token_cosine(current[k], previous[k].to(device)) for k in current}
             previous = current
@@ -162,11 +230,8 @@ def calibrate(
                                  for k, v in {**current, "input": x}.items()}
             if max_group > 1:
                 window.append(x)
-            rope_here = tuple(r.to(device) for r in rope)
-            hidden = torch.cat([
-                layer(hidden[s:s + batch_size], attention_mask=None, position_embeddings=rope_here)
-                for s in range(0, n, batch_size)
-            ])
+            here = _to(inputs[i], device)
+            hidden = torch.cat([layer(hidden[s:s + batch_size], **here) for s in range(0, n, batch_size)])
             del layer
             if state is not None:  # everything layer i + 1 needs, before anyone records layer i as done
                 for kind, tensor in (("x", x if max_group > 1 else None), ("key", current["key"]),
@@ -177,8 +242,7 @@ def calibrate(
             bar.advance(f"layer {i}")
             yield stats
 
-        norm = facts.transformers_class("RMSNorm")(facts.hidden_size, eps=source.config.get("rms_norm_eps", 1e-6))
-        norm.weight.copy_(source.get_tensor("model.norm.weight", torch.float32))
+        norm = final_norm(source, facts)
         first_held = n - held_out
         result.final_hidden = norm(hidden[first_held:first_held + validation].cpu()).clone()
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .architectures import ArchFacts, layer_types, resolve
+from .architectures import ArchFacts, layer_types, resolve, source_view
 from .budget import Option, allocate, candidate_options, keep_option, plan_cost, uniform
 from .calibrate import CalibrationResult, LayerStats, base_config, calibrate, resolve_devices
 from .calibration_data import DEFAULT_CALIBRATION, fingerprint, read_texts, token_sequences
@@ -84,7 +84,8 @@ def convert(model: str, out_dir: Path | None, options: ConvertOptions, *, report
         if out_dir.exists() and not overwrite:
             raise UserInputError(f"{out_dir} exists. To resolve, pass --overwrite or choose another output directory.")
     work = WorkDir.for_output(None if dry_run else out_dir)
-    with open_model(model, revision=options.revision, allow_pickle=options.allow_pickle) as source:
+    with open_model(model, revision=options.revision, allow_pickle=options.allow_pickle) as opened:
+        source = source_view(opened)
         analysis = analyze_source(source, options, reporter, work=work)
         release_memory()
         try:
@@ -109,7 +110,8 @@ def convert_sweep(model: str, options: ConvertOptions, variants: dict[str, Conve
                                  "analysis fixed. To resolve, vary only " + ", ".join(sweepable) +
                                  " (group_size no larger than the analyzed one), or convert it separately.")
     results = {}
-    with open_model(model, revision=options.revision, allow_pickle=options.allow_pickle) as source:
+    with open_model(model, revision=options.revision, allow_pickle=options.allow_pickle) as opened:
+        source = source_view(opened)
         analysis = analyze_source(source, options, reporter)
         release_memory()
         try:

@@ -28,7 +28,7 @@ import torch
 
 from .architectures import CACHE_KWARG, ArchFacts
 from .budget import Option, keep_option
-from .calibrate import base_config, load_layer
+from .calibrate import base_config, embed, final_norm, layer_kwargs, load_layer
 from .checkpoint.reader import SourceModel
 from .errors import PlanError
 from .factorize import damped_cholesky
@@ -104,12 +104,8 @@ class _Runner:
     def __init__(self, source: SourceModel, facts: ArchFacts, seq_len: int):
         self.source, self.facts = source, facts
         self.cfg = base_config(source.config)
-        rotary = facts.transformers_class("RotaryEmbedding")(config=self.cfg)
-        dummy = torch.zeros(1, seq_len, facts.hidden_size)
-        self.rope = rotary(dummy, torch.arange(seq_len).unsqueeze(0))
-        self.norm = facts.transformers_class("RMSNorm")(facts.hidden_size,
-                                                       eps=source.config.get("rms_norm_eps", 1e-6))
-        self.norm.weight.data.copy_(source.get_tensor("model.norm.weight", torch.float32))
+        self.inputs = layer_kwargs(self.cfg, facts, seq_len)  # per layer: mask and rotary cos/sin
+        self.norm = final_norm(source, facts)
         self._layers: dict[int, torch.nn.Module] = {}
         self._bytes = 0
 
@@ -123,12 +119,10 @@ class _Runner:
         return module
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.embedding(tokens, self.source.get_tensor("model.embed_tokens.weight",
-                                                                             torch.float32))
+        return embed(self.source, self.facts, tokens)
 
     def run(self, i: int, hidden: torch.Tensor, hook: _ShareHook) -> torch.Tensor:
-        return self.layer(i)(hidden, attention_mask=None, position_embeddings=self.rope,
-                             **{CACHE_KWARG: hook})
+        return self.layer(i)(hidden, **self.inputs[i], **{CACHE_KWARG: hook})
 
 
 @dataclass
@@ -332,13 +326,13 @@ def refit_up_projections(source: SourceModel, facts: ArchFacts, tokens: torch.Te
             latents: dict[int, torch.Tensor] = {}
             for i in range(last + 1):
                 layer = runner.layer(i)
-                x = layer.input_layernorm(hidden).flatten(0, 1).double()
+                x = runner.facts.attention_input(layer, hidden).flatten(0, 1).double()
                 if i in downs:
                     latents[i] = x @ downs[i].T
                     den[i] = den[i] + latents[i].T @ latents[i]
                 if i in needs:
                     num[i] = num[i] + (x @ weights[i].T).T @ latents[needs[i][0]]
-                hidden = layer(hidden, attention_mask=None, position_embeddings=runner.rope)
+                hidden = layer(hidden, **runner.inputs[i])
             bar.advance()
     out = {}
     for s, (p, _) in needs.items():

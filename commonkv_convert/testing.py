@@ -35,9 +35,21 @@ _TINY_COMMON: dict = {
 TINY_FAMILIES: dict[str, dict] = {
     "llama": {"model_type": "llama", **_TINY_COMMON},
     "llama-mqa": {"model_type": "llama", **_TINY_COMMON, "num_key_value_heads": 1},
-    "mistral": {"model_type": "mistral", **_TINY_COMMON, "sliding_window": None},
+    # every layer slides; the window is shorter than calibration sequences and test prompts, so it matters
+    "mistral": {"model_type": "mistral", **_TINY_COMMON, "sliding_window": 24},
     "qwen2": {"model_type": "qwen2", **_TINY_COMMON},  # q/k/v biases are built in
     "qwen3": {"model_type": "qwen3", **_TINY_COMMON, "head_dim": 16},  # q_norm / k_norm built in
+    "mixtral": {"model_type": "mixtral", **_TINY_COMMON, "num_local_experts": 4, "num_experts_per_tok": 2,
+                "sliding_window": None},  # MoE MLP
+    "qwen3_moe": {"model_type": "qwen3_moe", **_TINY_COMMON, "head_dim": 16, "num_experts": 4,
+                  "num_experts_per_tok": 2, "moe_intermediate_size": 64},  # MoE MLP, q/k norm
+    # scaled embeddings, (1 + w) norms around attention and MLP, sliding and global layers with their own rope,
+    # q/k norm, MQA, a query scale that is not 1/√head_dim
+    "gemma3": {"model_type": "gemma3_text", **_TINY_COMMON, "num_key_value_heads": 1, "head_dim": 16,
+               "query_pre_attn_scalar": 24, "sliding_window": 16,
+               "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]},
+    "phi3": {"model_type": "phi3", **_TINY_COMMON, "partial_rotary_factor": 0.5},  # fused qkv_proj, partial RoPE
+    "olmo2": {"model_type": "olmo2", **_TINY_COMMON},  # q/k norm over all heads, norms after attention and MLP
 }
 """Family name -> config kwargs (with ``model_type``) for ``AutoConfig.for_model``."""
 

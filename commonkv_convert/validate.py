@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .calibrate import module_names, module_state
 from .checkpoint.reader import open_model
 from .memory import release_memory
 from .progress import Reporter
@@ -61,13 +62,19 @@ def layerwise_model(out_dir: Path) -> Iterator[torch.nn.Module]:
     config._attn_implementation = "sdpa"
     with torch.device("meta"):  # no storage for the weights; buffers are rebuilt below
         model = CommonKVForCausalLM(config).eval()
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # non-persistent inv_freq, on the CPU
+    for name, module in model.model.named_children():  # non-persistent buffers (rotary inv_freq, Gemma's
+        if name != "layers" and next(module.buffers(), None) is not None:  # embedding scale): the family's init
+            module.to_empty(device="cpu").apply(model.model._init_weights)
     with open_model(str(out_dir)) as shards:
         unused = set(shards.tensor_names())
+        family = config.base_model_type
 
         def load(module: torch.nn.Module, prefix: str) -> None:
-            state = {n: shards.get_tensor(prefix + n, torch.float32) for n in module.state_dict()}
-            module.load_state_dict(state, assign=True, strict=True)
+            module.load_state_dict(module_state(shards, prefix, family), assign=True, strict=True)
+
+        def use(module: torch.nn.Module, prefix: str) -> None:
+            wanted = set(module.state_dict())
+            unused.difference_update(n for n, m in module_names(shards, prefix, family).items() if m in wanted)
 
         tied = config.tie_word_embeddings and "lm_head.weight" not in unused
         for name, module in [*model.model.named_children(), ("lm_head", model.lm_head)]:
@@ -75,12 +82,12 @@ def layerwise_model(out_dir: Path) -> Iterator[torch.nn.Module]:
             if name == "layers" or (name == "lm_head" and tied):
                 continue
             load(module, prefix)
-            unused.difference_update(prefix + n for n in module.state_dict())
+            use(module, prefix)
         if tied:
             model.lm_head.weight = model.model.embed_tokens.weight
         for i, layer in enumerate(model.model.layers):
             prefix = f"model.layers.{i}."
-            unused.difference_update(prefix + n for n in layer.state_dict())
+            use(layer, prefix)
             layer.register_forward_pre_hook(lambda mod, args, p=prefix: load(mod, p))
             layer.register_forward_hook(lambda mod, args, out: _drop(mod))
         if unused:

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models, the real SmolLM2-135M, a GPU skip, and a stray-file guard.
+"""Shared fixtures: tiny random models and their conversions, the real SmolLM2-135M, a GPU skip, and a
+stray-file guard.
 
 Tiny models, one family per test::
 
@@ -8,8 +9,9 @@ Tiny models, one family per test::
     @pytest.mark.parametrize("tiny_model_dir", list(TINY_FAMILIES), indirect=True)  # all families
 
 Without the parametrize mark ``tiny_model_dir`` is the "llama" model. ``tiny_model_dirs`` maps every
-family in ``commonkv_convert.testing.TINY_FAMILIES`` to its directory. All are built once per session;
-treat the directories as read-only.
+family in ``commonkv_convert.testing.TINY_FAMILIES`` to its directory. Conversions: ``converted(family,
+method)`` for a method of ``METHODS``, converted on first use (``exact_dirs[family]`` and the like are views).
+All are built once per session; treat the directories as read-only.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import subprocess
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -130,17 +133,63 @@ def _full_rank(family: str) -> int:
     return min(2 * cfg["num_key_value_heads"] * head_dim, cfg["hidden_size"])
 
 
-@pytest.fixture(scope="session")
-def exact_dirs(tiny_model_dirs, tmp_path_factory):
-    """Full-rank per-layer latents everywhere (no merging, nothing kept): must be exact."""
-    root = tmp_path_factory.mktemp("exact")
-    return {f: convert_tiny(tiny_model_dirs[f], root / f, ratio=0.0, group_size=1, allow_keep=False,
-                            rank_step=_full_rank(f)) for f in TINY_FAMILIES}
+# The conversion methods the family × method matrix runs (options per family), built lazily by `converted`.
+METHODS: dict[str, Callable[[str], dict]] = {
+    # full-rank per-layer latents everywhere (no merging, nothing kept): must be exact
+    "exact": lambda f: dict(ratio=0.0, group_size=1, allow_keep=False, rank_step=_full_rank(f)),
+    # uniform merged groups of two layers at half the cache: anchor latents read by the other layer
+    "anchor": lambda f: dict(ratio=0.5, group_size=2, allocator="uniform"),
+    # the paper's weighted merge, short sink/window/block so folding happens early
+    "weighted": lambda f: dict(ratio=0.6, group_size=2, allocator="uniform", merge="weighted", sink=2, window=4,
+                               block=2),
+    # KVSharer alone: 2 of 4 layers reuse another layer's cache (threshold low enough to reach 2)
+    "kvsharer": lambda f: dict(method="kvsharer", share_layers=2, share_threshold=-1.0),
+}
+
+
+class Checkpoints:
+    """(family, method) → the converted tiny model, converted on first use and kept for the session."""
+
+    def __init__(self, sources: dict[str, Path], root: Path):
+        self.sources, self.root, self.done = sources, root, {}
+
+    def __call__(self, family: str, method: str) -> Path:
+        if (family, method) not in self.done:
+            self.done[family, method] = convert_tiny(self.sources[family], self.root / method / family,
+                                                     **METHODS[method](family))
+        return self.done[family, method]
+
+
+class _ByFamily(Mapping):
+    """family → the checkpoint of one method (a lazy view: only the families a test reads are converted)."""
+
+    def __init__(self, checkpoints: Checkpoints, method: str):
+        self.checkpoints, self.method = checkpoints, method
+
+    def __getitem__(self, family: str) -> Path:
+        return self.checkpoints(family, self.method)
+
+    def __iter__(self):
+        return iter(TINY_FAMILIES)
+
+    def __len__(self) -> int:
+        return len(TINY_FAMILIES)
 
 
 @pytest.fixture(scope="session")
-def merged_dirs(tiny_model_dirs, tmp_path_factory):
-    """Uniform merged groups of two layers at half the cache: exercises anchor/reuse layers."""
-    root = tmp_path_factory.mktemp("merged")
-    return {f: convert_tiny(tiny_model_dirs[f], root / f, ratio=0.5, group_size=2, allocator="uniform")
-            for f in TINY_FAMILIES}
+def converted(tiny_model_dirs, tmp_path_factory) -> Checkpoints:
+    return Checkpoints(tiny_model_dirs, tmp_path_factory.mktemp("converted"))
+
+
+def _method_dirs(name: str, method: str):
+    """A session fixture `name`: family → the checkpoint of `method` (see `_ByFamily`)."""
+    @pytest.fixture(scope="session", name=name)
+    def fixture(converted) -> Mapping[str, Path]:
+        return _ByFamily(converted, method)
+    return fixture
+
+
+exact_dirs = _method_dirs("exact_dirs", "exact")
+merged_dirs = _method_dirs("merged_dirs", "anchor")
+weighted_dirs = _method_dirs("weighted_dirs", "weighted")
+shared_dirs = _method_dirs("shared_dirs", "kvsharer")

@@ -1,4 +1,5 @@
-"""The runtime: real latent cache bytes, exact generation, padding, decode, remote-code loading."""
+"""The runtime: real latent cache bytes, padding, the fused value path, remote-code loading (the family × method
+matrix is test_families.py)."""
 
 from __future__ import annotations
 
@@ -50,15 +51,6 @@ def test_merged_group_holds_one_latent(merged_dirs):
             assert cache.layers[layer].keys is None and cache.layers[layer].values is None
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_exact_conversion_generates_source_tokens(family, tiny_model_dirs, exact_dirs):
-    source = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[family], dtype=torch.float32).eval()
-    converted = load_checkpoint(exact_dirs[family], dtype=torch.float32)
-    prompt = _ids(1, 12, 3)
-    kwargs = dict(max_new_tokens=24, do_sample=False, pad_token_id=257)
-    assert torch.equal(source.generate(prompt, **kwargs), converted.generate(prompt, **kwargs))
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_ratio_zero_checkpoint_generates_source_tokens(family, tiny_model_dirs, tmp_path):
     """`--ratio 0` keeps every layer's K/V: generate() must be the source's, token for token (transformers 5.24's
@@ -72,34 +64,6 @@ def test_ratio_zero_checkpoint_generates_source_tokens(family, tiny_model_dirs, 
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_exact_conversion_generates_source_tokens_for_a_left_padded_batch(family, tiny_model_dirs, exact_dirs):
-    source = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[family], dtype=torch.float32).eval()
-    converted = load_checkpoint(exact_dirs[family], dtype=torch.float32)
-    ids, mask = left_padded([_ids(1, n, n)[0] for n in (6, 13, 9)])
-    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=257)
-    assert torch.equal(source.generate(ids, **kwargs), converted.generate(ids, **kwargs))
-
-
-@pytest.mark.parametrize("kind", ["exact", "merged"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_generate_hands_the_cache_back_every_step(kind, family, exact_dirs, merged_dirs):
-    """generate() == a manual greedy loop over the returned cache, for every max_new_tokens. transformers 5.24
-    passes the cache as `cache=`; a runtime that ignored it restarted from an empty cache at every step."""
-    model = load_checkpoint((exact_dirs if kind == "exact" else merged_dirs)[family], dtype=torch.float32)
-    model.generation_config.eos_token_id = None  # compare raw argmax steps, never stopped early
-    prompt = _ids(1, 9, 5)
-    with torch.inference_mode():
-        step = model(prompt, use_cache=True)
-        tokens = []
-        for _ in range(8):
-            tokens.append(step.logits[:, -1:].argmax(-1))
-            step = model(tokens[-1], past_key_values=step.past_key_values, use_cache=True)
-    for n in (1, 3, 8):
-        out = model.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=257)
-        assert torch.equal(out[:, 9:], torch.cat(tokens[:n], dim=1)), n
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_left_padded_batch_matches_single_prompts(family, merged_dirs):
     model = load_checkpoint(merged_dirs[family], dtype=torch.float32)
     prompts = [_ids(1, n, n)[0] for n in (5, 11, 8)]
@@ -110,20 +74,6 @@ def test_left_padded_batch_matches_single_prompts(family, merged_dirs):
     for row, p in enumerate(prompts):
         alone = model.generate(p[None], **kwargs)[0, len(p):]
         assert torch.equal(batched[row], alone), f"prompt {row}"
-
-
-@pytest.mark.parametrize("family", ["llama-mqa", "mistral", "qwen3"])
-def test_step_by_step_decode_equals_full_forward(family, merged_dirs):
-    model = load_checkpoint(merged_dirs[family], dtype=torch.float32)
-    ids = _ids(2, 24)
-    with torch.inference_mode():
-        full = model(ids).logits
-        out = model(ids[:, :10], use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
-        for t in range(10, 24):
-            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-            steps.append(out.logits)
-    assert (torch.cat(steps, 1) - full).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
@@ -149,19 +99,22 @@ def _run_isolated(code: str, tmp_path, checkpoint) -> subprocess.CompletedProces
                           cwd=tmp_path, timeout=300)
 
 
-def test_copied_checkpoint_loads_with_remote_code_only(merged_dirs, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "gemma3", "mixtral"])  # plain; sliding + scaled; experts stored apart
+def test_copied_checkpoint_loads_with_remote_code_only(family, merged_dirs, tmp_path):
     copy = tmp_path / "copied-checkpoint"
-    shutil.copytree(merged_dirs["llama"], copy)
+    shutil.copytree(merged_dirs[family], copy)
     ok = _run_isolated("""
         import os, torch
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(os.environ["CKPT"], trust_remote_code=True)
         assert type(model).__name__ == "CommonKVForCausalLM", type(model)
         out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False, pad_token_id=257)
-        print("OK", out.shape[1], out.past_key_values.nbytes() if hasattr(out, "past_key_values") else "")
+        print("OK", out[0].tolist())
     """, tmp_path, copy)
     assert ok.returncode == 0, ok.stderr[-2000:]
-    assert ok.stdout.startswith("OK 7")
+    here = load_checkpoint(copy, dtype=torch.float32).generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4,
+                                                               do_sample=False, pad_token_id=257)
+    assert ok.stdout.splitlines()[-1] == f"OK {here[0].tolist()}"  # the shipped runtime is this one
 
     refused = _run_isolated("""
         import os

@@ -11,16 +11,7 @@ from commonkv_convert.runtime import load_checkpoint
 from commonkv_convert.runtime.modeling_commonkv import WeightedLayer
 from commonkv_convert.weighted import weighted_factorize
 
-from .helpers import check_checkpoint, convert_tiny, left_padded
-
-WEIGHTED = dict(ratio=0.6, group_size=2, allocator="uniform", merge="weighted", sink=2, window=4, block=2)
-
-
-@pytest.fixture(scope="session")
-def weighted_dirs(tiny_model_dirs, tmp_path_factory):
-    """Uniform weighted groups of two layers, with a short sink/window/block so folding happens early."""
-    root = tmp_path_factory.mktemp("weighted")
-    return {f: convert_tiny(tiny_model_dirs[f], root / f, **WEIGHTED) for f in ("llama", "qwen2", "qwen3")}
+from .helpers import check_checkpoint, left_padded
 
 
 def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:

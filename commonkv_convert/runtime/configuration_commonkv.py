@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 
 import transformers
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 FORMAT_VERSION = 2  # 2 adds the optional `sharing` map (KVSharer); the converter writes 1 for plans without one
 # The transformers releases this runtime's test suite ran on (oldest, newest); the converter records them in the
@@ -24,6 +24,10 @@ MODES = ("keep", "per_layer", "merged")
 MERGE_MODES = ("anchor", "weighted")
 SHARING_PATHS = ("refit", "source")  # how a sharer reads a latent source: own refit up-projections, or the source's
 WEIGHTED_DEFAULTS = {"sink": 4, "window": 32, "block": 16}  # S, W, K of a weighted group
+# Fields of this config that are not the base model's (everything else is handed to the base family's config)
+OWN_FIELDS = ("commonkv", "base_model_type", "model_type", "architectures", "auto_map", "transformers_version",
+              "kv_bits", "kv_group", "kv_residual", "kv_budget", "kv_window", "kv_pool", "kv_latent_axis",
+              "kv_evict_scope")
 KV_DEFAULTS = {"kv_group": 32, "kv_residual": 32, "kv_window": 32, "kv_pool": 7, "kv_latent_axis": "channel",
                "kv_evict_scope": "layer"}
 SCALE_BYTES = 2  # quantization mins and steps are stored as float16
@@ -183,6 +187,12 @@ class CommonKVConfig(PretrainedConfig):
         self.kv_budget, self.kv_window, self.kv_pool, self.kv_latent_axis = kv_budget, kv_window, kv_pool, kv_latent_axis
         self.kv_evict_scope = kv_evict_scope
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    def base_config(self) -> PretrainedConfig:
+        """The base family's own config, from the base fields kept at the top level: the runtime builds the
+        family's transformers decoder from it."""
+        fields = {k: v for k, v in self.to_dict().items() if k not in OWN_FIELDS}
+        return AutoConfig.for_model(self.base_model_type, **fields)
 
     # ---- the plan, as the runtime and the tools read it -------------------------------------------------
     def check_block(self) -> None:

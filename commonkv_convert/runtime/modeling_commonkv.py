@@ -1,10 +1,13 @@
-"""CommonKV decoder with a real latent KV cache.
+"""CommonKV: a family's own transformers decoder whose attention stores a real latent KV cache.
 
-Self-contained (imports only torch and transformers): this file is copied into every converted
-checkpoint and loaded with `trust_remote_code=True` where the commonkv package is not installed.
+Self-contained (imports only torch and transformers): this file is copied into every converted checkpoint and
+loaded with `trust_remote_code=True` where the commonkv package is not installed.
 
-A converted layer does not project keys and values from its input. It computes (or reuses) a latent
-`c = A_g x` of width r, shared by the layers of group g, and stores only that latent:
+The model is the base family's transformers model (`config.base_model_type`: LlamaModel, Gemma3TextModel,
+MixtralModel, ...): its embeddings, norms, MLP/MoE, masks, sliding windows and rotary embedding run unchanged.
+Only each layer's `self_attn` is replaced (`CommonKVAttention`) and the cache is a `CommonKVCache`. A converted
+layer does not project keys and values from its input. It computes (or reuses) a latent `c = A_g x` of width r,
+shared by the layers of group g, and stores only that latent:
 
     keys   = RoPE(k_norm(B_k c + b_k))          reconstructed for every cached token
     values = softmax(q kᵀ) · C, then B_v per KV head   ("matrix fusion": attention runs over the latent)
@@ -13,11 +16,13 @@ In an `anchor` merged group only the anchor (first layer) stores its latent; the
 allocate nothing. In a `weighted` merged group (the CommonKV paper's merge) every layer keeps its own latents
 for the first S tokens (sinks) and the most recent ones, and older tokens are stored once for the group as
 the calibrated weighted sum Σ_l w_l c^l (see `WeightedLayer`). The merge mode is fixed at conversion time:
-the two modes use different factors.
+the two modes use different factors. What a layer stores and where it reads from is its cache layer's business
+(`LatentLayer`, `ReaderLayer`, `WeightedLayer`, `BorrowLayer`, the quantized/evicted layers of `quantization.py`).
 
 Positions: keys are rotated at their cache slot index and queries at theirs, so scores depend only on slot
 differences, which equal position differences for every real token (left padding included), because RoPE
-scores are invariant to a common shift.
+scores are invariant to a common shift. So `CommonKVForCausalLM` hands the base model slot positions, never the
+caller's `position_ids`. After eviction a slot is no longer a position: see `CommonKVCache`.
 """
 
 from __future__ import annotations
@@ -27,13 +32,11 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
-from transformers.activations import ACT2FN
+from transformers import AutoConfig, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, DynamicLayer
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 try:  # the checkpoint copy imports its sibling; the package imports the module in its own folder
     from .configuration_commonkv import WEIGHTED_DEFAULTS, CheckpointError, CommonKVConfig, LayerRole
@@ -46,8 +49,7 @@ except ImportError:  # pragma: no cover - flat import when loaded as a plain mod
 
 
 # transformers >= 5.2x names the cache argument `cache` (generate() passes it so) and deprecates
-# `past_key_values`; older releases know only `past_key_values`. The model accepts both names.
-_MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+# `past_key_values`; older releases know only `past_key_values`. Every forward here accepts both names.
 _OUTPUT_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
@@ -57,8 +59,13 @@ def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | No
     return cache if cache is not None else past_key_values
 
 
+def _cache_arg(forward: Callable) -> str:
+    """How a transformers forward names its cache argument in the installed release."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Cache
+# Cache layers: what each decoder layer stores, and what it hands its attention to attend over
 # ----------------------------------------------------------------------------------------------------------
 class LatentLayer(CacheLayerMixin):
     """Cache layer that stores one latent `[B, 1, T, r]` instead of keys and values."""
@@ -150,8 +157,9 @@ class WeightedLayer(CacheLayerMixin):
     """One layer of a weighted group: its own sink and recent latents; the anchor's also owns the merged one.
 
     The layer attends over cat(sinks, merged, recent + new) in token order, so cache slots stay positions.
-    After attending, once its recent part holds ≥ W + K tokens, whole blocks of K (all but the last W..W+K-1)
-    are folded into the group's merged latent, so a long prefill attends with exact own latents.
+    After each forward (`CommonKVCache.finish`), once its recent part holds ≥ W + K tokens, whole blocks of K
+    (all but the last W..W+K-1) are folded into the group's merged latent, so a long prefill attends with exact
+    own latents.
     Sinks and fold points are cache slots, shared by the rows of a batch: a left-padded row counts its padding
     as tokens (its sinks may be padding), so it matches the same prompt run alone with the same padding.
     """
@@ -191,7 +199,7 @@ class WeightedLayer(CacheLayerMixin):
         return torch.cat([self.sinks, self.group.merged, self.recent], dim=-2)
 
     def fold(self) -> None:
-        """After attending: move whole blocks of K old recent latents into the group's merged latent."""
+        """After the forward: move whole blocks of K old recent latents into the group's merged latent."""
         g = self.group
         held = self.recent.shape[-2]
         if held < g.window + g.block:
@@ -248,13 +256,57 @@ class WeightedLayer(CacheLayerMixin):
             self._apply(lambda t: t[indices, ...])
 
 
+class ReaderLayer(DummyLayer):
+    """Stores nothing; hands over another layer's latent: a merged group's non-anchor layer, or a KVSharer layer
+    that reads a latent source through its own up-projections (`refit`). Bytes: 0."""
+
+    def __init__(self, source: CacheLayerMixin, source_idx: int):
+        super().__init__()
+        self.source, self.source_idx = source, source_idx
+
+    def update(self, key_states=None, value_states=None, *args, **kwargs):
+        """Returns the source's whole latent `[B, 1, T, r]` (already updated in this forward)."""
+        latent = self.source.latent
+        if latent is None:
+            raise RuntimeError(f"a layer reads the latent of layer {self.source_idx}, which has not run yet in this "
+                               "forward pass.")
+        return latent, None
+
+
+class Handover:
+    """The keys/values a KVSharer source attended over in this forward, held until its last sharer has read them
+    (for a kept source, references to its own cache)."""
+
+    def __init__(self, last_reader: int):
+        self.last_reader = last_reader
+        self.kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def take(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = self.kv
+        if layer_idx == self.last_reader:
+            self.kv = None
+        return kv
+
+
+class BorrowLayer(DummyLayer):
+    """KVSharer: stores nothing; hands over the keys/values its source attended over, as they are. Bytes: 0."""
+
+    def __init__(self, handover: Handover, layer_idx: int):
+        super().__init__()
+        self.handover, self.layer_idx = handover, layer_idx
+
+    def update(self, key_states=None, value_states=None, *args, **kwargs):
+        return self.handover.take(self.layer_idx)
+
+
 class CommonKVCache(Cache):
-    """Per layer: keys/values (`keep`), one latent (`per_layer`, merged anchors) or nothing (merged others).
+    """Per layer: keys/values (`keep`), one latent (`per_layer`, merged anchors) or nothing (merged others, sharers).
 
     With the runtime options of `config.kv_options()` the storing layers are quantized and/or evicted
     (`quantization.py`, `eviction.py`). After eviction a cache slot is no longer a position: `evicted` tokens are
     gone from every storing layer (all keep the same count), latent layers keep their context tokens' positions
-    to rotate keys with, and new tokens continue at the true position `evicted + slot`.
+    to rotate keys with (`key_positions`), and new tokens continue at the true position `evicted + slot`.
+    `CommonKVForCausalLM` calls `begin` and `finish` around each forward of the base model.
     """
 
     def __init__(self, config: CommonKVConfig):
@@ -264,44 +316,33 @@ class CommonKVCache(Cache):
         self.kept_mask: torch.Tensor | None = None  # [B, budget + window] padding mask of the kept prompt tokens
         self.scores: dict[int, torch.Tensor] | None = None  # storing layer → eviction scores, during a prefill
         self.padding: torch.Tensor | None = None
-        groups = {g: WeightedGroup(group) for g, group in enumerate(config.commonkv["groups"])
-                  if group["mode"] == "merged" and group.get("merge", "anchor") == "weighted"}
-        layers = []
-        for role in self.roles:
-            if role.group in groups:
-                layers.append(WeightedLayer(groups[role.group], role.layer))
-            elif not role.stores:
-                layers.append(DummyLayer())
-            elif self.options is not None:
-                o = self.options
-                layers.append(CompressedLatentLayer(o.bits, o.group, o.residual, o.latent_axis) if role.latent
-                              else CompressedKVLayer(o.bits, o.group, o.residual))
-            elif role.latent:
-                layers.append(LatentLayer())
-            else:
-                layers.append(DynamicLayer())
-        super().__init__(layers=layers)
-        # KVSharer: the keys/values a source layer attended over, held in this forward only, for the layers that
-        # reuse them, until the last of those has run (for a kept source, references to its own cache)
-        self.readers: dict[int, int] = {}  # source layer → its last sharer
+        last_reader: dict[int, int] = {}  # KVSharer source layer → its last sharer
         for role in self.roles:
             if role.borrow >= 0:
-                self.readers[role.borrow] = max(self.readers.get(role.borrow, -1), role.layer)
-        self.lent: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+                last_reader[role.borrow] = max(last_reader.get(role.borrow, -1), role.layer)
+        self.handovers = {source: Handover(last) for source, last in last_reader.items()}
+        groups = {g: WeightedGroup(group) for g, group in enumerate(config.commonkv["groups"])
+                  if group["mode"] == "merged" and group.get("merge", "anchor") == "weighted"}
+        layers: list = []
+        for role in self.roles:
+            layers.append(self._layer(role, groups, layers))
+        super().__init__(layers=layers)
 
-    def lend(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        if layer_idx in self.readers:
-            self.lent[layer_idx] = (key, value)
+    def _layer(self, role: LayerRole, groups: dict[int, WeightedGroup], earlier: list):
+        """The cache layer of one decoder layer (earlier: those of the layers before it)."""
+        if role.group in groups:
+            return WeightedLayer(groups[role.group], role.layer)
+        if role.borrow >= 0:
+            return BorrowLayer(self.handovers[role.borrow], role.layer)
+        if not role.stores:
+            return ReaderLayer(earlier[role.source], role.source)
+        o = self.options
+        if o is not None:
+            return (CompressedLatentLayer(o.bits, o.group, o.residual, o.latent_axis) if role.latent
+                    else CompressedKVLayer(o.bits, o.group, o.residual))
+        return LatentLayer() if role.latent else DynamicLayer()
 
-    def borrow(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The keys/values a KVSharer layer attends over: its source's, from this forward."""
-        source = self.roles[layer_idx].borrow
-        kv = self.lent[source]
-        if self.readers[source] == layer_idx:
-            del self.lent[source]
-        return kv
-
-    # ---- runtime compression: eviction scores during a long prefill, then evict and quantize after it ----
+    # ---- around each forward: eviction scores during a long prefill, then evict, fold and quantize after it ----
     def begin(self, q_len: int, attention_mask: torch.Tensor | None) -> None:
         """Start a forward of `q_len` tokens: a first prefill longer than budget + window is scored for eviction."""
         o = self.options
@@ -311,8 +352,13 @@ class CommonKVCache(Cache):
             raise ValueError("Eviction needs a 2-D attention mask (or None) on the prefill.")
         self.padding = attention_mask if self.scores is not None else None
 
-    def observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        """Add a reading layer's observation-window attention to the scores of the layer it reads."""
+    def attending(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  scaling: float) -> None:
+        """What a layer is about to attend over (query, keys and values, RoPE applied): its observation-window
+        attention is added to the eviction scores of the layer it reads, and a KVSharer source holds its keys and
+        values for the layers that reuse them."""
+        if layer_idx in self.handovers:
+            self.handovers[layer_idx].kv = (key, value)
         if self.scores is None:
             return
         source = self.roles[layer_idx].source
@@ -320,25 +366,28 @@ class CommonKVCache(Cache):
         self.scores[source] = scores if source not in self.scores else self.scores[source] + scores
 
     def finish(self) -> None:
-        """End of a forward: evict after a scored prefill, then quantize what left the recent window."""
-        if self.options is None:
-            return
+        """End of a forward: evict after a scored prefill, fold weighted groups, quantize what left the window."""
         if self.scores:
-            o = self.options
-            shared = keep_indices(sum(self.scores.values()), o.budget, o.window, o.pool, self.padding) \
-                if o.scope == "model" else None
-            for layer_idx, scores in self.scores.items():
-                index = shared if shared is not None else keep_indices(scores, o.budget, o.window, o.pool, self.padding)
-                self.layers[layer_idx].evict(index, o.budget, self.roles[layer_idx].latent)
-            prompt = scores.shape[-1]
-            self.evicted = prompt - o.budget - o.window
-            mask = self.padding if self.padding is not None else torch.ones_like(scores, dtype=torch.bool)
-            self.kept_mask = mask.bool().gather(1, index)  # padding kept is the leftmost, the same in every layer
+            self._evict()
         self.scores = self.padding = None
         for layer in self.layers:
-            if isinstance(layer, (CompressedLatentLayer, CompressedKVLayer)):
+            if isinstance(layer, WeightedLayer):
+                layer.fold()  # after the whole forward: every layer attended with its own latents
+            elif isinstance(layer, (CompressedLatentLayer, CompressedKVLayer)):
                 layer.compress()
 
+    def _evict(self) -> None:
+        o = self.options
+        shared = keep_indices(sum(self.scores.values()), o.budget, o.window, o.pool, self.padding) \
+            if o.scope == "model" else None
+        for layer_idx, scores in self.scores.items():
+            index = shared if shared is not None else keep_indices(scores, o.budget, o.window, o.pool, self.padding)
+            self.layers[layer_idx].evict(index, o.budget, self.roles[layer_idx].latent)
+        self.evicted = scores.shape[-1] - o.budget - o.window
+        mask = self.padding if self.padding is not None else torch.ones_like(scores, dtype=torch.bool)
+        self.kept_mask = mask.bool().gather(1, index)  # padding kept is the leftmost, the same in every layer
+
+    # ---- positions ------------------------------------------------------------------------------------------
     def slot_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         """A caller's 2-D mask over true positions → over cache slots (after eviction)."""
         if not self.evicted or attention_mask is None:
@@ -348,25 +397,21 @@ class CommonKVCache(Cache):
         kept = self.kept_mask.to(attention_mask.dtype)
         return torch.cat([kept, attention_mask[:, self.evicted + kept.shape[1]:]], dim=1)
 
-    def key_rope(self, layer_idx: int, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for the keys a latent layer rebuilds: the table itself, or gathered at the kept positions."""
-        source = self.layers[self.roles[layer_idx].source]
-        if not self.evicted:
-            return cos, sin
-        held = source.get_seq_length()
-        tail = torch.arange(self.evicted + source.positions.shape[1], self.evicted + held, device=cos.device)
-        positions = torch.cat([source.positions.long(), tail.expand(source.positions.shape[0], -1)], dim=1)
-        return cos[0][positions], sin[0][positions]
+    def query_positions(self, q_len: int, device: torch.device) -> torch.Tensor:
+        """True positions [1, q] of the tokens a forward adds: slots, shifted by the evicted tokens."""
+        start = self.evicted + self.get_seq_length()
+        return torch.arange(start, start + q_len, device=device).unsqueeze(0)
 
-    def latent(self, layer_idx: int) -> torch.Tensor:
-        """The latent a layer attends over: its own, or its merged group's anchor's (already updated)."""
+    def key_positions(self, layer_idx: int, device: torch.device) -> torch.Tensor:
+        """True positions [B|1, T] of the keys a latent layer rebuilds: its slots, or the kept positions followed by
+        the tokens added since the eviction."""
         source = self.layers[self.roles[layer_idx].source]
-        if isinstance(source, WeightedLayer):
-            return source.sequence()
-        if source.latent is None:
-            raise RuntimeError(f"layer {layer_idx} reads the latent of layer {self.roles[layer_idx].source}, "
-                               "which has not run yet in this forward pass.")
-        return source.latent
+        held = source.get_seq_length()
+        if not self.evicted:
+            return torch.arange(held, device=device).unsqueeze(0)
+        kept = source.positions.long()
+        tail = torch.arange(self.evicted + kept.shape[1], self.evicted + held, device=device)
+        return torch.cat([kept, tail.expand(kept.shape[0], -1)], dim=1)
 
     def nbytes(self) -> int:
         """Bytes held by the cache, counted once per unique storage (what the memory really holds)."""
@@ -381,35 +426,8 @@ class CommonKVCache(Cache):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Blocks
+# Attention
 # ----------------------------------------------------------------------------------------------------------
-class CommonKVRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
-
-
-class CommonKVMLP(nn.Module):
-    def __init__(self, config: CommonKVConfig):
-        super().__init__()
-        bias = config.mlp_bias
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
-        self.act_fn = ACT2FN[config.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
-
 class KVGroup(nn.Module):
     """The down-projection A_g (r × d) shared by the layers of one group."""
 
@@ -424,109 +442,112 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, h, T, hd]; cos/sin: [B or 1, T, hd]."""
-    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+    """x: [B, h, T, hd]; cos/sin: [B or 1, T, rd]. The first rd ≤ hd features rotate (partial rotary, as Phi-3)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot = x[..., :rd]
+    return torch.cat([rot * cos + rotate_half(rot) * sin, x[..., rd:]], dim=-1)
 
 
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """[B, h_kv, T, e] → [B, h_kv·n_rep, T, e], each KV head repeated for the query heads that read it."""
-    if n_rep == 1:
-        return x
-    b, h, t, e = x.shape
-    return x[:, :, None].expand(b, h, n_rep, t, e).reshape(b, h * n_rep, t, e)
-
-
-def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Reference attention that accepts a value width different from the key width (latent values)."""
-    key = repeat_kv(key, module.num_key_value_groups)
-    value = repeat_kv(value, module.num_key_value_groups)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
-    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+def rope_at(rotary: nn.Module, x: torch.Tensor, positions: torch.Tensor,
+            layer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of a family's rotary embedding at `positions` [B|1, T]; families with one rope per layer type
+    (Gemma-3: local and global) take the layer's type."""
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        return rotary(x, positions, layer_type)
+    return rotary(x, positions)
 
 
 class CommonKVAttention(nn.Module):
-    def __init__(self, config: CommonKVConfig, role: LayerRole):
-        super().__init__()
-        arch = config.arch
-        self.config = config
-        self.role = role
-        self.layer_idx = role.layer
-        self.head_dim = config.head_dim
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.num_key_value_groups = self.num_heads // self.num_kv_heads
-        self.scaling = self.head_dim**-0.5
-        self.is_causal = True
-        self.sliding_window = (
-            config.sliding_window if config.layer_types[role.layer] == "sliding_attention" else None
-        )
-        d, d_kv = config.hidden_size, self.num_kv_heads * self.head_dim
-        qkv_bias = arch.get("qkv_bias", config.attention_bias)
-        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=arch.get("o_bias", config.attention_bias))
-        if role.latent:
-            self.k_up = nn.Linear(role.rank, d_kv, bias=True)
-            self.v_up = nn.Linear(role.rank, d_kv, bias=True)
-        elif role.stores:  # (a KVSharer layer that borrows its source's keys and values has no projections)
-            self.k_proj = nn.Linear(d, d_kv, bias=qkv_bias)
-            self.v_proj = nn.Linear(d, d_kv, bias=qkv_bias)
-        if arch.get("qk_norm", False):
-            self.q_norm = CommonKVRMSNorm(self.head_dim, eps=config.rms_norm_eps)
-            if role.borrow < 0:
-                self.k_norm = CommonKVRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+    """A family's attention with K/V from the cache plan; q/o projections, q/k norms, scaling and the attention
+    function are the family's own (taken over from the attention module it replaces).
 
-    def _norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        norm = getattr(self, name, None)
-        return norm(x) if norm is not None else x
+    Submodules by role: `k_up`/`v_up` (latent layers: B_k, B_v with the source biases), `k_proj`/`v_proj` (kept
+    layers), neither (KVSharer layers that attend over their source's keys and values).
+    """
+
+    def __init__(self, config: CommonKVConfig, role: LayerRole, family: nn.Module, model: nn.Module,
+                 lends: bool = False):
+        super().__init__()
+        self.role, self.layer_idx = role, role.layer
+        self.config = family.config  # the base config: attention implementation, as the family's attention reads it
+        self.plan = config.commonkv  # read at run time: `value_path` may be switched on a loaded model
+        self.head_dim, self.scaling, self.is_causal = family.head_dim, family.scaling, True
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
+        self.layer_type = config.layer_types[role.layer]
+        self.sliding_window = config.sliding_window if self.layer_type == "sliding_attention" else None
+        self.eager = inspect.getmodule(type(family)).eager_attention_forward  # the family's reference attention
+        self.lends = lends  # KVSharer layers attend over this layer's keys and values: rebuild them explicitly
+        d, d_kv, bias = config.hidden_size, self.num_kv_heads * self.head_dim, config.arch.get("qkv_bias", False)
+        # fused-qkv families (Phi-3) get their q/k/v split by the converter
+        d_q = self.num_heads * self.head_dim
+        self.q_proj = family.q_proj if hasattr(family, "q_proj") else nn.Linear(d, d_q, bias=bias)
+        self.o_proj = family.o_proj
+        self.q_norm = getattr(family, "q_norm", None)
+        self.k_norm = getattr(family, "k_norm", None) if role.borrow < 0 else None
+        if role.latent:
+            self.k_up, self.v_up = nn.Linear(role.rank, d_kv, bias=True), nn.Linear(role.rank, d_kv, bias=True)
+        elif role.stores:
+            self.k_proj = family.k_proj if hasattr(family, "k_proj") else nn.Linear(d, d_kv, bias=bias)
+            self.v_proj = family.v_proj if hasattr(family, "v_proj") else nn.Linear(d, d_kv, bias=bias)
+        # The model this layer belongs to, not a submodule: its rotary embedding (keys at cache positions) and, for a
+        # layer that stores a latent, its group's down-projection (model.kv_groups.{g}).
+        object.__setattr__(self, "model", model)
 
     def forward(
         self,
         hidden_states: torch.Tensor,  # [B, q, d], after the input norm
-        rope: tuple[torch.Tensor, torch.Tensor],  # cos/sin [B|1, T, hd] for every slot 0..T-1
-        attention_mask: torch.Tensor | None,
-        cache: CommonKVCache,
-        down: nn.Module | None,
-    ) -> torch.Tensor:
-        b, q_len, _ = hidden_states.shape
-        cos, sin = rope
-        query = self._norm("q_norm", self.q_proj(hidden_states).view(b, q_len, -1, self.head_dim)).transpose(1, 2)
-        query = apply_rope(query, cos[:, -q_len:], sin[:, -q_len:])
-
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],  # cos/sin [B|1, q, rd] at the new tokens' positions
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        cache = _one_cache(cache, past_key_values)
+        if not isinstance(cache, CommonKVCache):
+            raise TypeError("CommonKVAttention reads its keys and values from a CommonKVCache; call "
+                            "CommonKVForCausalLM, which supplies one.")
+        query = apply_rope(self._heads(self.q_proj(hidden_states), self.q_norm), *position_embeddings)
         if self.role.latent:
-            layer_cache = cache.layers[self.layer_idx]
-            if self.role.stores:
-                layer_cache.update(down(hidden_states).unsqueeze(1))
-            latent = cache.latent(self.layer_idx)  # [B, 1, T, r]
-            key = self.k_up(latent).view(b, -1, self.num_kv_heads, self.head_dim)
-            key = apply_rope(self._norm("k_norm", key).transpose(1, 2), *cache.key_rope(self.layer_idx, cos, sin))
-            cache.observe(self.layer_idx, query, key, self.scaling)
-            lends = self.layer_idx in cache.readers  # KVSharer `source` path: sharers reuse these keys/values
-            if self._use_fused(q_len, latent.shape[-1]) and not lends:
-                out = self._fused_output(query, key, latent, attention_mask)
-            else:
-                value = self.v_up(latent).view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-                cache.lend(self.layer_idx, key, value)
-                out = self.o_proj(self._attend(query, key, value, attention_mask)[0].reshape(b, q_len, -1))
-            if isinstance(layer_cache, WeightedLayer):
-                layer_cache.fold()  # after attending: this forward used the layer's own latents
-            return out
-        elif self.role.stores:
-            shape = (b, q_len, -1, self.head_dim)
-            key = self._norm("k_norm", self.k_proj(hidden_states).view(shape)).transpose(1, 2)
-            key = apply_rope(key, cos[:, -q_len:], sin[:, -q_len:])
-            value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-            key, value = cache.layers[self.layer_idx].update(key, value)
-            cache.lend(self.layer_idx, key, value)
-            cache.observe(self.layer_idx, query, key, self.scaling)
-        else:  # KVSharer: attend over the source layer's keys and values as it attended over them
-            key, value = cache.borrow(self.layer_idx)
-            cache.observe(self.layer_idx, query, key, self.scaling)
+            key, value, fused = self._latent_kv(hidden_states, cache)
+        else:
+            key, value, fused = self._kept_kv(hidden_states, position_embeddings, cache)
+        cache.attending(self.layer_idx, query, key, value, self.scaling)
+        out = self._attend(query, key, value, attention_mask, **kwargs)  # [B, q, H, hd] (or r when fused)
+        if fused:
+            out = self._up_project_values(out)
+        return self.o_proj(out.flatten(2)), None
 
-        out, _ = self._attend(query, key, value, attention_mask)
-        return self.o_proj(out.reshape(b, q_len, -1))
+    def _heads(self, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+        """[B, T, h·hd] → [B, h, T, hd], normed as the family norms q/k: per head, or over all heads (OLMo-2),
+        whichever width its norm has."""
+        if norm is not None:
+            x = norm(x.unflatten(-1, (-1, norm.weight.shape[-1]))).flatten(-2)
+        return x.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
+
+    def _kept_kv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: CommonKVCache):
+        """Keys/values as the family computes them; a KVSharer layer (no projections) gets its source's."""
+        key = value = None
+        if hasattr(self, "k_proj"):
+            key = apply_rope(self._heads(self.k_proj(x), self.k_norm), *rope)
+            value = self._heads(self.v_proj(x), None)
+        key, value = cache.update(key, value, self.layer_idx)
+        return key, value, False
+
+    def _latent_kv(self, x: torch.Tensor, cache: CommonKVCache):
+        """c = A_g x where this layer stores it; keys rebuilt from the whole latent and rotated at their positions;
+        values rebuilt, or the latent itself where attending in latent space is cheaper (fused)."""
+        new = self.model.kv_groups[str(self.role.group)].down(x).unsqueeze(1) if self.role.stores else None
+        latent, _ = cache.update(new, None, self.layer_idx)  # [B, 1, T, r]: own, the anchor's, or the sequence
+        cos, sin = rope_at(self.model.rotary_emb, latent, cache.key_positions(self.layer_idx, latent.device),
+                           self.layer_type)
+        key = apply_rope(self._heads(self.k_up(latent.squeeze(1)), self.k_norm), cos, sin)
+        if self._use_fused(x.shape[1], latent.shape[-1]) and not self.lends:
+            return key, latent.expand(-1, self.num_kv_heads, -1, -1), True  # a view: no copy of the latent
+        return key, self._heads(self.v_up(latent.squeeze(1)), None), False
 
     def _use_fused(self, q_len: int, rank: int) -> bool:
         """value_path "auto": attend over the latent only where it is cheaper than rebuilding the values.
@@ -534,57 +555,60 @@ class CommonKVAttention(nn.Module):
         Fused costs q·T·H·r for the attention-value product; explicit costs T·r·d_kv to rebuild V plus q·T·H·hd.
         So decode (q = 1) fuses and a long prefill does not (its output would be H·r wide per token).
         """
-        path = self.config.commonkv.get("value_path", "auto")
+        path = self.plan.get("value_path", "auto")
         if path != "auto":
             return path == "fused"
         return q_len * self.num_heads * (rank - self.head_dim) < rank * self.num_kv_heads * self.head_dim
 
-    def _attend(self, query, key, value, attention_mask):
+    def _attend(self, query, key, value, attention_mask, **kwargs) -> torch.Tensor:
+        """The registered attention function (SDPA by default); the family's eager one where it is asked for or the
+        backend cannot take values wider than keys."""
         impl = self.config._attn_implementation
-        if impl == "eager" or value.shape[-1] != key.shape[-1] and impl != "sdpa":
-            fn: Callable = eager_attention
-        else:
-            fn = ALL_ATTENTION_FUNCTIONS[impl]
+        wide = value.shape[-1] != key.shape[-1] and impl != "sdpa"
+        fn = self.eager if wide else ALL_ATTENTION_FUNCTIONS.get_interface(impl, self.eager)
         return fn(self, query, key, value, attention_mask, scaling=self.scaling, dropout=0.0,
-                  sliding_window=self.sliding_window)
+                  sliding_window=self.sliding_window, **kwargs)[0]
 
-    def _fused_output(self, query, key, latent, attention_mask) -> torch.Tensor:
-        """softmax(q kᵀ)·C in latent space, then each query head's KV-head slice of B_v, then o_proj."""
-        b, _, q_len, _ = query.shape
-        value = latent.expand(-1, self.num_kv_heads, -1, -1)  # a view: no copy of the latent
-        out, _ = self._attend(query, key, value, attention_mask)  # [B, q, H, r]
+    def _up_project_values(self, out: torch.Tensor) -> torch.Tensor:
+        """softmax(q kᵀ)·C [B, q, H, r] → each query head's KV-head slice of B_v (+ b_v): [B, q, H, hd]."""
+        b, q_len = out.shape[:2]
         out = out.reshape(b, q_len, self.num_kv_heads, self.num_key_value_groups, -1)
         w = self.v_up.weight.view(self.num_kv_heads, self.head_dim, -1)  # [h_kv, hd, r]
         out = torch.einsum("bqjnr,jdr->bqjnd", out, w) + self.v_up.bias.view(1, 1, self.num_kv_heads, 1, -1)
-        return self.o_proj(out.reshape(b, q_len, -1))
-
-
-class CommonKVDecoderLayer(nn.Module):
-    def __init__(self, config: CommonKVConfig, role: LayerRole):
-        super().__init__()
-        self.self_attn = CommonKVAttention(config, role)
-        self.mlp = CommonKVMLP(config)
-        self.input_layernorm = CommonKVRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = CommonKVRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(self, hidden_states, rope, attention_mask, cache, down) -> torch.Tensor:
-        residual = hidden_states
-        hidden_states = self.self_attn(self.input_layernorm(hidden_states), rope, attention_mask, cache, down)
-        hidden_states = residual + hidden_states
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return out.reshape(b, q_len, self.num_heads, self.head_dim)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------
+def build_decoder(config: CommonKVConfig) -> PreTrainedModel:
+    """The base family's transformers model (e.g. LlamaModel) with every `self_attn` replaced and the shared
+    down-projections added as `kv_groups`; everything else is the family's own code."""
+    base = config.base_config()
+    base._attn_implementation = config._attn_implementation
+    model = MODEL_MAPPING[type(base)](base)
+    model.kv_groups = nn.ModuleDict({
+        str(g): KVGroup(config.hidden_size, int(group["rank"]))
+        for g, group in enumerate(config.commonkv["groups"]) if group["mode"] != "keep"
+    })
+    roles = config.layer_roles()
+    sources = {r.borrow for r in roles}
+    for layer, role in zip(model.layers, roles):
+        layer.self_attn = CommonKVAttention(config, role, layer.self_attn, model, lends=role.layer in sources)
+    return model
+
+
 class CommonKVPreTrainedModel(PreTrainedModel):
     config_class = CommonKVConfig
     config: CommonKVConfig
     base_model_prefix = "model"
-    _no_split_modules = ["CommonKVDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """The base family's initialization (its norms, scaled embeddings and rotary buffers differ)."""
+        self.model._init_weights(module)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -606,85 +630,15 @@ class CommonKVPreTrainedModel(PreTrainedModel):
         return (model, info) if want_info else model
 
 
-class CommonKVModel(CommonKVPreTrainedModel):
-    def __init__(self, config: CommonKVConfig):
-        super().__init__(config)
-        config.check_block()
-        config.warn_untested_transformers()
-        roles = config.layer_roles()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList([CommonKVDecoderLayer(config, role) for role in roles])
-        self.kv_groups = nn.ModuleDict({
-            str(g): KVGroup(config.hidden_size, int(group["rank"]))
-            for g, group in enumerate(config.commonkv["groups"])
-            if group["mode"] != "keep"
-        })
-        self.norm = CommonKVRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,  # ignored: see the module docstring on positions
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        cache: Cache | None = None,
-        **kwargs,  # attention-backend extras from generate(); not used by this model
-    ) -> BaseModelOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        cache = self._cache_for(_one_cache(cache, past_key_values))
-
-        past_len, q_len = cache.get_seq_length(), inputs_embeds.shape[1]
-        cache.begin(q_len, attention_mask)
-        slots = torch.arange(cache.evicted + past_len + q_len, device=inputs_embeds.device).unsqueeze(0)
-        rope = self.rotary_emb(inputs_embeds, slots)  # every true position (slots + evicted tokens)
-        mask_kwargs = {"config": self.config, "inputs_embeds": inputs_embeds, "position_ids": slots[:, -q_len:],
-                       "attention_mask": cache.slot_mask(attention_mask), _MASK_CACHE_ARG: cache}
-        masks = {"full_attention": create_causal_mask(**mask_kwargs)}
-        if "sliding_attention" in self.config.layer_types:
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
-
-        hidden_states = inputs_embeds
-        for i, layer in enumerate(self.layers):
-            role = layer.self_attn.role
-            down = self.kv_groups[str(role.group)].down if role.latent else None
-            mask = masks[self.config.layer_types[i]]
-            hidden_states = layer(hidden_states, rope, mask, cache, down)
-        cache.finish()
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states),
-                                       **{_OUTPUT_CACHE_FIELD: cache if use_cache else None})
-
-    def _cache_for(self, past_key_values: Cache | None) -> CommonKVCache:
-        """Our cache, also when generate() or a caller hands us an empty stock cache."""
-        if isinstance(past_key_values, CommonKVCache):
-            return past_key_values
-        if past_key_values is None or past_key_values.get_seq_length() == 0:
-            return CommonKVCache(self.config)
-        raise ValueError(
-            "A CommonKV model needs its own CommonKVCache; a filled cache of another type cannot be continued. "
-            "To resolve, pass past_key_values=None (or an empty cache) on the first call."
-        )
-
-
 class CommonKVForCausalLM(CommonKVPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: CommonKVConfig):
         super().__init__(config)
-        self.model = CommonKVModel(config)
+        config.check_block()
+        config.warn_untested_transformers()
+        self.model = build_decoder(config)
+        self.model_cache_arg = _cache_arg(type(self.model).forward)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
@@ -699,27 +653,44 @@ class CommonKVForCausalLM(CommonKVPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,  # ignored: see the module docstring on positions
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cache: Cache | None = None,
-        **kwargs,
+        **kwargs,  # attention-backend extras from generate(); not used by this model
     ) -> CausalLMOutputWithPast:
-        kwargs.pop("return_dict", None)
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=_one_cache(cache, past_key_values), inputs_embeds=inputs_embeds,
-                             use_cache=use_cache)
-        hidden_states, cache = outputs.last_hidden_state, getattr(outputs, _OUTPUT_CACHE_FIELD)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        cache = self._cache_for(_one_cache(cache, past_key_values))
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        cache.begin(tokens.shape[1], attention_mask)
+        hidden_states = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, use_cache=True,
+                                   attention_mask=cache.slot_mask(attention_mask),
+                                   position_ids=cache.query_positions(tokens.shape[1], tokens.device),
+                                   **{self.model_cache_arg: cache}).last_hidden_state
+        cache.finish()
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUTPUT_CACHE_FIELD: cache})
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUTPUT_CACHE_FIELD: cache if use_cache else None})
+
+    def _cache_for(self, cache: Cache | None) -> CommonKVCache:
+        """Our cache, also when generate() or a caller hands us an empty stock cache."""
+        if isinstance(cache, CommonKVCache):
+            return cache
+        if cache is None or cache.get_seq_length() == 0:
+            return CommonKVCache(self.config)
+        raise ValueError(
+            "A CommonKV model needs its own CommonKVCache; a filled cache of another type cannot be continued. "
+            "To resolve, pass past_key_values=None (or an empty cache) on the first call."
+        )
 
 
-__all__ = ["CommonKVForCausalLM", "CommonKVModel", "CommonKVCache", "LatentLayer", "WeightedLayer",
-           "CommonKVPreTrainedModel"]
+__all__ = ["CommonKVForCausalLM", "CommonKVCache", "CommonKVAttention", "LatentLayer", "ReaderLayer",
+           "WeightedLayer", "BorrowLayer", "CommonKVPreTrainedModel", "build_decoder"]
