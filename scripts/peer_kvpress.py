@@ -132,7 +132,8 @@ def run(inputs: Path, out: Path, presses: list[str], ratios: list[float]) -> Non
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import kvpress
+    from importlib.metadata import version
+
     from transformers.utils import logging
 
     logging.disable_progress_bar()
@@ -140,6 +141,8 @@ def run(inputs: Path, out: Path, presses: list[str], ratios: list[float]) -> Non
     data = json.loads(inputs.read_text())
     model = AutoModelForCausalLM.from_pretrained(data["model"], dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(data["model"])
+    meta = {"kvpress": version("kvpress"), "transformers": version("transformers"), "torch": torch.__version__,
+            **{k: data[k] for k in ("model", "ctx_len", "eval_len", "windows", "context")}}
     results = []
     for name, ratio in [("full", 0.0)] + [(p, r) for p in presses for r in ratios]:
         start = time.perf_counter()
@@ -152,10 +155,7 @@ def run(inputs: Path, out: Path, presses: list[str], ratios: list[float]) -> Non
         results.append(row)
         print(f"{name:14s} {ratio:7.4f}  ctx-ppl {ppl:8.3f}  needle {row['needle']:g}/{row['probes']}  "
               f"({row['seconds']:.0f} s)", flush=True)
-    meta = {"kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else "0.5.5",
-            "transformers": __import__("transformers").__version__, "torch": torch.__version__,
-            **{k: data[k] for k in ("model", "ctx_len", "eval_len", "windows", "context")}}
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+        out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")  # after each: partial runs count
 
 
 def main() -> None:
