@@ -21,7 +21,7 @@ def require_matplotlib():
         import matplotlib
     except ImportError:
         raise UserInputError('Plots need matplotlib, which is not installed. To resolve, run '
-                             'pip install -e ".[plot]" (or pip install "commonkv[plot]"), or pass --no-plots.') from None
+                             'pip install -e ".[plot]" (or pip install "commonkv[plot]"), or run without plots.') from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -4,21 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import UserInputError
+from ..plots import require_matplotlib
 
 PPL_CLIP = 4.0  # quality-vs-ratio plots show perplexities up to this multiple of the full cache's
-
-
-def require_matplotlib():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserInputError('plots need matplotlib. To resolve, run: pip install -e ".[plot]" '
-                             "(or pip install matplotlib).") from None
-    return plt
 
 
 def plot_eval(result: dict, out_dir: Path) -> list[Path]:
