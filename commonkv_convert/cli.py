@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import os
 import shlex
@@ -92,22 +93,50 @@ def main(
 _FIELD_TYPES = {"float": float, "int": int, "str": str, "bool": bool, "Path": Path}
 
 
-def _option_flags(fn):
-    """Give `fn` (which takes **flags) one CLI option per ConvertOptions field, with the field's help, default,
-    part (as the help panel) and flag names: a flag cannot drift from the library. Absent flags arrive as None,
-    so a recipe's values stand unless a flag overrides them."""
-    generated = []
-    for f in dataclasses.fields(ConvertOptions):
-        kind = _FIELD_TYPES[str(f.type).split(" ")[0]]  # "float", "int | None", "Path | None", ...
-        names = f.metadata["flags"] or (f"--{f.name.replace('_', '-')}",)
-        default = "" if f.default is None else f" (default {f.default})"
-        info = typer.Option(*names, help=f.metadata["help"] + default, rich_help_panel=f.metadata["part"] + " options")
-        generated.append(Parameter(f.name, Parameter.KEYWORD_ONLY, default=None,
-                                   annotation=Annotated[Optional[kind], info]))
-    written = signature(fn, eval_str=True)
-    own = [p for p in written.parameters.values() if p.kind is not Parameter.VAR_KEYWORD]
-    fn.__signature__ = written.replace(parameters=own + generated)
-    return fn
+def _flags(cls, prefix: str = "", panel: str | None = None):
+    """Give the decorated command (which takes **flags) one CLI option per field of the dataclass `cls`, with
+    the field's help, default, panel and flag names (from its metadata; default --PREFIX-field-name): a flag
+    cannot drift from the library. Absent flags arrive as None, so a recipe's values stand unless overridden."""
+    def decorate(fn):
+        generated = []
+        for f in dataclasses.fields(cls):
+            kind = _FIELD_TYPES[str(f.type).split(" ")[0]]  # "float", "int | None", "Path | None", ...
+            names = f.metadata.get("flags") or (f"--{prefix}{f.name}".replace("_", "-"),)
+            default = "" if f.default is None else f" (default {f.default})"
+            info = typer.Option(*names, help=f.metadata["help"] + default,
+                                rich_help_panel=panel or f.metadata["part"] + " options")
+            generated.append(Parameter(prefix.replace("-", "_") + f.name, Parameter.KEYWORD_ONLY, default=None,
+                                       annotation=Annotated[Optional[kind], info]))
+        written = signature(fn, eval_str=True)
+        own = [p for p in written.parameters.values() if p.kind is not Parameter.VAR_KEYWORD]
+        fn.__signature__ = written.replace(parameters=own + generated)
+        return fn
+    return decorate
+
+
+def _cache_options_class():
+    """The runtime's KVCacheOptions, read from its file by path: importing the runtime package pulls in torch
+    and transformers, which every `--help` would wait for."""
+    name = "commonkv_convert_cache_options"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "runtime" / "cache_options.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name].KVCacheOptions
+
+
+KVCacheOptions = _cache_options_class()
+KV_PANEL = "Run-time cache options (quantization, eviction)"
+
+
+def _kv_runtime(flags: dict) -> dict:
+    """The `kv_cache` entry for `load_checkpoint` from the --kv-* flags given, checked here for a one-line error."""
+    given = {name.removeprefix("kv_"): v for name, v in flags.items() if v is not None}
+    try:
+        KVCacheOptions.from_entry(given)
+    except ValueError as e:
+        raise UserInputError(f"{e} To resolve, see `--help` for the --kv-* options.") from None
+    return given
 
 
 @app.command(epilog="Examples:\n\n  commonkv demo\n\n  commonkv demo --json\n\n" + EXIT_CODES)
@@ -135,7 +164,7 @@ def demo(
              "  commonkv convert meta-llama/Llama-3.1-8B out/llama-ckv --ratio 0.5 --group-size 2\n\n"
              "  commonkv convert ./model --ratio 0.7 --dry-run\n\n" + EXIT_CODES)
 @handle_errors
-@_option_flags
+@_flags(ConvertOptions)
 def convert(
     model: Annotated[str, typer.Argument(help="Local model directory or Hub id (org/name).")],
     out_dir: Annotated[Optional[Path], typer.Argument(help="Output directory (default: ./NAME-commonkv-RATIO).")] = None,
@@ -243,29 +272,9 @@ def inspect(
         out.print(groups)
 
 
-KVBits = Annotated[Optional[int], typer.Option("--kv-bits", help="Run time: quantize the cache to 8, 4 or 2 bits.")]
-KVBudget = Annotated[Optional[int], typer.Option("--kv-budget", help="Run time: after prefill keep this many context tokens per layer plus the window (SnapKV-style eviction).")]
-KVWindow = Annotated[Optional[int], typer.Option("--kv-window", help="--kv-budget: observation window, recent tokens always kept (default 32).")]
-KVGroup = Annotated[Optional[int], typer.Option("--kv-group", help="--kv-bits: values per quantization group (default 32).")]
-KVResidual = Annotated[Optional[int], typer.Option("--kv-residual", help="--kv-bits: recent tokens kept unquantized (default 32).")]
-
-
-def _kv_runtime(bits: int | None, budget: int | None, window: int | None, group: int | None,
-                residual: int | None) -> dict:
-    """Run-time cache options for `load_checkpoint` (only those given), checked here for a one-line error."""
-    from .runtime.configuration_commonkv import KV_DEFAULTS, KVCacheOptions
-
-    given = {"kv_bits": bits, "kv_budget": budget, "kv_window": window, "kv_group": group, "kv_residual": residual}
-    given = {k: v for k, v in given.items() if v is not None}
-    try:
-        KVCacheOptions(**{k.removeprefix("kv_").removeprefix("evict_"): v for k, v in {**KV_DEFAULTS, **given}.items()})
-    except ValueError as e:
-        raise UserInputError(f"{e} To resolve, see `--help` for the --kv-* options.") from None
-    return given
-
-
 @app.command(epilog="Example:\n\n  commonkv generate ./SmolLM2-135M-commonkv-0.5 \"The capital of France is\"")
 @handle_errors
+@_flags(KVCacheOptions, "kv-", KV_PANEL)
 def generate(
     path: Annotated[Path, typer.Argument(help="Converted checkpoint directory.")],
     prompt: Annotated[str, typer.Argument(help="Prompt text.")],
@@ -273,20 +282,16 @@ def generate(
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the tokenizer's chat template.")] = False,
-    kv_bits: KVBits = None,
-    kv_budget: KVBudget = None,
-    kv_window: KVWindow = None,
-    kv_group: KVGroup = None,
-    kv_residual: KVResidual = None,
+    **kv_flags,
 ) -> None:
     """Generate from a converted checkpoint, streaming tokens to the terminal."""
     from .generate import stream_generate
 
     if max_new_tokens < 1:
         raise UserInputError(f"--max-new-tokens {max_new_tokens} is below 1. To resolve, pass e.g. 64.")
-    runtime = _kv_runtime(kv_bits, kv_budget, kv_window, kv_group, kv_residual)
+    kv_cache = _kv_runtime(kv_flags)
     stats = stream_generate(path, prompt, max_new_tokens=max_new_tokens, device=device, dtype=dtype, chat=chat,
-                            write=lambda text: (sys.stdout.write(text), sys.stdout.flush()), runtime=runtime)
+                            write=lambda text: (sys.stdout.write(text), sys.stdout.flush()), kv_cache=kv_cache)
     err.print(f"\n[dim]{stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tok/s, "
               f"cache {stats['cache_bytes'] / 2**20:.2f} MiB (full cache would be {stats['full_cache_bytes'] / 2**20:.2f} MiB)[/]")
 
@@ -311,6 +316,7 @@ def _float_list(spec: str, flag: str) -> tuple[float, ...]:
              "Tasks: ctx-ppl (compressed-context perplexity), ppl, needle, ruler (niah, multikey, multivalue, vt), "
              "memory (cache bytes vs full, peak memory), speed (prefill/decode tok/s).\n\n" + EXIT_CODES)
 @handle_errors
+@_flags(KVCacheOptions, "kv-", KV_PANEL)
 def evaluate(
     model: Annotated[str, typer.Argument(help="Converted checkpoint, or a stock model (the full-cache reference).")],
     tasks: Annotated[str, typer.Option(help="Comma list of tasks.")] = "ctx-ppl,ppl,needle,memory",
@@ -330,11 +336,7 @@ def evaluate(
     plot: Annotated[Optional[Path], typer.Option(help="Write PNG plots (memory vs context, needle map) to this directory.")] = None,
     no_save: Annotated[bool, typer.Option("--no-save", help="Do not store the results in the checkpoint (commonkv_eval.json).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
-    kv_bits: KVBits = None,
-    kv_budget: KVBudget = None,
-    kv_window: KVWindow = None,
-    kv_group: KVGroup = None,
-    kv_residual: KVResidual = None,
+    **kv_flags,
 ) -> None:
     """Evaluate quality, memory and speed of a checkpoint (or a baseline) on real text, offline."""
     from .evaluate.runner import EvalSettings, parse_tasks, run_eval
@@ -350,9 +352,9 @@ def evaluate(
         from .evaluate.plots import require_matplotlib
 
         require_matplotlib()
-    runtime = _kv_runtime(kv_bits, kv_budget, kv_window, kv_group, kv_residual)
+    kv_cache = _kv_runtime(kv_flags)
     device = pick_device(device)
-    target = load_target(model, dtype=pick_dtype(dtype, device), device=device, runtime=runtime,
+    target = load_target(model, dtype=pick_dtype(dtype, device), device=device, kv_cache=kv_cache,
                          baseline=baseline, ratio=ratio)
     reporter = RichReporter(err, quiet=quiet or json_out == Path("-"))
     result = run_eval(target, task_list, settings, reporter)

@@ -33,10 +33,10 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 def stream_generate(path: Path, prompt: str, *, max_new_tokens: int, device: str, dtype: str, chat: bool,
-                    write: Callable[[str], object], runtime: dict | None = None) -> dict:
+                    write: Callable[[str], object], kv_cache: dict | None = None) -> dict:
     """Greedy generation, each token written as it is produced; returns speed and cache size.
 
-    `runtime`: run-time cache options (`kv_bits`, `kv_budget`, ...) passed to `load_checkpoint`."""
+    `kv_cache`: run-time cache options (`{"bits": 4, "budget": 128}`, see KVCacheOptions)."""
     from transformers import AutoTokenizer, TextStreamer
     from transformers.utils import logging as hf_logging
 
@@ -47,7 +47,7 @@ def stream_generate(path: Path, prompt: str, *, max_new_tokens: int, device: str
         raise UserInputError(f"{path} is not a CommonKV checkpoint. To resolve, convert it first with `commonkv convert`.")
     dev = pick_device(device)
     hf_logging.disable_progress_bar()  # keep the terminal for the generated text
-    model = load_checkpoint(path, dtype=pick_dtype(dtype, dev), device=dev, **(runtime or {}))
+    model = load_checkpoint(path, dtype=pick_dtype(dtype, dev), device=dev, kv_cache=kv_cache)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if chat and tokenizer.chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,

@@ -13,7 +13,7 @@ a `Method` in METHODS:
   the per-method budget fields; methods with the same `analysis` share one calibration
   (`convert_sweep`), so a ratio sweep costs one analysis plus one write per checkpoint;
 - a run-time baseline on the stock model: `baseline` (e.g. "average", MiniCache-style);
-- `runtime`: run-time cache options passed to the loader of a converted checkpoint.
+- `kv_cache`: run-time cache options passed to the loader of a converted checkpoint.
 
 Tasks per target: compressed-context perplexity (essays, C=512, E=128, 8 windows), needle retrieval at
 2048 tokens (3 depths), RULER-style probes at 1024 tokens, cache bytes at 256 and 1024 tokens. Calibration: the
@@ -48,7 +48,7 @@ class Method:
     analysis: dict | None = None  # ConvertOptions fields of the shared analysis (None: no conversion)
     budget: dict = field(default_factory=dict)  # ConvertOptions budget fields of this method
     baseline: str | None = None  # run-time baseline on the stock model
-    runtime: dict = field(default_factory=dict)  # run-time cache options of the converted checkpoint
+    kv_cache: dict = field(default_factory=dict)  # run-time cache options of the converted checkpoint
 
 
 WHITENED = {"group_size": 4}
@@ -66,10 +66,10 @@ METHODS: dict[str, Method] = {
     "average": Method("adjacent layers' raw K/V averaged, deepest layers first (MiniCache-style)",
                       baseline="average"),
     "commonkv+q2": Method("CommonKV + 2-bit cache at run time (latents per channel, K per channel, V per token, "
-                          "groups of 32, 32 recent tokens unquantized)", WHITENED, runtime={"kv_bits": 2}),
+                          "groups of 32, 32 recent tokens unquantized)", WHITENED, kv_cache={"bits": 2}),
     "commonkv+q2+evict": Method("CommonKV + 2-bit cache + SnapKV-style eviction after prefill to 128 context "
                                 "tokens + a 32-token window per layer (the share removed grows with the prompt)",
-                                WHITENED, runtime={"kv_bits": 2, "kv_budget": 128}),
+                                WHITENED, kv_cache={"bits": 2, "budget": 128}),
     # KVSharer: one search for N = 0.8 · layers (threshold off, so every ratio is reached); each ratio's N sharers
     # are a prefix of it. Ratios above 0.8 are out of reach (a source cannot share).
     "kvsharer": Method("KVSharer: later layers reuse an earlier layer's whole K/V cache, pairs tried most "
@@ -165,7 +165,7 @@ def main() -> None:
         for dir_name, result in converted.items():
             merged = sum(g["mode"] == "merged" for g in result.report["groups"])
             for name, ratio in users[dir_name]:
-                target = load_target(str(result.out_dir), runtime=METHODS[name].runtime, name=name)
+                target = load_target(str(result.out_dir), kv_cache=METHODS[name].kv_cache, name=name)
                 record(name, ratio, target, {"merged_groups": merged, "write_s": result.report["wall_time_s"]})
                 del target
             shutil.rmtree(result.out_dir)

@@ -43,19 +43,19 @@ def configs() -> dict[str, tuple[float, dict]]:
         tag = "full" if ratio == 0 else f"ckv{ratio:g}"
         out[tag] = (ratio, {})
         for bits in (8, 4, 2):
-            out[f"{tag}+q{bits}"] = (ratio, {"kv_bits": bits})
+            out[f"{tag}+q{bits}"] = (ratio, {"bits": bits})
         for budget in (1024, 512, 256, 128):
-            out[f"{tag}+e{budget}"] = (ratio, {"kv_budget": budget})
+            out[f"{tag}+e{budget}"] = (ratio, {"budget": budget})
         for bits, budget in ((4, 512), (2, 512), (2, 256), (2, 128), (4, 128), (4, 64), (2, 64)):
-            out[f"{tag}+q{bits}+e{budget}"] = (ratio, {"kv_bits": bits, "kv_budget": budget})
-        out[f"{tag}+q2r128"] = (ratio, {"kv_bits": 2, "kv_residual": 128})  # KIVI's longer fp window
-        for bits, budget in ((None, 512), (None, 128), (4, 128)):  # one pick for all layers (kv_evict_scope=model)
-            out[f"{tag}{f'+q{bits}' if bits else ''}+e{budget}m"] = (ratio, {"kv_bits": bits, "kv_budget": budget,
-                                                                            "kv_evict_scope": "model"})
-        out[f"{tag}+q4+e256"] = (ratio, {"kv_bits": 4, "kv_budget": 256})
+            out[f"{tag}+q{bits}+e{budget}"] = (ratio, {"bits": bits, "budget": budget})
+        out[f"{tag}+q2r128"] = (ratio, {"bits": 2, "residual": 128})  # KIVI's longer fp window
+        for bits, budget in ((None, 512), (None, 128), (4, 128)):  # one pick for all layers (scope=model)
+            out[f"{tag}{f'+q{bits}' if bits else ''}+e{budget}m"] = (ratio, {"bits": bits, "budget": budget,
+                                                                            "scope": "model"})
+        out[f"{tag}+q4+e256"] = (ratio, {"bits": 4, "budget": 256})
         if ratio:
             for bits in (4, 2):
-                out[f"{tag}+q{bits}token"] = (ratio, {"kv_bits": bits, "kv_latent_axis": "token"})
+                out[f"{tag}+q{bits}token"] = (ratio, {"bits": bits, "latent_axis": "token"})
     return out
 
 
@@ -90,7 +90,7 @@ class PrefillBytes(torch.nn.Module):
 
 
 def load(path: Path, runtime: dict):
-    return load_checkpoint(path, dtype=DTYPE, **runtime)
+    return load_checkpoint(path, dtype=DTYPE, kv_cache=runtime)
 
 
 def run_ppl(args, results: dict) -> None:
@@ -124,7 +124,7 @@ def run_needle(args, results: dict) -> None:
         if "needle" in results.get(name, {}):
             continue
         ratio, runtime = configs()[name]
-        target = load_target(str(checkpoint(args.workdir, ratio)), dtype=DTYPE, runtime=runtime, name=name)
+        target = load_target(str(checkpoint(args.workdir, ratio)), dtype=DTYPE, kv_cache=runtime, name=name)
         per_token = target.model.config.full_kv_elements_per_token() * DTYPE.itemsize
         target.model = wrapped = PrefillBytes(target.model)
         t0 = time.perf_counter()
@@ -191,7 +191,7 @@ def run_values(args, results: dict) -> None:
 
     quantization.CompressedKVLayer.__init__ = values_per_channel
     try:
-        out = {f"full+q{bits} values per channel": compressed_context_ppl(load(path, {"kv_bits": bits}), ids, C, E,
+        out = {f"full+q{bits} values per channel": compressed_context_ppl(load(path, {"bits": bits}), ids, C, E,
                                                                           max_windows=WINDOWS)["ppl"]
                for bits in (4, 2)}
     finally:
@@ -214,9 +214,9 @@ def report(args, results: dict) -> None:
         "",
         "Produced by `scripts/stack_sweep.py` (axes, ppl, needle, report), bfloat16 on a shared 2-core CPU. "
         "Names: `full` = a ratio-0 conversion (every layer keeps K/V: the full cache), `ckvR` = CommonKV at ratio R; "
-        "`+qB` = B-bit cache (`kv_bits`), `token` = latents quantized per token instead of per channel, "
+        "`+qB` = B-bit cache (`--kv-bits`), `token` = latents quantized per token instead of per channel, "
         "`r128` = 128 recent tokens unquantized (default 32); `+eN` = eviction to N context tokens + a 32-token "
-        "window per layer after prefill (`kv_budget`), `m` = one pick for all layers (`kv_evict_scope=model`).",
+        "window per layer after prefill (`--kv-budget`), `m` = one pick for all layers (`--kv-scope model`).",
         "",
         f"- **removed**: 1 − cache.nbytes() after the {C}-token prefill / the 16-bit full cache of {C} tokens "
         "(measured; the analytic `config.cache_bytes` agreed on every run).",

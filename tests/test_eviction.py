@@ -43,8 +43,8 @@ def test_keep_indices_takes_peaks_and_window_never_padding():
 @pytest.mark.parametrize("which", ["merged", "per_layer", "keep"])
 @pytest.mark.parametrize("bits", [None, 4])
 def test_each_layer_keeps_budget_plus_window(checkpoints, which, bits):
-    model = load_checkpoint(checkpoints[which], dtype=torch.float32, kv_budget=BUDGET, kv_window=WINDOW, kv_bits=bits,
-                            kv_group=8, kv_residual=4)
+    model = load_checkpoint(checkpoints[which], dtype=torch.float32, kv_cache=dict(budget=BUDGET, observe=WINDOW, bits=bits,
+                                                                                group=8, residual=4))
     with torch.inference_mode():
         cache = model(_ids(2, 70), use_cache=True).past_key_values
         stored = [layer for layer in cache.layers if isinstance(layer, (CompressedLatentLayer, CompressedKVLayer))]
@@ -65,7 +65,7 @@ def test_decode_after_eviction_continues_at_true_positions(checkpoints, which, m
     kept = sorted(torch.randperm(60 - WINDOW, generator=torch.Generator().manual_seed(2))[:BUDGET].tolist())
     index = torch.tensor([kept + list(range(60 - WINDOW, 60))])
     monkeypatch.setattr(modeling, "keep_indices", lambda *args, **kwargs: index)
-    evicting = load_checkpoint(checkpoints[which], dtype=torch.float32, kv_budget=BUDGET, kv_window=WINDOW)
+    evicting = load_checkpoint(checkpoints[which], dtype=torch.float32, kv_cache=dict(budget=BUDGET, observe=WINDOW))
     full = load_checkpoint(checkpoints[which], dtype=torch.float32)
     with torch.inference_mode():
         cache = evicting(prompt, use_cache=True).past_key_values
@@ -84,8 +84,8 @@ def test_decode_after_eviction_continues_at_true_positions(checkpoints, which, m
 
 def test_generate_after_eviction_left_padded_batch(checkpoints):
     """Each row of a left-padded batch evicts among its own tokens and generates as it would alone."""
-    model = load_checkpoint(checkpoints["merged"], dtype=torch.float32, kv_budget=BUDGET, kv_window=WINDOW, kv_bits=8,
-                            kv_group=8, kv_residual=4)
+    model = load_checkpoint(checkpoints["merged"], dtype=torch.float32, kv_cache=dict(budget=BUDGET, observe=WINDOW, bits=8,
+                                                                                      group=8, residual=4))
     prompts = [_ids(1, 64, 3)[0], _ids(1, 50, 4)[0]]
     ids, mask = left_padded(prompts)
     with torch.inference_mode():
@@ -101,8 +101,8 @@ def test_model_scope_keeps_the_same_tokens_in_every_layer(checkpoints, monkeypat
     monkeypatch.setattr(modeling, "keep_indices", lambda *a, **k: picks.append(real(*a, **k)) or picks[-1])
     for scope in ("layer", "model"):
         picks.clear()
-        model = load_checkpoint(checkpoints["keep"], dtype=torch.float32, kv_budget=BUDGET, kv_window=WINDOW,
-                                kv_evict_scope=scope)
+        model = load_checkpoint(checkpoints["keep"], dtype=torch.float32, kv_cache=dict(budget=BUDGET, observe=WINDOW,
+                                                                                   scope=scope))
         with torch.inference_mode():
             cache = model(_ids(1, 70), use_cache=True).past_key_values
         assert cache.nbytes() == model.config.cache_bytes(70, 4)

@@ -259,11 +259,11 @@ def test_cli_rejects_bad_sharing_flags(tiny_model_dirs):
     assert result.exit_code == 2 and "needs a KVSharer method" in result.output
 
 
-@pytest.mark.parametrize("runtime", [dict(kv_bits=4, kv_residual=8, kv_group=8), dict(kv_budget=16, kv_window=8)])
+@pytest.mark.parametrize("runtime", [dict(bits=4, residual=8, group=8), dict(budget=16, observe=8)])
 def test_sharing_with_runtime_quantization_and_eviction(runtime, shared_dirs, combined_dirs):
     """Sharers store nothing under run-time cache compression too: bytes equal the analytic figure."""
     for path in (shared_dirs["qwen3"], combined_dirs["refit"], combined_dirs["source"]):
-        model = load_checkpoint(path, dtype=torch.float32, **runtime)
+        model = load_checkpoint(path, dtype=torch.float32, kv_cache=runtime)
         ids = _ids(1, 64, 7)
         with torch.inference_mode():
             cache = model(ids, use_cache=True).past_key_values

@@ -52,22 +52,22 @@ def full_kv_elements_per_token(config) -> int:
 
 
 def load_target(model: str, *, dtype: torch.dtype = torch.float32, device: str | None = None,
-                runtime: dict | None = None, baseline: str | None = None, ratio: float | None = None,
+                kv_cache: dict | None = None, baseline: str | None = None, ratio: float | None = None,
                 name: str | None = None) -> EvalTarget:
     """Load MODEL (directory or Hub id) for evaluation.
 
-    `runtime` holds run-time cache options of a CommonKV checkpoint (passed to `load_checkpoint`);
+    `kv_cache` holds run-time cache options of a CommonKV checkpoint (`{"bits": 4}`, see KVCacheOptions);
     `baseline`/`ratio` wrap a stock model's cache in a baseline compression at that ratio.
     """
-    runtime = {k: v for k, v in (runtime or {}).items() if v is not None}
+    kv_cache = {k: v for k, v in (kv_cache or {}).items() if v is not None}
     with open_model(model) as source:  # resolves Hub ids to a local snapshot; reads no tensors
         root, config = source.path, source.config
     commonkv = config.get("model_type") == "commonkv"
     if commonkv and baseline:
         raise UserInputError(f"{model} is already a CommonKV checkpoint; --baseline applies to a stock model. "
                              "To resolve, drop --baseline or pass the source model.")
-    if runtime and not commonkv:
-        raise UserInputError(f"run-time cache options {sorted(runtime)} need a CommonKV checkpoint, and {model} is a "
+    if kv_cache and not commonkv:
+        raise UserInputError(f"run-time cache options {sorted(kv_cache)} need a CommonKV checkpoint, and {model} is a "
                              "stock model. To resolve, convert it first (`commonkv convert MODEL OUT --ratio 0` "
                              "keeps every layer and allows these options on the full cache).")
     if baseline is not None and baseline not in BASELINES:
@@ -81,11 +81,11 @@ def load_target(model: str, *, dtype: torch.dtype = torch.float32, device: str |
         from ..runtime import load_checkpoint  # registers the commonkv config, which the tokenizer reads
 
         tokenizer = AutoTokenizer.from_pretrained(root)
-        loaded = load_checkpoint(root, dtype=dtype, device=device, **runtime)
+        loaded = load_checkpoint(root, dtype=dtype, device=device, kv_cache=kv_cache)
         block = loaded.config.commonkv
         meta = {"kind": "commonkv", "ratio": block["ratio"], "groups": len(block["groups"]),
                 "full_kv_elements_per_token": loaded.config.full_kv_elements_per_token(),
-                "kv_elements_per_token": loaded.config.kv_elements_per_token(), "runtime": runtime}
+                "kv_elements_per_token": loaded.config.kv_elements_per_token(), "kv_cache": kv_cache}
     else:
         tokenizer = AutoTokenizer.from_pretrained(root)
         loaded = AutoModelForCausalLM.from_pretrained(root, dtype=dtype).eval()

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import transformers
 from transformers import AutoConfig, PretrainedConfig
+
+from .cache_options import POSITION_BYTES, KVCacheOptions
 
 FORMAT_VERSION = 2  # 2 adds the optional `sharing` map (KVSharer); the converter writes 1 for plans without one
 # The transformers releases this runtime's test suite ran on (oldest, newest); the converter records them in the
@@ -26,12 +28,8 @@ SHARING_PATHS = ("refit", "source")  # how a sharer reads a latent source: own r
 WEIGHTED_DEFAULTS = {"sink": 4, "window": 32, "block": 16}  # S, W, K of a weighted group
 # Fields of this config that are not the base model's (everything else is handed to the base family's config)
 OWN_FIELDS = ("commonkv", "base_model_type", "model_type", "architectures", "auto_map", "transformers_version",
-              "kv_bits", "kv_group", "kv_residual", "kv_budget", "kv_window", "kv_pool", "kv_latent_axis",
-              "kv_evict_scope")
-KV_DEFAULTS = {"kv_group": 32, "kv_residual": 32, "kv_window": 32, "kv_pool": 7, "kv_latent_axis": "channel",
-               "kv_evict_scope": "layer"}
-SCALE_BYTES = 2  # quantization mins and steps are stored as float16
-POSITION_BYTES = 4  # positions of the tokens kept by eviction, int32
+              "kv_cache")
+_RENAMED = {"kv_window", "kv_evict_scope"}  # flat names before kv_cache was one entry
 
 
 def group_elements(mode: str, layers: int, rank: int, d_kv: int) -> int:
@@ -45,66 +43,6 @@ def group_elements(mode: str, layers: int, rank: int, d_kv: int) -> int:
 
 class CheckpointError(ValueError):
     """A checkpoint that must not load: a missing, malformed or too new config block, or weights missing."""
-
-
-@dataclass(frozen=True)
-class KVCacheOptions:
-    """Runtime compression of the cache on top of the checkpoint's plan (see `quantization.py`, `eviction.py`).
-
-    bits: 8/4/2-bit asymmetric quantization of everything but the `residual` most recent tokens, in groups of
-    `group` values (latents along `latent_axis`; keys per channel and values per token, as KIVI); None: off.
-    budget: after a prefill longer than budget + window, keep per layer the `budget` context tokens the last
-    `window` queries attend to most (scores max-pooled over `pool` neighbours) plus those `window`; None: off.
-    scope: `layer` (each cached layer picks by its own readers' scores) or `model` (one pick for every layer, by
-    the scores summed over all layers: a token that a few layers need is kept everywhere).
-    """
-
-    bits: int | None = None
-    group: int = KV_DEFAULTS["kv_group"]
-    residual: int = KV_DEFAULTS["kv_residual"]
-    budget: int | None = None
-    window: int = KV_DEFAULTS["kv_window"]
-    pool: int = KV_DEFAULTS["kv_pool"]
-    latent_axis: str = KV_DEFAULTS["kv_latent_axis"]
-    scope: str = KV_DEFAULTS["kv_evict_scope"]
-
-    def __post_init__(self):
-        checks = [
-            (self.bits in (None, 2, 4, 8), f"kv_bits={self.bits} is not supported; pass 8, 4 or 2 (or None)"),
-            (self.group > 0 and self.group % 4 == 0, f"kv_group={self.group} must be a positive multiple of 4"),
-            (self.residual >= 0, f"kv_residual={self.residual} must be >= 0"),
-            (self.budget is None or self.budget > 0, f"kv_budget={self.budget} must be positive (or None)"),
-            (self.window > 0, f"kv_window={self.window} must be positive"),
-            (self.pool > 0 and self.pool % 2 == 1, f"kv_pool={self.pool} must be a positive odd number"),
-            (self.latent_axis in ("channel", "token"), f"kv_latent_axis={self.latent_axis!r}: pass channel or token"),
-            (self.scope in ("layer", "model"), f"kv_evict_scope={self.scope!r}: pass layer or model"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message + ".")
-
-    def kept_tokens(self, tokens: int, prompt: int) -> int:
-        """Tokens a layer holds after `tokens`, the first `prompt` of which came in one prefill."""
-        if self.budget is None or prompt <= self.budget + self.window:
-            return tokens
-        return tokens - (prompt - self.budget - self.window)
-
-    def quantized_tokens(self, held: int) -> int:
-        """Of `held` tokens, how many are quantized: all but the most recent `residual` .. residual+group-1,
-        in whole groups of `group` tokens (the same rule for both axes, whatever the chunking)."""
-        if self.bits is None:
-            return 0
-        return max(0, held - self.residual) // self.group * self.group
-
-    def stream_bytes(self, held: int, width: int, heads: int, axis: str, element_size: int) -> int:
-        """Bytes of one cached stream [B=1, heads, held, width]: packed codes + float16 mins/steps + recent part."""
-        q = self.quantized_tokens(held)
-        if axis == "token":
-            groups = -(-width // self.group)
-            quantized = q * (groups * self.group * self.bits // 8 + 2 * SCALE_BYTES * groups) if q else 0
-        else:
-            quantized = q * -(-width * self.bits // 8) + (q // self.group) * width * 2 * SCALE_BYTES if q else 0
-        return heads * (quantized + (held - q) * width * element_size)
 
 
 @dataclass(frozen=True)
@@ -153,14 +91,7 @@ class CommonKVConfig(PretrainedConfig):
         layer_types: list[str] | None = None,
         tie_word_embeddings: bool = False,
         use_cache: bool = True,
-        kv_bits: int | None = None,
-        kv_group: int = KV_DEFAULTS["kv_group"],
-        kv_residual: int = KV_DEFAULTS["kv_residual"],
-        kv_budget: int | None = None,
-        kv_window: int = KV_DEFAULTS["kv_window"],
-        kv_pool: int = KV_DEFAULTS["kv_pool"],
-        kv_latent_axis: str = KV_DEFAULTS["kv_latent_axis"],
-        kv_evict_scope: str = KV_DEFAULTS["kv_evict_scope"],
+        kv_cache: dict | None = None,
         **kwargs,
     ):
         self.base_model_type = base_model_type
@@ -183,9 +114,12 @@ class CommonKVConfig(PretrainedConfig):
         # None only for a bare CommonKVConfig() (transformers builds one to diff against); a model refuses it
         self.commonkv = commonkv
         # Runtime cache options (quantization, eviction): not part of the conversion, set at load time.
-        self.kv_bits, self.kv_group, self.kv_residual = kv_bits, kv_group, kv_residual
-        self.kv_budget, self.kv_window, self.kv_pool, self.kv_latent_axis = kv_budget, kv_window, kv_pool, kv_latent_axis
-        self.kv_evict_scope = kv_evict_scope
+        self.kv_cache = dict(kv_cache) if kv_cache else None
+        flat = sorted(k for k in kwargs if k in {f"kv_{f.name}" for f in fields(KVCacheOptions)} | _RENAMED)
+        if flat:
+            raise ValueError(f"{flat} are not options; the run-time cache options are one entry: pass e.g. "
+                             "kv_cache={'bits': 4, 'budget': 128} (keys: "
+                             + ", ".join(f.name for f in fields(KVCacheOptions)) + ").")
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     def base_config(self) -> PretrainedConfig:
@@ -314,15 +248,14 @@ class CommonKVConfig(PretrainedConfig):
 
     def kv_options(self) -> KVCacheOptions | None:
         """The runtime cache options, validated; None when the cache is neither quantized nor evicted."""
-        if self.kv_bits is None and self.kv_budget is None:
+        options = KVCacheOptions.from_entry(self.kv_cache)
+        if not options.active:
             return None
-        options = KVCacheOptions(self.kv_bits, self.kv_group, self.kv_residual, self.kv_budget, self.kv_window,
-                                 self.kv_pool, self.kv_latent_axis, self.kv_evict_scope)
         if any(g["mode"] == "merged" and g.get("merge", "anchor") == "weighted" for g in self.commonkv["groups"]):
-            raise ValueError("kv_bits/kv_budget do not support weighted merge groups (their merged latent is folded "
+            raise ValueError("kv_cache bits/budget do not support weighted merge groups (their merged latent is folded "
                              "in blocks). To resolve, convert with --merge anchor or load without them.")
         if options.budget is not None and "sliding_attention" in self.layer_types:
-            raise ValueError("kv_budget does not support sliding-window layers. To resolve, load without it.")
+            raise ValueError("kv_cache budget does not support sliding-window layers. To resolve, load without it.")
         return options
 
     def cache_bytes(self, tokens: int, element_size: int, *, prompt: int | None = None, batch: int = 1) -> int:

@@ -344,10 +344,10 @@ class CommonKVCache(Cache):
 
     # ---- around each forward: eviction scores during a long prefill, then evict, fold and quantize after it ----
     def begin(self, q_len: int, attention_mask: torch.Tensor | None) -> None:
-        """Start a forward of `q_len` tokens: a first prefill longer than budget + window is scored for eviction."""
+        """Start a forward of `q_len` tokens: a first prefill longer than budget + observe is scored for eviction."""
         o = self.options
         prefill = o is not None and o.budget is not None and self.get_seq_length() == 0 and not self.evicted
-        self.scores = {} if prefill and q_len > o.budget + o.window else None
+        self.scores = {} if prefill and q_len > o.budget + o.observe else None
         if self.scores is not None and attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("Eviction needs a 2-D attention mask (or None) on the prefill.")
         self.padding = attention_mask if self.scores is not None else None
@@ -362,7 +362,7 @@ class CommonKVCache(Cache):
         if self.scores is None:
             return
         source = self.roles[layer_idx].source
-        scores = window_scores(query, key, scaling, self.options.window, self.padding)
+        scores = window_scores(query, key, scaling, self.options.observe, self.padding)
         self.scores[source] = scores if source not in self.scores else self.scores[source] + scores
 
     def finish(self) -> None:
@@ -378,12 +378,12 @@ class CommonKVCache(Cache):
 
     def _evict(self) -> None:
         o = self.options
-        shared = keep_indices(sum(self.scores.values()), o.budget, o.window, o.pool, self.padding) \
+        shared = keep_indices(sum(self.scores.values()), o.budget, o.observe, o.pool, self.padding) \
             if o.scope == "model" else None
         for layer_idx, scores in self.scores.items():
-            index = shared if shared is not None else keep_indices(scores, o.budget, o.window, o.pool, self.padding)
+            index = shared if shared is not None else keep_indices(scores, o.budget, o.observe, o.pool, self.padding)
             self.layers[layer_idx].evict(index, o.budget, self.roles[layer_idx].latent)
-        self.evicted = scores.shape[-1] - o.budget - o.window
+        self.evicted = scores.shape[-1] - o.budget - o.observe
         mask = self.padding if self.padding is not None else torch.ones_like(scores, dtype=torch.bool)
         self.kept_mask = mask.bool().gather(1, index)  # padding kept is the leftmost, the same in every layer
 

@@ -1,0 +1,94 @@
+"""Run-time cache options: quantization and eviction on top of a checkpoint's plan, and their byte formulas.
+
+Self-contained (standard library only) and copied into every checkpoint with the other runtime files. The CLI
+reads this file directly, without the runtime package (which imports torch), to generate its --kv-* flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+SCALE_BYTES = 2  # quantization mins and steps are stored as float16
+POSITION_BYTES = 4  # positions of the tokens kept by eviction, int32
+
+
+def _kv(default, help: str):
+    """A run-time cache option: its default and the help the CLI shows for its --kv-* flag."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class KVCacheOptions:
+    """Runtime compression of the cache on top of the checkpoint's plan (see `quantization.py`, `eviction.py`).
+
+    Given at load time as one nested entry, `from_pretrained(dir, kv_cache={"bits": 4, "budget": 128})`; the
+    field defaults below are the one table of defaults, and the CLI's --kv-* flags are generated from them.
+    Quantization (KIVI-style) stores latents along `latent_axis`, keys per channel and values per token.
+    Eviction (SnapKV-style) scores the prompt with its last `observe` queries once, after the prefill.
+    """
+
+    bits: int | None = _kv(None, "Quantize the cache to 8, 4 or 2 bits (asymmetric codes, float16 scales).")
+    group: int = _kv(32, "bits: values per quantization group (a multiple of 4).")
+    residual: int = _kv(32, "bits: most recent tokens kept unquantized.")
+    latent_axis: str = _kv("channel", "bits: quantize latents per channel or per token.")
+    budget: int | None = _kv(None, "After a prefill longer than budget + observe, keep per layer this many context "
+                                   "tokens (those the last observe queries attend to most) plus the observe tokens.")
+    observe: int = _kv(32, "budget: the observation window, recent tokens that score the context and are always kept.")
+    pool: int = _kv(7, "budget: scores are max-pooled over this many neighbours (odd).")
+    scope: str = _kv("layer", "budget: layer (each cached layer picks by its own readers' scores) or model (one pick "
+                              "for every layer, by the scores summed over all: a token a few layers need is kept "
+                              "everywhere).")
+
+    def __post_init__(self):
+        checks = [
+            (self.bits in (None, 2, 4, 8), f"kv_cache bits={self.bits} is not supported; pass 8, 4 or 2 (or None)"),
+            (self.group > 0 and self.group % 4 == 0, f"kv_cache group={self.group} must be a positive multiple of 4"),
+            (self.residual >= 0, f"kv_cache residual={self.residual} must be >= 0"),
+            (self.budget is None or self.budget > 0, f"kv_cache budget={self.budget} must be positive (or None)"),
+            (self.observe > 0, f"kv_cache observe={self.observe} must be positive"),
+            (self.pool > 0 and self.pool % 2 == 1, f"kv_cache pool={self.pool} must be a positive odd number"),
+            (self.latent_axis in ("channel", "token"), f"kv_cache latent_axis={self.latent_axis!r}: pass channel or token"),
+            (self.scope in ("layer", "model"), f"kv_cache scope={self.scope!r}: pass layer or model"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message + ".")
+
+    @classmethod
+    def from_entry(cls, entry: dict | None) -> KVCacheOptions:
+        """The options of a `kv_cache` entry (missing keys take their defaults); unknown keys are refused."""
+        entry = dict(entry or {})
+        unknown = sorted(set(entry) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"kv_cache has unknown keys {unknown}; use only {[f.name for f in fields(cls)]}.")
+        return cls(**entry)
+
+    @property
+    def active(self) -> bool:
+        return self.bits is not None or self.budget is not None
+
+    def kept_tokens(self, tokens: int, prompt: int) -> int:
+        """Tokens a layer holds after `tokens`, the first `prompt` of which came in one prefill."""
+        if self.budget is None or prompt <= self.budget + self.observe:
+            return tokens
+        return tokens - (prompt - self.budget - self.observe)
+
+    def quantized_tokens(self, held: int) -> int:
+        """Of `held` tokens, how many are quantized: all but the most recent `residual` .. residual+group-1,
+        in whole groups of `group` tokens (the same rule for both axes, whatever the chunking)."""
+        if self.bits is None:
+            return 0
+        return max(0, held - self.residual) // self.group * self.group
+
+    def stream_bytes(self, held: int, width: int, heads: int, axis: str, element_size: int) -> int:
+        """Bytes of one cached stream [B=1, heads, held, width]: packed codes + float16 mins/steps + recent part."""
+        q = self.quantized_tokens(held)
+        if axis == "token":
+            groups = -(-width // self.group)
+            quantized = q * (groups * self.group * self.bits // 8 + 2 * SCALE_BYTES * groups) if q else 0
+        else:
+            quantized = q * -(-width * self.bits // 8) + (q // self.group) * width * 2 * SCALE_BYTES if q else 0
+        return heads * (quantized + (held - q) * width * element_size)
+
+
+__all__ = ["KVCacheOptions", "POSITION_BYTES", "SCALE_BYTES"]
