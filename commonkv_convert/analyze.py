@@ -36,11 +36,13 @@ from pathlib import Path
 
 import torch
 
+from .analysis import Analysis
 from .checkpoint.format import REPORT_FILE, group_elements
-from .convert import Analysis, CandidateStore, allocate_plan, analyze_source
 from .errors import PlanError, UserInputError
+from .methods import analyze_source, method_for
 from .progress import Reporter
 from .recipe import ConvertOptions
+from .resume import CandidateStore
 
 KINDS = ("hidden", "key", "value", "latent")
 RATIO_GRID = tuple(round(0.2 + 0.05 * i, 2) for i in range(15))  # 0.2, 0.25, ..., 0.9
@@ -192,7 +194,7 @@ def error_table(analysis: Analysis, options: ConvertOptions) -> list[dict]:
         for ratio in RATIO_GRID:
             variant = dataclasses.replace(options, ratio=ratio, group_size=size)
             try:
-                plan = allocate_plan(analysis.candidates, analysis.facts, variant)
+                plan = method_for(variant).plan(analysis).plan
             except PlanError:
                 rows.append({"group_size": size, "ratio": ratio, "error": None})
                 continue

@@ -18,14 +18,17 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+from transformers.core_model_loading import (
+    WeightConverter,
+    WeightRenaming,
+    rename_source_key,
+)
 from transformers.masking_utils import create_sliding_window_causal_mask
 
 from .architectures import ArchFacts, SplitQKV, layer_types
 from .checkpoint.reader import SourceModel
 from .memory import frozen_heap, release_memory
 from .progress import Reporter
-from .resume import ActivationState
 from .runtime.modeling_commonkv import rope_at
 
 
@@ -46,6 +49,18 @@ class CalibrationResult:
     """Filled while `calibrate` is consumed: final hidden states of the validation sequences."""
 
     final_hidden: torch.Tensor | None = None
+
+
+@dataclass
+class Carry:
+    """What calibrating layer k needs from the layers before it: a resumed run starts from a saved one.
+
+    hidden: layer k's input [N, T, d]; previous: layer k−1's hidden/key/value (for similarities), None at
+    k = 0; window: the attention inputs of the up to max_group − 1 layers before k (their cross-Grams)."""
+
+    hidden: torch.Tensor
+    previous: dict[str, torch.Tensor] | None = None
+    window: list[torch.Tensor] = field(default_factory=list)
 
 
 def base_config(config: dict):
@@ -170,16 +185,17 @@ def calibrate(
     reporter: Reporter | None = None,
     result: CalibrationResult | None = None,
     keep_tokens: int = 0,
-    state: ActivationState | None = None,
+    start: int = 0,
+    carry: Carry | None = None,
     devices: list[torch.device] | None = None,
-) -> Iterator[LayerStats]:
-    """Yield LayerStats for layers 0..L-1 in order.
+) -> Iterator[tuple[LayerStats, Carry]]:
+    """Yield (LayerStats, the Carry for the next layer) for layers start..L-1 in order. Pure: nothing is
+    saved here (resume.CalibrationCache saves each Carry and continues from one).
 
     tokens: [N, T]; the last `held_out` sequences form the held-out split, and the first `validation` of
     those also get their final hidden states recorded in `result` for the post-write logit check.
     `keep_tokens` > 0 keeps that many evenly spaced tokens' activations per layer in `LayerStats.samples`.
-    `state` saves what the next layer needs before each yield and, with `state.start` = k > 0, continues at
-    layer k from what was saved. `devices`: layer i runs on devices[i % len(devices)] (default: CPU);
+    `start` = k > 0 continues at layer k from `carry`. `devices`: layer i runs on devices[i % len(devices)] (default: CPU);
     statistics always come back to the CPU.
     """
     reporter = reporter or Reporter()
@@ -189,18 +205,9 @@ def calibrate(
     splits = {"fit": slice(0, n - held_out), "held_out": slice(n - held_out, n)}
     inputs = layer_kwargs(cfg, facts, tokens.shape[1])
     devices = devices or [torch.device("cpu")]
-    window: deque[torch.Tensor] = deque(maxlen=max(max_group - 1, 1))  # attention inputs of previous layers
-    previous: dict[str, torch.Tensor] | None = None
-    start = state.start if state is not None else 0
-    if start == 0:
-        hidden = embed(source, facts, tokens)
-        if state is not None:
-            state.save("hidden", 0, hidden)
-    else:
-        hidden = state.load("hidden", start)
-        previous = {kind: state.load(kind, start - 1) for kind in ("hidden", "key", "value")}
-        if max_group > 1:
-            window.extend(state.load("x", j) for j in range(max(0, start - window.maxlen), start))
+    carry = carry or Carry(embed(source, facts, tokens))
+    hidden, previous = carry.hidden, carry.previous
+    window: deque[torch.Tensor] = deque(carry.window, maxlen=max(max_group - 1, 1))  # previous attention inputs
     kept = torch.linspace(0, tokens.numel() - 1, min(keep_tokens, tokens.numel())).long() if keep_tokens else None
 
     stage = reporter.stage("Calibrating", facts.num_layers - start)
@@ -233,14 +240,9 @@ def calibrate(
             here = _to(inputs[i], device)
             hidden = torch.cat([layer(hidden[s:s + batch_size], **here) for s in range(0, n, batch_size)])
             del layer
-            if state is not None:  # everything layer i + 1 needs, before anyone records layer i as done
-                for kind, tensor in (("x", x if max_group > 1 else None), ("key", current["key"]),
-                                     ("value", current["value"]), ("hidden", hidden)):
-                    if tensor is not None:
-                        state.save(kind, i + 1 if kind == "hidden" else i, tensor)
             release_memory()
             bar.advance(f"layer {i}")
-            yield stats
+            yield stats, Carry(hidden, current, list(window) if max_group > 1 else [])
 
         norm = final_norm(source, facts)
         first_held = n - held_out

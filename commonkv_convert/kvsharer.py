@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,6 +34,9 @@ from .checkpoint.reader import SourceModel
 from .errors import PlanError
 from .factorize import damped_cholesky
 from .progress import Reporter
+
+if TYPE_CHECKING:
+    from .analysis import Analysis
 
 ORDERS = ("dissimilar-first", "similar-first")
 LATENT_PATHS = ("refit", "source")
@@ -274,33 +278,11 @@ def search_sharing(source: SourceModel, facts: ArchFacts, tokens: torch.Tensor, 
 # ---------------------------------------------------------------------------------------------------------
 # planning with sharers, and the combination with CommonKV
 # ---------------------------------------------------------------------------------------------------------
-def keep_plan(num_layers: int, d_kv: int, sharers: set[int]) -> list[Option]:
-    """KVSharer alone: every layer keeps its K/V, the sharers at no cost."""
-    return sorted(shared_options([keep_option(l, d_kv) for l in range(num_layers)], sharers), key=lambda o: o.start)
-
-
 def shared_options(options: list[Option], sharers: set[int]) -> list[Option]:
     """Budget options with sharers taken out: a sharing layer is a kept layer that stores nothing (cost 0), and
     no latent option may cover it (its cache is its source's)."""
     kept = [o for o in options if not sharers.intersection(o.layers)]
     return kept + [Option(layer, 1, "keep", 0, 0, 0.0, {layer: (0.0, 0.0)}) for layer in sorted(sharers)]
-
-
-def sharing_layers(share_layers: int | None, ratio: float, num_layers: int) -> int:
-    """N for `--method kvsharer`: --share-layers, else round(ratio · L); at most L − 1 (one layer must store)."""
-    n = round(ratio * num_layers) if share_layers is None else share_layers
-    if not 0 < n < num_layers:
-        raise PlanError(f"KVSharer would share {n} of {num_layers} layers; between 1 and {num_layers - 1} can. "
-                        "To resolve, pass --share-layers N (or --ratio R with R·layers in that range).")
-    return n
-
-
-def check_reached(plan: SharingPlan, num_layers: int) -> None:
-    if len(plan.pairs) < plan.requested:
-        raise PlanError(
-            f"KVSharer found only {len(plan.pairs)} of the {plan.requested} requested sharing layers whose final "
-            f"hidden states keep cosine > {plan.threshold} ({len(plan.trials)} pairs tried, {num_layers} layers). "
-            "To resolve, lower --threshold or --share-layers.")
 
 
 def refit_up_projections(source: SourceModel, facts: ArchFacts, tokens: torch.Tensor,
@@ -341,42 +323,95 @@ def refit_up_projections(source: SourceModel, facts: ArchFacts, tokens: torch.Te
     return out
 
 
-def plan_sharing(source: SourceModel, facts: ArchFacts, tokens: torch.Tensor, held_out: int, validation: int,
-                 options, reporter: Reporter | None = None) -> SharingPlan:
-    """The search as `convert` runs it (options: a ConvertOptions with a KVSharer method).
+@dataclass(frozen=True)
+class KVSharer:
+    """The hyperparameters of KVSharer (the ConvertOptions fields of the same names). `share_layers` None:
+    round(ratio · layers) sharers; `share_latent`: how a sharer reads a latent source when combined with
+    CommonKV (its own refit up-projections, or the source's)."""
 
-    Layer means come from the first MEAN_SEQUENCES fit sequences, the decision from the first CHECK_SEQUENCES;
-    the validation rows' reference hidden states are computed in the same pass.
-    """
-    fit = tokens[:tokens.shape[0] - held_out]
-    n = options.share_layers
-    if options.method == "kvsharer":
-        n = sharing_layers(options.share_layers, options.ratio, facts.num_layers)
-    elif not 0 < n < facts.num_layers:
-        raise PlanError(f"--share-layers {n} is not below the model's {facts.num_layers} layers. To resolve, pass "
-                        f"1 to {facts.num_layers - 1}.")
-    plan = search_sharing(source, facts, fit[:MEAN_SEQUENCES], share_layers=n, threshold=options.share_threshold,
-                          order=options.share_order, validation=tokens[tokens.shape[0] - held_out:][:validation],
-                          reporter=reporter)
-    check_reached(plan, facts.num_layers)
-    plan.fit_tokens = fit
-    return plan
+    ratio: float
+    share_layers: int | None
+    share_threshold: float
+    share_order: str
+    share_latent: str
 
+    def count(self, num_layers: int) -> int:
+        """N sharers: share_layers, else round(ratio · L); at most L − 1 (one layer must store)."""
+        n = round(self.ratio * num_layers) if self.share_layers is None else self.share_layers
+        if not 0 < n < num_layers:
+            raise PlanError(f"KVSharer would share {n} of {num_layers} layers; between 1 and {num_layers - 1} can. "
+                            "To resolve, pass --share-layers N (or --ratio R with R·layers in that range).")
+        return n
 
-def sharer_weights(plan: list[Option], sharing: SharingPlan, latent_path: str) -> tuple[set[str], dict[int, int]]:
-    """What the writer leaves out for the sharers, and which sharers get refit up-projections (sharer ->
-    predictor layer, the one whose latent the source's cache holds).
+    def search(self, source: SourceModel, facts: ArchFacts, data, reporter: Reporter | None = None) -> SharingPlan:
+        """The search on `data` (analysis.CalibrationData): layer means from the first MEAN_SEQUENCES fit
+        sequences, decisions from the first CHECK_SEQUENCES; the validation rows' reference hidden states come
+        from the same pass."""
+        plan = search_sharing(source, facts, data.fit[:MEAN_SEQUENCES], share_layers=self.count(facts.num_layers),
+                              threshold=self.share_threshold, order=self.share_order,
+                              validation=data.validation_tokens, reporter=reporter)
+        if len(plan.pairs) < plan.requested:
+            raise PlanError(
+                f"KVSharer found only {len(plan.pairs)} of the {plan.requested} requested sharing layers whose final "
+                f"hidden states keep cosine > {plan.threshold} ({len(plan.trials)} pairs tried, {facts.num_layers} "
+                "layers). To resolve, lower --threshold or --share-layers.")
+        plan.fit_tokens = data.fit
+        return plan
 
-    Every sharer drops its k/v projections; it keeps its k_norm only where it rebuilds keys with its own refit
-    up-projections (a latent source on the `refit` path)."""
-    option_of = {layer: opt for opt in plan for layer in opt.layers}
-    skip, refit = set(), {}
-    for s, j in sharing.pairs.items():
-        prefix = f"model.layers.{s}.self_attn."
-        skip.update(prefix + f"{w}_proj.{p}" for w in "kv" for p in ("weight", "bias"))
-        src = option_of[j]
-        if src.mode != "keep" and latent_path == "refit":
-            refit[s] = src.start  # per_layer: the layer itself; merged (anchor mode): the group's anchor
-        else:
-            skip.add(prefix + "k_norm.weight")
-    return skip, refit
+    def analyze(self, source: SourceModel, facts: ArchFacts, data, work, reporter: Reporter, devices,
+                **_) -> "Analysis":
+        """KVSharer alone: the search; every layer but the sharers keeps its K/V."""
+        from .analysis import Analysis
+        from .resume import CandidateStore
+
+        sharing = self.search(source, facts, data, reporter)
+        return self.plan(Analysis(facts, data, [], self.ratio, CandidateStore(work), sharing.final_hidden,
+                                  sharing=sharing))
+
+    def plan(self, analysis: "Analysis") -> "Analysis":
+        """Every layer keeps its K/V, the sharers at no cost; fewer sharers than searched for (a sweep) are a
+        prefix of the same search."""
+        facts = analysis.facts
+        n, sharing = self.count(facts.num_layers), analysis.sharing
+        sharing = sharing if n == len(sharing.pairs) else sharing.prefix(n)
+        plan = sorted(shared_options([keep_option(l, facts.d_kv) for l in range(facts.num_layers)],
+                                     sharing.sharers), key=lambda o: o.start)
+        ratio = len(sharing.pairs) / facts.num_layers if self.share_layers is not None else self.ratio
+        return dataclasses.replace(analysis, plan=plan, requested_ratio=ratio, sharing=sharing)
+
+    @staticmethod
+    def group_entry(opt: Option, analysis: "Analysis") -> dict:
+        return {"layers": opt.layers, "mode": opt.mode, "elements": opt.cost}
+
+    def skipped(self, analysis: "Analysis") -> set[str]:
+        """Every sharer's k/v projections, and its k_norm unless it rebuilds keys with refit up-projections."""
+        refit = self.refit_targets(analysis)
+        skip = set()
+        for s in analysis.sharing.pairs:
+            prefix = f"model.layers.{s}.self_attn."
+            skip.update(prefix + f"{w}_proj.{p}" for w in "kv" for p in ("weight", "bias"))
+            if s not in refit:
+                skip.add(prefix + "k_norm.weight")
+        return skip
+
+    def refit_targets(self, analysis: "Analysis") -> dict[int, int]:
+        """Sharers that get refit up-projections → the layer whose latent their source's cache holds (per_layer:
+        the source itself; merged, anchor mode: the group's anchor)."""
+        option_of = {layer: opt for opt in analysis.plan for layer in opt.layers}
+        if self.share_latent != "refit":
+            return {}
+        return {s: option_of[j].start for s, j in analysis.sharing.pairs.items() if option_of[j].mode != "keep"}
+
+    def tensors(self, source: SourceModel, analysis: "Analysis",
+                reporter: Reporter | None = None) -> list[tuple[str, torch.Tensor]]:
+        """The refit up-projections of sharers reading a latent (forward passes over the fit sequences, run
+        now, before the writer opens)."""
+        from .commonkv import up_projections
+
+        refit = self.refit_targets(analysis)
+        option_of = {layer: opt for opt in analysis.plan for layer in opt.layers}
+        downs = {p: analysis.store.factors(analysis.candidates[(p, option_of[p].size)], option_of[p].rank)[0]
+                 for p in set(refit.values())}
+        ups = refit_up_projections(source, analysis.facts, analysis.sharing.fit_tokens,
+                                   {s: (p, downs[p]) for s, p in refit.items()}, reporter=reporter)
+        return [item for s, up in ups.items() for item in up_projections(source, analysis.facts, s, up)]

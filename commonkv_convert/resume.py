@@ -36,8 +36,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import __version__
+from .calibrate import Carry, LayerStats
 from .errors import UserInputError
+from .factorize import Candidate
+from .weighted import WeightedCandidate, up_at_rank
 
+SPLITS = ("fit", "held_out")
 MANIFEST = "manifest.json"
 LOCK = "lock"
 
@@ -209,25 +213,113 @@ class _CrossView(Mapping):
         return len(self._js)
 
 
-class ActivationState:
-    """What calibration needs to continue at layer k: its input, the window of earlier attention inputs and
-    the previous layer's hidden/key/value (for similarities). Saved per layer; read back on resume."""
+class CalibrationCache:
+    """`calibrate` behind the work directory: the layers a previous run finished are read back, the rest are
+    computed, and each new layer's statistics and Carry are saved as it is yielded. A layer is recorded as done
+    only when the consumer asks for the next one, i.e. after it has stored the layer's candidates too."""
 
-    def __init__(self, work: WorkDir, start: int) -> None:
-        self.work, self.start = work, start
+    def __init__(self, work: WorkDir, max_group: int) -> None:
+        self.work, self.max_group = work, max_group
+        self.start = work.layers_done
 
-    def save(self, kind: str, layer: int, tensor: torch.Tensor) -> None:
+    def finished(self) -> dict[int, LayerStats]:
+        """Scalars of every finished layer (their Grams are gone or lazy; see `window`)."""
+        return {l: LayerStats(l, {}, {}, **self.work.load(f"layers/{l}.pt")) for l in range(self.start)}
+
+    def window(self) -> list[LayerStats]:
+        """The finished layers a span ending at a new layer may still include, with their Grams read lazily."""
+        out, group = [], self.max_group
+        for l in range(max(0, self.start - group + 1), self.start):
+            cross = {split: list(range(max(0, l - group + 1), l)) if group > 1 else [] for split in SPLITS}
+            out.append(LayerStats(l, *self.work.grams(l, list(SPLITS), cross)))
+        return out
+
+    def run(self, source, facts, tokens: torch.Tensor, **kwargs) -> Iterator[LayerStats]:
+        """calibrate(source, facts, tokens, **kwargs) from the first unfinished layer; Grams come back lazy."""
+        from .calibrate import calibrate
+
+        start, group = self.start, self.max_group
+        carry = self._carry(start) if start else None
+        for stats, carry in calibrate(source, facts, tokens, max_group=group, start=start, carry=carry, **kwargs):
+            i = stats.layer
+            for kind, tensor, at in (("hidden", carry.hidden, i + 1), ("key", carry.previous["key"], i),
+                                     ("value", carry.previous["value"], i), ("x", (carry.window or [None])[-1], i)):
+                if tensor is not None:
+                    self._save(kind, at, tensor)
+            if i == 0:
+                self._save("hidden", 0, carry.previous["hidden"])
+            stats.gram, stats.cross = self.work.save_grams(i, stats.gram, stats.cross)
+            self.work.save(f"layers/{i}.pt", {"cos_prev": stats.cos_prev, "tokens": stats.tokens,
+                                             "samples": stats.samples})
+            yield stats
+            nxt = i + 1  # what continuing after layer i still reads
+            self.work.layer_done(i, {"hidden": nxt - 1, "key": nxt - 1, "value": nxt - 1,
+                                     "x": nxt - max(group - 1, 1), "grams": nxt - group + 1})
+
+    def _carry(self, start: int) -> Carry:
+        previous = {kind: self._load(kind, start - 1) for kind in ("hidden", "key", "value")}
+        window = [self._load("x", j) for j in range(max(0, start - max(self.max_group - 1, 1)), start)] \
+            if self.max_group > 1 else []
+        return Carry(self._load("hidden", start), previous, window)
+
+    def _save(self, kind: str, layer: int, tensor: torch.Tensor) -> None:
         self.work.save_tensors(f"act/{kind}-{layer}.safetensors", {kind: tensor})
 
-    def load(self, kind: str, layer: int) -> torch.Tensor:
+    def _load(self, kind: str, layer: int) -> torch.Tensor:
         return read_tensor(self.work.root / f"act/{kind}-{layer}.safetensors", kind)
 
+
+class CandidateStore:
+    """Factors of every candidate span live on disk until the plan picks a few: memory stays O(window).
+
+    A 30-layer model with group size 4 has ~110 candidates; in memory they would cost more than the model.
+    """
+
+    def __init__(self, work: WorkDir) -> None:
+        self._work = work
+
+    def put(self, cand: Candidate, similarity: float | None = None) -> Candidate:
+        rel = f"candidates/{cand.layers[0]}-{len(cand.layers)}.pt"
+        saved = {"down": cand.down.float(), "up": {l: b.float() for l, b in cand.up.items()},
+                 "meta": {"layers": list(cand.layers), "predictor": cand.predictor, "ranks": cand.ranks,
+                          "err_k": cand.err_k, "err_v": cand.err_v, "similarity": similarity}}
+        if isinstance(cand, WeightedCandidate):  # its up-projections are U_l; B_l needs the Cholesky L_l too
+            saved["chol"] = cand.chol
+            saved["meta"]["merge_weights"] = cand.merge_weights
+            cand.chol = {}
+        self._work.save(rel, saved)
+        cand.down, cand.up = None, {}
+        cand.path = self._work.root / rel
+        return cand
+
+    def restore(self, layers_done: int) -> tuple[dict[tuple[int, int], Candidate], dict[tuple[int, int], float]]:
+        """Candidates of spans ending before `layers_done`, in the order they were made, and their similarities."""
+        keys = [tuple(map(int, f.stem.split("-"))) for f in (self._work.root / "candidates").glob("*-*.pt")]
+        keys = sorted((k for k in keys if k[0] + k[1] <= layers_done), key=lambda k: (k[0] + k[1], k[1]))
+        candidates, similarity = {}, {}
+        for first, size in keys:
+            path = self._work.root / f"candidates/{first}-{size}.pt"
+            meta = torch.load(path, weights_only=True)["meta"]
+            weighted = "merge_weights" in meta
+            cls = WeightedCandidate if weighted else Candidate
+            extra = {"merge_weights": meta["merge_weights"]} if weighted else {}
+            candidates[(first, size)] = cls(tuple(meta["layers"]), meta["predictor"], None, {}, meta["ranks"],
+                                            meta["err_k"], meta["err_v"], path=path, **extra)
+            if meta["similarity"] is not None:
+                similarity[(first, size)] = meta["similarity"]
+        return candidates, similarity
+
     @staticmethod
-    def keep_from(layer_done: int, max_group: int) -> dict[str, int]:
-        """Oldest index of each kind still needed to continue after `layer_done` (and grams of the window)."""
-        nxt = layer_done + 1
-        return {"hidden": nxt - 1, "key": nxt - 1, "value": nxt - 1, "x": nxt - max(max_group - 1, 1),
-                "grams": nxt - max_group + 1}
+    def factors(cand: Candidate, rank: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The candidate's down-projection and per-layer up-projections truncated to `rank`, from disk."""
+        saved = torch.load(cand.path, weights_only=True)
+        if "chol" in saved:
+            ups = {l: up_at_rank(u.double(), saved["chol"][l], rank).float() for l, u in saved["up"].items()}
+            return saved["down"][:rank], ups
+        return saved["down"][:rank], {l: b[:, :rank] for l, b in saved["up"].items()}
+
+    def close(self) -> None:
+        self._work.close(remove=False)  # a temporary work directory goes; a resumable one stays until done
 
 
 def read_tensor(path: Path, key: str) -> torch.Tensor:

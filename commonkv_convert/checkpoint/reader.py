@@ -128,6 +128,16 @@ class SourceModel:
             tensor = self._shard(file).get_tensor(name)
         return tensor if dtype is None else tensor.to(dtype)
 
+    def tokenizer(self):
+        """The source's tokenizer (calibration text is tokenized with it), or a one-line ModelSourceError."""
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.path)
+        except (OSError, ValueError, TypeError) as err:
+            raise ModelSourceError(f"{self.path} has no usable tokenizer ({str(err).splitlines()[0][:120]}). "
+                                   "To resolve, add the tokenizer files of the base model to the directory.") from None
+
     def tokenizer_files(self) -> list[Path]:
         """Files to ship next to the converted weights so the checkpoint tokenizes and generates alike."""
         return [self.path / name for name in TOKENIZER_FILES if (self.path / name).is_file()]

@@ -1,0 +1,217 @@
+"""CommonKV (arXiv 2508.16134) as a method object: spans of up to `group_size` adjacent layers share one
+down-projection, and the budget picks per span keep / per-layer latent / merged latent and a rank.
+
+`analyze` calibrates layer by layer and factorizes every span as soon as its last layer is calibrated, so
+only a window of Grams is ever in memory; `plan` is the budget stage; `tensors` hands the writer the factors
+the plan picked. The math is in factorize.py, weighted.py, similarity.py and budget.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .analysis import Analysis, CalibrationData
+from .architectures import ArchFacts
+from .budget import Option, allocate, candidate_options, keep_option, uniform
+from .calibrate import CalibrationResult, LayerStats
+from .checkpoint.format import group_elements
+from .checkpoint.reader import SourceModel
+from .errors import UserInputError
+from .factorize import (
+    Candidate,
+    balance_transform,
+    factorize,
+    rank_grid,
+    value_output_metric,
+)
+from .kvsharer import SharingPlan, shared_options
+from .progress import Reporter
+from .resume import CalibrationCache, CandidateStore, WorkDir
+from .similarity import adjacent_pairs, latent_similarity
+from .weighted import weighted_factorize
+
+
+@dataclass(frozen=True)
+class CommonKV:
+    """The hyperparameters of a CommonKV conversion (the ConvertOptions fields of the same names)."""
+
+    ratio: float
+    group_size: int
+    allocator: str
+    allow_keep: bool
+    rank_step: int
+    plain_svd: bool
+    balance: bool
+    value_metric: str
+    value_weight: float
+    merge: str
+    sink: int
+    window: int
+    block: int
+
+    def analyze(self, source: SourceModel, facts: ArchFacts, data: CalibrationData, work: WorkDir,
+                reporter: Reporter, devices: list[torch.device], *, keep_tokens: int = 0,
+                sharing: SharingPlan | None = None) -> Analysis:
+        """Calibrate and factorize layer by layer, then plan. With a persistent `work` directory every finished
+        layer is recorded there, and a rerun with the same inputs continues after the last one (resume.py)."""
+        if self.group_size > facts.num_layers:
+            raise UserInputError(f"--group-size {self.group_size} exceeds the model's {facts.num_layers} layers. "
+                                 f"To resolve, pass a value from 1 to {facts.num_layers}.")
+        cache, store = CalibrationCache(work, self.group_size), CandidateStore(work)
+        candidates, group_sim = store.restore(cache.start)
+        everything = cache.finished()
+        window: deque[LayerStats] = deque(cache.window(), maxlen=self.group_size)  # Grams stay on disk (lazy)
+        transforms: dict[int, torch.Tensor] = {}
+        weights: dict[int, torch.Tensor] = {}
+        dev = devices[0]  # factorization runs on the first device; its results come back to the CPU
+        result = CalibrationResult()
+        for stats in cache.run(source, facts, data.tokens, held_out=data.held_out, validation=data.validation,
+                               reporter=reporter, result=result, keep_tokens=keep_tokens, devices=devices):
+            window.append(stats)
+            everything[stats.layer] = _summary(stats)
+            live = {s.layer: s for s in window}
+            transforms = {l: transforms[l] if l in transforms else self._row_transform(source, facts, live[l])
+                          for l in live}  # only the window's: these dicts must not grow with the model
+            weights = {l: weights[l] if l in weights else (transforms[l] @ _kv_weight(source, l)).to(dev)
+                       for l in live}
+            for size in range(1, min(self.group_size, stats.layer + 1) + 1):
+                first = stats.layer - size + 1
+                cand = self._factorize_span(first, size, weights, live, facts, dev)
+                if cand is None:
+                    continue
+                if size > 1:
+                    group_sim[(first, size)] = latent_similarity(cand, live)
+                candidates[(first, size)] = store.put(_undo_transform(cand, transforms), group_sim.get((first, size)))
+        analysis = Analysis(facts, data, [], self.ratio, store, result.final_hidden, candidates,
+                            adjacent_pairs(everything, {s: v for (s, n), v in group_sim.items() if n == 2}),
+                            group_sim, {l: s.samples for l, s in everything.items() if s.samples}, sharing)
+        return self.plan(analysis)
+
+    def _factorize_span(self, first: int, size: int, weights: dict[int, torch.Tensor],
+                        live: dict[int, LayerStats], facts: ArchFacts, dev: torch.device) -> Candidate | None:
+        """Factors of layers first..first+size-1 at every rank of the grid, or None when no latent of the span
+        is narrower than keeping it."""
+        full = group_elements("keep", size, 0, facts.d_kv)
+        # a per-layer latent as wide as K and V together only pays when keeping is not allowed
+        limit = min(full if (size == 1 and not self.allow_keep) else full - self.rank_step, facts.hidden_size)
+        if limit < 1:
+            return None
+        ranks = rank_grid(limit, self.rank_step) if limit >= self.rank_step else torch.tensor([limit])
+        span = {l: weights[l] for l in range(first, first + size)}
+        fit, held = _grams(live, "fit", dev), _grams(live, "held_out", dev)
+        if size > 1 and self.merge == "weighted":
+            return _to_device(weighted_factorize(span, fit, held, ranks), "cpu")
+        return _to_device(factorize(span, first, fit, held, ranks, whiten=not self.plain_svd), "cpu")
+
+    def _row_transform(self, source: SourceModel, facts: ArchFacts, stats: LayerStats) -> torch.Tensor:
+        """The balance transform of a layer's [W_k; W_v] rows (identity without --balance)."""
+        w = _kv_weight(source, stats.layer)
+        if not self.balance:
+            return torch.eye(w.shape[0], dtype=w.dtype)
+        metric = None
+        if self.value_metric == "output":
+            w_o = source.get_tensor(facts.layer_prefix(stats.layer) + "self_attn.o_proj.weight", torch.float64)
+            metric = value_output_metric(w_o, facts.num_kv_heads, facts.head_dim)
+        return balance_transform(w[: facts.d_kv], w[facts.d_kv:], metric, stats.gram["fit"], self.value_weight)
+
+    def plan(self, analysis: Analysis) -> Analysis:
+        """The budget stage: spans up to group_size, at most (1 − ratio) of the full cache per token; KVSharer's
+        sharers (if any) are kept layers that cost nothing. Calibration and factorization do not depend on these
+        fields (group_size no larger than the analyzed one), so sweeps re-plan one analysis."""
+        facts = analysis.facts
+        budget = int((1.0 - self.ratio) * facts.kv_elements_per_token + 1e-9)
+        candidates = {key: c for key, c in analysis.candidates.items() if key[1] <= self.group_size}
+        if self.allocator == "uniform":
+            plan = uniform(candidates, facts.num_layers, self.group_size, budget, facts.d_kv)
+        else:
+            opts = [keep_option(l, facts.d_kv) for l in range(facts.num_layers)] if self.allow_keep else []
+            for cand in candidates.values():
+                opts.extend(candidate_options(cand))
+            sharers = analysis.sharing.sharers if analysis.sharing else set()
+            plan = allocate(shared_options(opts, sharers) if sharers else opts, facts.num_layers, budget)
+        return dataclasses.replace(analysis, plan=plan, requested_ratio=self.ratio)
+
+    def group_entry(self, opt: Option, analysis: Analysis) -> dict:
+        """How the config block describes one group of the plan (what the runtime builds its cache from)."""
+        group = {"layers": opt.layers, "mode": opt.mode}
+        if opt.mode != "keep":
+            group.update(rank=opt.rank, anchor=opt.start)
+            if opt.mode == "merged":
+                group["merge"] = self.merge
+                if self.merge == "weighted":
+                    cand = analysis.candidates[(opt.start, opt.size)]
+                    group.update(weights=cand.weights_at(opt.rank), sink=self.sink, window=self.window,
+                                 block=self.block)
+        group["elements"] = opt.cost
+        if opt.mode != "keep":
+            group["est_error"] = {"key": round(sum(e[0] for e in opt.errors.values()) / opt.size, 6),
+                                  "value": round(sum(e[1] for e in opt.errors.values()) / opt.size, 6)}
+        return group
+
+    def skipped(self, analysis: Analysis) -> set[str]:
+        """Source tensors the checkpoint leaves out: the k/v projections of every layer with a latent."""
+        replaced = {l for opt in analysis.plan if opt.mode != "keep" for l in opt.layers}
+        return {ArchFacts.kv_name(l, w, p) for l in replaced for w in "kv" for p in ("weight", "bias")}
+
+    def tensors(self, source: SourceModel, analysis: Analysis,
+                reporter: Reporter | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each latent group's down-projection (once) and its layers' up-projections, read from the candidate
+        store one group at a time."""
+        for g, opt in enumerate(analysis.plan):
+            if opt.mode != "keep":
+                down, ups = analysis.store.factors(analysis.candidates[(opt.start, opt.size)], opt.rank)
+                yield f"model.kv_groups.{g}.down.weight", down
+                for layer in opt.layers:
+                    yield from up_projections(source, analysis.facts, layer, ups[layer])
+
+
+def up_projections(source: SourceModel, facts: ArchFacts, layer: int,
+                   up: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """A layer's k_up/v_up weights (from its [B_k; B_v]) and biases (the source's own, zero without)."""
+    prefix = facts.layer_prefix(layer) + "self_attn."
+    for which, rows in (("k", slice(0, facts.d_kv)), ("v", slice(facts.d_kv, None))):
+        bias_name = ArchFacts.kv_name(layer, which, "bias")
+        bias = source.get_tensor(bias_name) if source.has_tensor(bias_name) else torch.zeros(facts.d_kv)
+        yield f"{prefix}{which}_up.weight", up[rows].contiguous()
+        yield f"{prefix}{which}_up.bias", bias
+
+
+def _grams(live: dict[int, LayerStats], split: str, device: torch.device | str = "cpu"):
+    def gram(i: int, j: int) -> torch.Tensor:
+        if i == j:
+            return live[i].gram[split].to(device)
+        return (live[i].cross[split][j] if j < i else live[j].cross[split][i].T).to(device)
+    return gram
+
+
+def _to_device(cand: Candidate, device: torch.device | str) -> Candidate:
+    """Every tensor of a candidate (also inside its per-layer dicts) moved to `device`."""
+    for f in dataclasses.fields(cand):
+        value = getattr(cand, f.name)
+        if isinstance(value, torch.Tensor):
+            setattr(cand, f.name, value.to(device))
+        elif isinstance(value, dict):
+            setattr(cand, f.name, {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in value.items()})
+    return cand
+
+
+def _summary(stats: LayerStats) -> LayerStats:
+    """Keep only the scalars of a layer once it leaves the window (Grams are d × d each)."""
+    return LayerStats(stats.layer, gram={}, cross={}, cos_prev=stats.cos_prev, tokens=stats.tokens,
+                      samples=stats.samples)
+
+
+def _undo_transform(cand: Candidate, transforms: dict[int, torch.Tensor]) -> Candidate:
+    """Map the up-projections back from the balanced row space to real keys and values."""
+    cand.up = {l: torch.linalg.solve(transforms[l], b) for l, b in cand.up.items()}
+    return cand
+
+
+def _kv_weight(source: SourceModel, layer: int) -> torch.Tensor:
+    """[W_k; W_v] (2·d_kv × d) in float64."""
+    return torch.cat([source.get_tensor(ArchFacts.kv_name(layer, w), torch.float64) for w in "kv"])
