@@ -202,9 +202,9 @@ class Relative:
     speed: float  # 1 / cost: predicted decode tokens/s relative to the full cache
 
 
-# Balance of the 2-core CPU the figures of docs/speed.md come from (scripts/speed_benchmark.py measures it:
-# fp32 GEMM MAC/s over memory-copy bytes/s), a default for CPU predictions.
-CPU_MACS_PER_BYTE = 4.0
+# Balance of the 2-core CPU the figures of docs/speed.md come from (scripts/speed_benchmark.py measured 68.3 GMAC/s
+# fp32 GEMM over 28.2 GB/s memory copy), a default for CPU predictions.
+CPU_MACS_PER_BYTE = 2.4
 
 
 def relative_cost(shape: Shape, groups: list[dict], tokens: int, *, sharing: dict | None = None, batch: int = 1,
