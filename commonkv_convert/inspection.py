@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from .architectures import resolve
 from .checkpoint.reader import read_model_config
-
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+from .decode_cost import CPU_MACS_PER_BYTE, DTYPE_BYTES, config_predictions
 
 
 def describe(model: str, *, revision: str | None = None) -> dict:
@@ -46,8 +45,21 @@ def describe(model: str, *, revision: str | None = None) -> dict:
             achieved_ratio=round(1 - elements / facts.kv_elements_per_token, 6),
             requested_ratio=block.get("ratio", {}).get("requested"),
             groups=groups,
+            **_decode_costs(config),
         )
     return info
+
+
+def _decode_costs(config: dict) -> dict:
+    """The predicted decode step against the full cache's at 2k and 8k tokens (flat keys: one table row each)."""
+    rows = config_predictions(config)
+    return {
+        **{f"decode_cost_at_{r.tokens}": round(r.cost, 3) for r in rows},
+        "decode_cost_basis": f"predicted step time relative to the full cache (>1: slower), batch 1, "
+                             f"{CPU_MACS_PER_BYTE:g} MACs per byte moved (2-core CPU); multiply-adds "
+                             + ", ".join(f"{r.macs:.2f}x" for r in rows) + ", bytes "
+                             + ", ".join(f"{r.bytes:.2f}x" for r in rows) + " (see commonkv_convert/decode_cost.py)",
+    }
 
 
 def _converted_config(model: str, config: dict):

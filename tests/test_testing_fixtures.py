@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from commonkv_convert import smollm2 as smollm2_module
+from commonkv_convert import real_models
 from commonkv_convert.errors import ModelSourceError
 from commonkv_convert.testing import TINY_FAMILIES, build_tiny_model, smollm2_dir
 
@@ -63,11 +63,11 @@ def test_smollm2_missing_package_says_how_to_fix(monkeypatch: pytest.MonkeyPatch
 
 @pytest.mark.usefixtures("smollm2")  # skips when the packages are missing
 def test_smollm2_interrupted_build_leaves_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    def crash(pkg_dir: Path, out_dir: Path) -> None:
+    def crash(model: real_models.RealModel, files: list[Path], out_dir: Path) -> None:
         (out_dir / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(smollm2_module, "_export_smollm2", crash)
+    monkeypatch.setattr(real_models, "_export", crash)
     with pytest.raises(KeyboardInterrupt):
         smollm2_dir(tmp_path)
     assert list(tmp_path.iterdir()) == []

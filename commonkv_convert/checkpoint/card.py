@@ -15,8 +15,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .format import CARD_FILE, EVAL_FILE
-
+from ..decode_cost import CPU_MACS_PER_BYTE, config_predictions
+from .format import CARD_FILE, CONFIG_FILE, EVAL_FILE
 
 TEMPLATE = """---
 {{ card_data }}
@@ -40,6 +40,9 @@ With `pip install commonkv`, `trust_remote_code` is not needed.
 ## Evaluation
 
 {{ evaluation }}
+## Decode cost
+
+{{ decode }}
 ## Plan
 
 | layers | mode | rank | elements/token | est. key err | est. value err |
@@ -55,9 +58,12 @@ With `pip install commonkv`, `trust_remote_code` is not needed.
 
 
 def render_card(config_block: dict, source: str, name: str, command: str, full_elements: int,
-                elements: int, evaluation: dict | None = None, *, base_model: str | None = None) -> str:
+                elements: int, evaluation: dict | None = None, *, base_model: str | None = None,
+                model_config: dict | None = None) -> str:
     """Markdown model card for a checkpoint converted from `source` (a path or Hub id, as given). `base_model` is
     the Hub id of what was converted (see `hub_base_model`): the Hub links the card to it through the front matter.
+    `model_config` (the checkpoint's config.json) gives the predicted decode cost; without it `refresh_card` adds
+    it later from the written config.
     """
     groups = config_block["groups"]
     rows = []
@@ -90,6 +96,7 @@ def render_card(config_block: dict, source: str, name: str, command: str, full_e
         n_keep=sum(len(g["layers"]) for g in groups if g["mode"] == "keep"),
         load=_section("load", _load_snippet(name, base_model)),
         evaluation=_section("eval", evaluation_markdown(evaluation)),
+        decode=_section("decode", decode_markdown(model_config)),
         groups=rows,
         command=command,
     )
@@ -97,16 +104,22 @@ def render_card(config_block: dict, source: str, name: str, command: str, full_e
 
 
 def refresh_card(checkpoint: Path, repo_id: str | None = None) -> str:
-    """The checkpoint's README.md with its title and load snippet naming `repo_id` (when given) and its evaluation
-    section re-rendered from commonkv_eval.json (when present). Returns the new text; writes nothing."""
+    """The checkpoint's README.md with its title and load snippet naming `repo_id` (when given), its evaluation
+    section re-rendered from commonkv_eval.json and its decode-cost section from config.json (each when present).
+    Returns the new text; writes nothing."""
     card = ModelCard.load(checkpoint / CARD_FILE)
     text = card.content
     if repo_id is not None:
         text = _replace_section(text, "load", _load_snippet(repo_id, card.data.base_model))
-        text = re.sub(r"^# .*$", lambda _: f"# {repo_id.split('/')[-1]}", text, count=1, flags=re.M)  # the title
+        text = re.sub(r"^# .*$", lambda _: f"# {repo_id.split('/')[-1]}", text, count=1, flags=re.MULTILINE)  # the title
     eval_path = checkpoint / EVAL_FILE
     if eval_path.is_file():
         text = _replace_section(text, "eval", evaluation_markdown(json.loads(eval_path.read_text())))
+    config_path = checkpoint / CONFIG_FILE
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        if isinstance(config.get("commonkv"), dict):
+            text = _replace_section(text, "decode", decode_markdown(config))
     return text
 
 
@@ -138,6 +151,23 @@ def evaluation_markdown(evaluation: dict | None) -> str:
         shown = ", ".join(f"{k}={v}" for k, v in settings.items() if isinstance(v, (int, float, str)))
         note = f"\nSettings: {shown}.\n" if shown else ""
     return "Measured with `commonkv eval`:\n\n" + "\n".join(lines) + "\n" + note
+
+
+def decode_markdown(config: dict | None) -> str:
+    """The predicted decode step against the full cache's, per context length and batch size (decode_cost.py)."""
+    if config is None:
+        return "Not predicted yet: `commonkv eval` or `commonkv push` add it from config.json.\n"
+    batches = (1, 8)
+    rows = config_predictions(config, batches=batches)
+    lines = ["| cached tokens | " + " | ".join(f"batch {b}" for b in batches) + " |",
+             "|---|" + "---|" * len(batches)]
+    for t in sorted({r.tokens for r in rows}):
+        cells = [f"{r.cost:.2f}× (MACs {r.macs:.2f}×, bytes {r.bytes:.2f}×)" for r in rows if r.tokens == t]
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return ("Predicted time of one decode step relative to the full cache (> 1: slower), from the plan alone "
+            f"(`commonkv_convert/decode_cost.py`: multiply-adds plus bytes moved at {CPU_MACS_PER_BYTE:g} MACs per "
+            "byte, a 2-core CPU's balance; the rest of the model included). Latent layers rebuild every cached "
+            "key at every step, so the cost grows with the context.\n\n" + "\n".join(lines) + "\n")
 
 
 def _scalars(metrics) -> list[tuple[str, object]]:
@@ -174,10 +204,11 @@ def _section(name: str, body: str) -> str:
 
 
 def _replace_section(text: str, name: str, body: str) -> str:
-    pattern = re.compile(rf"<!-- commonkv:{name} -->\n.*?<!-- /commonkv:{name} -->\n", re.S)
+    pattern = re.compile(rf"<!-- commonkv:{name} -->\n.*?<!-- /commonkv:{name} -->\n", re.DOTALL)
     if pattern.search(text):
         return pattern.sub(lambda _: _section(name, body), text, count=1)
-    return text.rstrip("\n") + f"\n\n## {'Evaluation' if name == 'eval' else 'Load'}\n\n" + _section(name, body)
+    heading = {"eval": "Evaluation", "load": "Load", "decode": "Decode cost"}[name]
+    return text.rstrip("\n") + f"\n\n## {heading}\n\n" + _section(name, body)
 
 
 def hub_base_model(model: str, config: dict) -> str | None:
