@@ -195,7 +195,8 @@ def write_checkpoint(source: SourceModel, analysis: Analysis, block: dict, out_d
         base_model = options.base_model or hub_base_model(source.model_id, source.config)
         writer.write_text(CARD_FILE, render_card(block, source.model_id, out_dir.name, command,
                                                  analysis.facts.kv_elements_per_token, analysis.elements,
-                                                 base_model=base_model))
+                                                 base_model=base_model,
+                                                 model_config=checkpoint_config(source.config, block)))
         return writer.finalize()
 
 
