@@ -316,6 +316,7 @@ class CommonKVCache(Cache):
         self.kept_mask: torch.Tensor | None = None  # [B, budget + window] padding mask of the kept prompt tokens
         self.scores: dict[int, torch.Tensor] | None = None  # storing layer → eviction scores, during a prefill
         self.padding: torch.Tensor | None = None
+        self.rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # this forward's, see `key_rope`
         last_reader: dict[int, int] = {}  # KVSharer source layer → its last sharer
         for role in self.roles:
             if role.borrow >= 0:
@@ -370,6 +371,7 @@ class CommonKVCache(Cache):
         if self.scores:
             self._evict()
         self.scores = self.padding = None
+        self.rope_tables = {}
         for layer in self.layers:
             if isinstance(layer, WeightedLayer):
                 layer.fold()  # after the whole forward: every layer attended with its own latents
@@ -412,6 +414,17 @@ class CommonKVCache(Cache):
         kept = source.positions.long()
         tail = torch.arange(self.evicted + kept.shape[1], self.evicted + held, device=device)
         return torch.cat([kept, tail.expand(kept.shape[0], -1)], dim=1)
+
+    def key_rope(self, layer_idx: int, rotary: nn.Module, x: torch.Tensor,
+                 layer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin at the positions of the keys a latent layer rebuilds (`key_positions`). The tables depend only
+        on the positions, so within one forward the latent layers reading the same ones share one computation
+        (before eviction: every latent layer of a layer type) instead of each redoing T positions per step."""
+        source = self.roles[layer_idx].source
+        key = (layer_type, source if self.evicted else None, self.layers[source].get_seq_length(), x.dtype, x.device)
+        if key not in self.rope_tables:
+            self.rope_tables[key] = rope_at(rotary, x, self.key_positions(layer_idx, x.device), layer_type)
+        return self.rope_tables[key]
 
     def nbytes(self) -> int:
         """Bytes held by the cache, counted once per unique storage (what the memory really holds)."""
@@ -542,8 +555,7 @@ class CommonKVAttention(nn.Module):
         values rebuilt, or the latent itself where attending in latent space is cheaper (fused)."""
         new = self.model.kv_groups[str(self.role.group)].down(x).unsqueeze(1) if self.role.stores else None
         latent, _ = cache.update(new, None, self.layer_idx)  # [B, 1, T, r]: own, the anchor's, or the sequence
-        cos, sin = rope_at(self.model.rotary_emb, latent, cache.key_positions(self.layer_idx, latent.device),
-                           self.layer_type)
+        cos, sin = cache.key_rope(self.layer_idx, self.model.rotary_emb, latent, self.layer_type)
         key = apply_rope(self._heads(self.k_up(latent.squeeze(1)), self.k_norm), cos, sin)
         if self._use_fused(x.shape[1], latent.shape[-1]) and not self.lends:
             return key, latent.expand(-1, self.num_kv_heads, -1, -1), True  # a view: no copy of the latent
