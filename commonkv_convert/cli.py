@@ -181,6 +181,7 @@ def convert(
     An interrupted conversion (crash, kill -9) leaves its finished work beside OUT_DIR; rerunning the same
     command continues from there."""
     from .convert import convert as run_convert
+    from .inspection import decode_costs
 
     if recipe is not None:
         options = ConvertOptions.from_yaml(recipe, **flags)
@@ -195,7 +196,8 @@ def convert(
     result = run_convert(model, out_dir, options, reporter=reporter, dry_run=dry_run, overwrite=overwrite,
                          command=command)
     if as_json:
-        payload = result.report if not dry_run else {"plan": _plan_rows(result.analysis)}
+        payload = result.report if not dry_run else {"plan": _plan_rows(result.analysis),
+                                                     **decode_costs(result.config)}
         out.print_json(json.dumps(payload))
         return
     out.print(_plan_table(result.analysis))
@@ -206,6 +208,10 @@ def convert(
     out.print(f"KV elements per token: {a.facts.kv_elements_per_token} → {a.elements} "
               f"(ratio requested {a.requested_ratio:g}, achieved {a.achieved_ratio:.4f})")
     if dry_run:
+        costs = decode_costs(result.config)
+        out.print("Predicted decode step vs the full cache: " + ", ".join(
+            f"{costs[k]:.2f}× at {k.rsplit('_', 1)[1]} tokens" for k in costs if k.startswith("decode_cost_at_"))
+            + f" ({costs['decode_cost_basis']})", highlight=False, soft_wrap=True)
         return
     report = result.report
     validation = report.get("validation", {})

@@ -43,6 +43,7 @@ class ConversionResult:
     out_dir: Path | None
     analysis: Analysis
     report: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)  # the checkpoint's config.json (also of a dry run: what it would be)
 
 
 def convert(model: str, out_dir: Path | None, options: ConvertOptions, *, reporter: Reporter | None = None,
@@ -62,7 +63,8 @@ def convert(model: str, out_dir: Path | None, options: ConvertOptions, *, report
         release_memory()
         try:
             if dry_run:
-                return ConversionResult(None, analysis)
+                return ConversionResult(None, analysis,
+                                        config=checkpoint_config(source.config, config_block(source, analysis, options)))
             return _write_validated(source, analysis, out_dir, options, overwrite, command, reporter, start, work)
         finally:
             analysis.store.close()

@@ -45,12 +45,12 @@ def describe(model: str, *, revision: str | None = None) -> dict:
             achieved_ratio=round(1 - elements / facts.kv_elements_per_token, 6),
             requested_ratio=block.get("ratio", {}).get("requested"),
             groups=groups,
-            **_decode_costs(config),
+            **decode_costs(config),
         )
     return info
 
 
-def _decode_costs(config: dict) -> dict:
+def decode_costs(config: dict) -> dict:
     """The predicted decode step against the full cache's at 2k and 8k tokens (flat keys: one table row each)."""
     rows = config_predictions(config)
     return {

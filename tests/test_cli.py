@@ -313,6 +313,7 @@ def test_dry_run_prints_plan_and_writes_nothing(work: Path, llama: Path) -> None
     assert code == 0, stderr
     assert "CommonKV plan" in stdout and ("per_layer" in stdout or "merged" in stdout)
     assert f"KV elements per token: {_full_kv_elements('llama')} →" in stdout
+    assert "Predicted decode step vs the full cache: " in stdout and "× at 8192 tokens" in stdout
     assert sorted(p.name for p in work.iterdir()) == []
     assert sorted(p.name for p in llama.iterdir()) == before
 
@@ -320,8 +321,11 @@ def test_dry_run_prints_plan_and_writes_nothing(work: Path, llama: Path) -> None
 def test_dry_run_json(work: Path, llama: Path) -> None:
     code, stdout, stderr = invoke("convert", llama, "--dry-run", "--json", "--ratio", "0.5", *TINY)
     assert code == 0, stderr
-    rows = json.loads(stdout)["plan"]
+    payload = json.loads(stdout)
+    rows = payload["plan"]
     assert sorted(layer for row in rows for layer in row["layers"]) == [0, 1, 2, 3]
+    # a latent plan rebuilds keys every step: predicted slower than the full cache, more so at 8k than at 2k
+    assert 1.0 < payload["decode_cost_at_2048"] < payload["decode_cost_at_8192"]
     assert sum(row["elements_after"] for row in rows) <= 0.5 * _full_kv_elements("llama")
     assert sorted(p.name for p in work.iterdir()) == []
 
