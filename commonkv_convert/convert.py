@@ -43,7 +43,7 @@ class ConversionResult:
     out_dir: Path | None
     analysis: Analysis
     report: dict = field(default_factory=dict)
-    config: dict = field(default_factory=dict)  # the checkpoint's config.json (also of a dry run: what it would be)
+    config: dict = field(default_factory=dict)  # dry runs: the config.json the checkpoint would have
 
 
 def convert(model: str, out_dir: Path | None, options: ConvertOptions, *, reporter: Reporter | None = None,

@@ -359,8 +359,10 @@ class KVSharer:
         return plan
 
     def analyze(self, source: SourceModel, facts: ArchFacts, data, work, reporter: Reporter, devices,
-                **_) -> "Analysis":
-        """KVSharer alone: the search; every layer but the sharers keeps its K/V."""
+                *, keep_tokens: int = 0) -> "Analysis":
+        """KVSharer alone: the search; every layer but the sharers keeps its K/V. `devices` and `keep_tokens`
+        (samples for `commonkv analyze`) belong to the latent methods' calibration: the search runs on the CPU
+        and keeps no samples."""
         from .analysis import Analysis
         from .resume import CandidateStore
 
