@@ -148,7 +148,7 @@ def timed_parts(model: PreTrainedModel) -> Iterator[dict[str, float]]:
 
     patches = [(DynamicLayer, "update", "append"), (ckv.LatentLayer, "update", "append"),
                (ckv.WeightedLayer, "update", "append"), (ckv, "rope_at", "rope"), (ckv, "apply_rope", "rope"),
-               (ckv.CommonKVAttention, "_up_project_values", "projections")]
+               (ckv, "latent_attention", "attention"), (ckv.CommonKVAttention, "_up_project_values", "projections")]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
     try:

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DummyLayer
 
 from commonkv_convert.runtime import load_checkpoint
+from commonkv_convert.runtime import modeling_commonkv as ckv
 from commonkv_convert.runtime.modeling_commonkv import LatentLayer
 from commonkv_convert.testing import TINY_FAMILIES
 
@@ -89,6 +90,52 @@ def test_fused_value_path_equals_explicit(merged_dirs, impl):
         auto = model(ids).logits
     assert (fused - explicit).abs().max() < 1e-4
     assert (auto - explicit).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+def test_latent_attention_equals_attention_over_expanded_values(mask_kind):
+    """The fused attention reads the latent once for all heads; it must equal the family's eager attention over
+    the latent as every KV head's values, with each kind of mask transformers hands over (decode and prefill)."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    torch.manual_seed(0)
+    for q_len in (1, 5):
+        b, heads, kv_heads, hd, tokens, r = 2, 6, 2, 8, 13, 11
+        query, key = torch.randn(b, heads, q_len, hd), torch.randn(b, kv_heads, tokens, hd)
+        latent = torch.randn(b, 1, tokens, r)
+        causal = torch.ones(q_len, tokens, dtype=torch.bool).tril(tokens - q_len)
+        allowed = causal.expand(b, 1, q_len, tokens).clone()
+        allowed[0, ..., :3] = False  # a left-padded row
+        mask = {"none": None, "bool": allowed,
+                "additive": torch.zeros(b, 1, q_len, tokens).masked_fill(~allowed, torch.finfo(torch.float32).min)}[mask_kind]
+        reference_mask = (torch.zeros(1, 1, q_len, tokens).masked_fill(~causal, torch.finfo(torch.float32).min)
+                          if mask is None else mask if mask.dtype != torch.bool else
+                          torch.zeros(b, 1, q_len, tokens).masked_fill(~mask, torch.finfo(torch.float32).min))
+        module = type("M", (), {"num_key_value_groups": heads // kv_heads, "training": False})()
+        expected = eager_attention_forward(module, query, key, latent.expand(-1, kv_heads, -1, -1), reference_mask,
+                                           scaling=0.3)[0]
+        got = ckv.latent_attention(query, key, latent, mask, 0.3)
+        assert got.shape == (b, q_len, heads, r)
+        assert torch.allclose(got, expected, atol=1e-5), (q_len, (got - expected).abs().max())
+
+
+def test_fused_decode_of_a_padded_batch_equals_explicit(merged_dirs):
+    """Greedy decoding of a left-padded batch takes the fused path at every step; rebuilt values must give the
+    same tokens."""
+    model = load_checkpoint(merged_dirs["llama"], dtype=torch.float32)
+    ids, mask = left_padded([_ids(1, n, n)[0] for n in (5, 11, 8)])
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=257,
+                  output_scores=True, return_dict_in_generate=True)
+    runs = {}
+    try:
+        for path in ("fused", "explicit"):
+            model.config.commonkv["value_path"] = path
+            runs[path] = model.generate(ids, **kwargs)
+    finally:
+        model.config.commonkv["value_path"] = "auto"
+    assert torch.equal(runs["fused"].sequences, runs["explicit"].sequences)
+    for fused, explicit in zip(runs["fused"].scores, runs["explicit"].scores):
+        assert (fused - explicit).abs().max() < 1e-4
 
 
 def _run_isolated(code: str, tmp_path, checkpoint) -> subprocess.CompletedProcess:

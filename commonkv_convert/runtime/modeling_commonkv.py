@@ -449,19 +449,42 @@ class KVGroup(nn.Module):
         self.down = nn.Linear(hidden_size, rank, bias=False)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, h, T, hd]; cos/sin: [B or 1, T, rd]. The first rd ≤ hd features rotate (partial rotary, as Phi-3)."""
+    """x: [B, h, T, hd]; cos/sin: [B or 1, T, rd]. The first rd ≤ hd features rotate (partial rotary, as Phi-3).
+
+    x·cos + rotate_half(x)·sin (rotate_half(x) = [−x₂, x₁]), written as one product and two in-place half-width updates: a decode step
+    rotates every rebuilt key of every latent layer, and the textbook form makes five passes over them."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     rd = cos.shape[-1]
-    if rd == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    rot = x[..., :rd]
-    return torch.cat([rot * cos + rotate_half(rot) * sin, x[..., rd:]], dim=-1)
+    half = rd // 2
+    out = x * cos if rd == x.shape[-1] else torch.cat([x[..., :rd] * cos, x[..., rd:]], dim=-1)
+    out[..., :half].addcmul_(x[..., half:rd], sin[..., :half], value=-1)
+    out[..., half:rd].addcmul_(x[..., :half], sin[..., half:])
+    return out
+
+
+def latent_attention(query: torch.Tensor, key: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None,
+                     scaling: float) -> torch.Tensor:
+    """softmax(q kᵀ)·C over a latent C shared by every head: [B, H, q, hd] queries, [B, h_kv, T, hd] keys,
+    [B, 1, T, r] latent → [B, q, H, r].
+
+    The probabilities of all H·q query rows meet the latent in one [H·q, T] × [T, r] product per sequence, so the
+    latent is read once, not once per head as a general attention function reads (expanded) values. `mask` is
+    transformers' attention mask, boolean (True attends) or additive, [B|1, 1, q, ≥T]; None means causal.
+    """
+    b, heads, q_len, hd = query.shape
+    kv_heads, tokens = key.shape[1], key.shape[2]
+    scores = (query * scaling).reshape(b, kv_heads, heads // kv_heads * q_len, hd) @ key.transpose(-1, -2)
+    scores = scores.view(b, kv_heads, heads // kv_heads, q_len, tokens)
+    if mask is None and q_len > 1:  # the new tokens are the last q: query i sees keys up to T - q + i
+        mask = torch.ones(1, 1, q_len, tokens, dtype=torch.bool, device=query.device).tril(tokens - q_len)
+    if mask is not None:
+        mask = mask[..., :tokens].unsqueeze(1)  # [B|1, 1, 1, q, T]: broadcast over KV heads and their query heads
+        # the dtype's minimum, not -inf: a padding query that may attend nothing averages, as eager attention does
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(latent.dtype)
+    out = probs.view(b, heads * q_len, tokens) @ latent.reshape(b, tokens, -1)  # [B, H·q, r]
+    return out.view(b, heads, q_len, -1).transpose(1, 2)
 
 
 def rope_at(rotary: nn.Module, x: torch.Tensor, positions: torch.Tensor,
@@ -529,9 +552,10 @@ class CommonKVAttention(nn.Module):
         else:
             key, value, fused = self._kept_kv(hidden_states, position_embeddings, cache)
         cache.attending(self.layer_idx, query, key, value, self.scaling)
-        out = self._attend(query, key, value, attention_mask, **kwargs)  # [B, q, H, hd] (or r when fused)
-        if fused:
-            out = self._up_project_values(out)
+        if fused:  # value = the latent [B, 1, T, r]: attend in latent space, then B_v per KV head
+            out = self._up_project_values(self._attend_latent(query, key, value, attention_mask, **kwargs))
+        else:
+            out = self._attend(query, key, value, attention_mask, **kwargs)  # [B, q, H, hd]
         return self.o_proj(out.flatten(2)), None
 
     def _heads(self, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
@@ -558,7 +582,7 @@ class CommonKVAttention(nn.Module):
         cos, sin = cache.key_rope(self.layer_idx, self.model.rotary_emb, latent, self.layer_type)
         key = apply_rope(self._heads(self.k_up(latent.squeeze(1)), self.k_norm), cos, sin)
         if self._use_fused(x.shape[1], latent.shape[-1]) and not self.lends:
-            return key, latent.expand(-1, self.num_kv_heads, -1, -1), True  # a view: no copy of the latent
+            return key, latent, True
         return key, self._heads(self.v_up(latent.squeeze(1)), None), False
 
     def _use_fused(self, q_len: int, rank: int) -> bool:
@@ -573,13 +597,21 @@ class CommonKVAttention(nn.Module):
         return q_len * self.num_heads * (rank - self.head_dim) < rank * self.num_kv_heads * self.head_dim
 
     def _attend(self, query, key, value, attention_mask, **kwargs) -> torch.Tensor:
-        """The registered attention function (SDPA by default); the family's eager one where it is asked for or the
-        backend cannot take values wider than keys."""
-        impl = self.config._attn_implementation
-        wide = value.shape[-1] != key.shape[-1] and impl != "sdpa"
-        fn = self.eager if wide else ALL_ATTENTION_FUNCTIONS.get_interface(impl, self.eager)
+        """The registered attention function (SDPA by default)."""
+        fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.eager)
         return fn(self, query, key, value, attention_mask, scaling=self.scaling, dropout=0.0,
                   sliding_window=self.sliding_window, **kwargs)[0]
+
+    def _attend_latent(self, query, key, latent, attention_mask, **kwargs) -> torch.Tensor:
+        """Attention over the latent [B, 1, T, r]: `latent_attention`, or, where the mask is not a tensor (flex
+        attention's block masks) or the family caps its logits, the family's eager attention over the latent as
+        values of every KV head (a view, no copy)."""
+        capped = getattr(self.config, "attn_logit_softcapping", None) is not None
+        if not capped and (attention_mask is None or isinstance(attention_mask, torch.Tensor)):
+            return latent_attention(query, key, latent, attention_mask, self.scaling)
+        values = latent.expand(-1, self.num_kv_heads, -1, -1)
+        return self.eager(self, query, key, values, attention_mask, scaling=self.scaling, dropout=0.0,
+                          sliding_window=self.sliding_window, **kwargs)[0]
 
     def _up_project_values(self, out: torch.Tensor) -> torch.Tensor:
         """softmax(q kᵀ)·C [B, q, H, r] → each query head's KV-head slice of B_v (+ b_v): [B, q, H, hd]."""
