@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .architectures import ArchFacts
-from .budget import Option, plan_cost
+from .budget import FULL_BITS, Option, plan_bits, plan_cost
 from .calibration_data import (
     DEFAULT_CALIBRATION,
     fingerprint,
@@ -75,6 +75,7 @@ class Analysis:
     group_similarity: dict[tuple[int, int], float] = field(default_factory=dict)
     samples: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     sharing: SharingPlan | None = None
+    kept_quant_error: dict[int, dict[int, tuple[float, float]]] = field(default_factory=dict)  # layer → bits → (k, v)
 
     @property
     def calibration(self) -> dict:
@@ -90,4 +91,5 @@ class Analysis:
 
     @property
     def achieved_ratio(self) -> float:
-        return 1.0 - self.elements / self.facts.kv_elements_per_token
+        """Fraction of the full cache's bytes at 16 bits the plan removes (bytes as the planner prices them)."""
+        return 1.0 - plan_bits(self.plan) / (self.facts.kv_elements_per_token * FULL_BITS)

@@ -1,10 +1,11 @@
-"""Allocate the KV budget: choose per layer span keep / per-layer latent / merged latent and a rank.
+"""Allocate the KV budget: choose per layer span keep / per-layer latent / merged latent, a rank and a precision.
 
-An exact dynamic program over (layers covered, elements spent): every option covers a span of consecutive
-layers starting where the previous one ended, costs the cache elements it stores per token, and carries the
-estimated loss measured on held-out calibration tokens. The plan minimizes the summed loss subject to
-elements ≤ (1 − ratio) · full, so merging is used only where it beats spending the same elements on
-per-layer latents. Pure math: no I/O.
+A dynamic program over (layers covered, bits spent): every option covers a span of consecutive layers starting
+where the previous one ended, costs the bits it stores per token (cache elements × the price of its precision,
+see `precision_prices`), and carries the estimated loss measured on held-out calibration tokens: truncation
+plus quantization error. The plan minimizes the summed loss subject to bits ≤ (1 − ratio) · the full cache at
+16 bits, so merging, a lower rank or fewer bits are each used only where they beat the others at equal bytes.
+With 16-bit options only, this is exact over elements. Pure math: no I/O.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ import numpy as np
 from .checkpoint.format import group_elements
 from .errors import PlanError
 from .factorize import Candidate
+from .quant_error import GROUP, QUANT_BITS
+from .runtime.cache_options import KVCacheOptions, bits_per_element
+
+FULL_BITS = 16  # what --ratio is measured against: the full cache at 16 bits, as models are served
+BUCKETS = 8192  # budget resolution of the dynamic program when prices are fractional
 
 
 @dataclass(frozen=True)
@@ -28,32 +34,82 @@ class Option:
     cost: int  # cache elements per token
     loss: float
     errors: dict = field(default_factory=dict, compare=False)  # layer -> (key error, value error)
+    bits: int = FULL_BITS  # precision of what it stores: 16 (unquantized) or one of QUANT_BITS
+    price: float = FULL_BITS  # bits per stored element, scales and recent window included
 
     @property
     def layers(self) -> list[int]:
         return list(range(self.start, self.start + self.size))
 
+    @property
+    def stored_bits(self) -> float:
+        """Bits per token: what the budget counts."""
+        return self.cost * self.price
 
-def candidate_options(cand: Candidate, key_weight: float = 1.0, value_weight: float = 1.0) -> list[Option]:
-    """One option per rank of a factorization (per-layer when it has one layer, merged otherwise)."""
+
+def precision_prices(bits: tuple[int, ...], context: int) -> dict[int, float]:
+    """Bits per stored element at each allowed precision, at a context of `context` tokens: the code, its share of
+    the float16 scales, and the `residual` most recent tokens the runtime keeps unquantized, amortized."""
+    recent = min(KVCacheOptions.residual, context) / context
+    return {b: FULL_BITS if b >= FULL_BITS else (1 - recent) * bits_per_element(b, GROUP) + recent * FULL_BITS
+            for b in bits}
+
+
+def candidate_options(cand: Candidate, key_weight: float = 1.0, value_weight: float = 1.0,
+                      prices: dict[int, float] | None = None) -> list[Option]:
+    """One option per rank and allowed precision of a factorization (per-layer when it has one layer, merged
+    otherwise); a quantized option's errors add the latent's measured quantization error to the truncation's."""
+    prices = prices or {FULL_BITS: FULL_BITS}
     layers = cand.layers
     mode = "per_layer" if len(layers) == 1 else "merged"
     out = []
     for idx, rank in enumerate(cand.ranks.tolist()):
-        errors = {l: (float(cand.err_k[l][idx]), float(cand.err_v[l][idx])) for l in layers}
-        loss = sum(key_weight * k + value_weight * v for k, v in errors.values())
-        out.append(Option(layers[0], len(layers), mode, rank, group_elements(mode, len(layers), rank, 0), loss, errors))
+        cost = group_elements(mode, len(layers), rank, 0)
+        for bits, price in prices.items():
+            if bits < FULL_BITS and cand.quant_error is None:
+                continue  # no measured quantization error (a weighted merge): not offered quantized
+            q = QUANT_BITS.index(bits) if bits < FULL_BITS else None
+            errors = {l: (float(cand.err_k[l][idx]) + (0.0 if q is None else float(cand.quant_error[l][q, 0, idx])),
+                          float(cand.err_v[l][idx]) + (0.0 if q is None else float(cand.quant_error[l][q, 1, idx])))
+                      for l in layers}
+            loss = sum(key_weight * k + value_weight * v for k, v in errors.values())
+            out.append(Option(layers[0], len(layers), mode, rank, cost, loss, errors, bits, price))
+    return out
+
+
+def keep_options(layer: int, d_kv: int, quant_error: dict[int, tuple[float, float]],
+                 prices: dict[int, float] | None = None, key_weight: float = 1.0,
+                 value_weight: float = 1.0) -> list[Option]:
+    """The layer kept as it is, at each allowed precision (quant_error: bits → its measured (key, value) error)."""
+    prices = prices or {FULL_BITS: FULL_BITS}
+    cost = group_elements("keep", 1, 0, d_kv)
+    out = []
+    for bits, price in prices.items():
+        if bits < FULL_BITS and bits not in quant_error:
+            continue
+        k, v = quant_error[bits] if bits < FULL_BITS else (0.0, 0.0)
+        out.append(Option(layer, 1, "keep", 0, cost, key_weight * k + value_weight * v, {layer: (k, v)}, bits, price))
     return out
 
 
 def keep_option(layer: int, d_kv: int) -> Option:
-    return Option(layer, 1, "keep", 0, group_elements("keep", 1, 0, d_kv), 0.0, {layer: (0.0, 0.0)})
+    return keep_options(layer, d_kv, {})[0]
 
 
-def allocate(options: list[Option], num_layers: int, budget: int) -> list[Option]:
-    """Minimum-loss sequence of options covering layers 0..L-1 with Σ cost ≤ budget (elements per token)."""
-    unit = math.gcd(*[o.cost for o in options]) or 1
-    cap = budget // unit
+def allocate(options: list[Option], num_layers: int, budget: float) -> list[Option]:
+    """Minimum-loss sequence of options covering layers 0..L-1 with Σ stored bits ≤ budget (bits per token).
+
+    Integral costs run on their greatest common divisor, exactly; fractional ones (quantized options) on
+    BUCKETS units of the budget, each cost rounded up, so a plan found always fits."""
+    costs = [o.stored_bits for o in options]
+    if all(c == int(c) for c in costs) and budget // (math.gcd(*map(int, costs)) or 1) <= 4 * BUCKETS:
+        unit = math.gcd(*map(int, costs)) or 1
+        units = [int(c) // unit for c in costs]
+        cap = int(budget // unit)
+    else:
+        unit = budget / BUCKETS
+        units = [math.ceil(c / unit - 1e-9) for c in costs]
+        cap = BUCKETS
     by_start: dict[int, list[tuple[int, Option]]] = {}
     for idx, opt in enumerate(options):
         by_start.setdefault(opt.start, []).append((idx, opt))
@@ -67,7 +123,7 @@ def allocate(options: list[Option], num_layers: int, budget: int) -> list[Option
         if not np.isfinite(best[i]).any():
             continue
         for idx, opt in by_start.get(i, []):
-            j, c = i + opt.size, opt.cost // unit
+            j, c = i + opt.size, units[idx]
             if j > num_layers or c > cap:
                 continue
             new = best[i, : cap + 1 - c] + opt.loss
@@ -78,8 +134,9 @@ def allocate(options: list[Option], num_layers: int, budget: int) -> list[Option
     if not np.isfinite(best[num_layers]).any():
         cheapest = _cheapest(options, num_layers)
         raise PlanError(
-            f"No plan fits {budget} cache elements per token; the cheapest possible plan needs {cheapest}. "
-            "To resolve, lower --ratio, raise --group-size, or lower --rank-step."
+            f"No plan fits {budget / FULL_BITS:.0f} 16-bit cache elements per token; the cheapest possible plan "
+            f"needs {cheapest / FULL_BITS:.0f}. To resolve, lower --ratio, raise --group-size, lower --rank-step, "
+            "or allow fewer --bits."
         )
     cost = int(np.argmin(best[num_layers]))
     plan, j = [], num_layers
@@ -90,17 +147,17 @@ def allocate(options: list[Option], num_layers: int, budget: int) -> list[Option
     return plan[::-1]
 
 
-def uniform(candidates: dict[tuple[int, int], Candidate], num_layers: int, group: int, budget: int,
+def uniform(candidates: dict[tuple[int, int], Candidate], num_layers: int, group: int, budget: float,
             d_kv: int) -> list[Option]:
-    """The baseline the allocator must beat: same group size and the same rank everywhere."""
+    """The baseline the allocator must beat: same group size and the same rank everywhere, at 16 bits."""
     spans = [(s, min(group, num_layers - s)) for s in range(0, num_layers, group)]
-    per_group = budget // len(spans)
+    per_group = budget / FULL_BITS // len(spans)
     plan = []
     for start, size in spans:
         cand = candidates.get((start, size))
         fitting = [o for o in candidate_options(cand) if o.cost <= per_group] if cand else []
         if not fitting:
-            raise PlanError(f"A uniform plan cannot reach {budget} cache elements per token with layers "
+            raise PlanError(f"A uniform plan cannot reach {budget / FULL_BITS:.0f} cache elements per token with layers "
                             f"{start}-{start + size - 1} as one group. To resolve, lower --ratio or --rank-step, "
                             "or use the optimal allocator.")
         plan.append(fitting[-1])
@@ -111,10 +168,15 @@ def plan_cost(plan: list[Option]) -> int:
     return sum(o.cost for o in plan)
 
 
-def _cheapest(options: list[Option], num_layers: int) -> int:
-    best = [0] + [math.inf] * num_layers
+def plan_bits(plan: list[Option]) -> float:
+    """Bits per token the plan stores (what --ratio is measured in, against FULL_BITS per element)."""
+    return sum(o.stored_bits for o in plan)
+
+
+def _cheapest(options: list[Option], num_layers: int) -> float:
+    best = [0.0] + [math.inf] * num_layers
     for i in range(num_layers):
         for o in options:
             if o.start == i and i + o.size <= num_layers:
-                best[i + o.size] = min(best[i + o.size], best[i] + o.cost)
-    return int(best[num_layers]) if best[num_layers] < math.inf else -1
+                best[i + o.size] = min(best[i + o.size], best[i] + o.stored_bits)
+    return best[num_layers] if best[num_layers] < math.inf else -1

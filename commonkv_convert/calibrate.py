@@ -29,7 +29,8 @@ from .architectures import ArchFacts, SplitQKV, layer_types
 from .checkpoint.reader import SourceModel
 from .memory import frozen_heap, release_memory
 from .progress import Reporter
-from .runtime.modeling_commonkv import rope_at
+from .quant_error import kept_errors
+from .runtime.modeling_commonkv import apply_rope, rope_at
 
 
 @dataclass
@@ -42,6 +43,11 @@ class LayerStats:
     # only with calibrate(keep_tokens=k): the same k tokens of every layer, for layer × layer maps (analyze.py):
     # "hidden" (residual stream), "input" (after the input norm), "key", "value" (raw projections)  [k, ·] fp32
     samples: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the held-out sequences' attention inputs [n, T, d] fp32, for quantization errors (quant_error.py); dropped
+    # with the Grams when the layer leaves the window
+    probe: torch.Tensor | None = None
+    # this layer kept at each of QUANT_BITS: (key, value) relative held-out error (quant_error.kept_errors)
+    quant_error: dict[int, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -228,6 +234,11 @@ def calibrate(
                 } if max_group > 1 else {}
                 stats.tokens[split] = xs.shape[0]
             key, value = facts.kv_outputs(layer.self_attn, x)
+            held = splits["held_out"]
+            stats.probe = x[held].float().cpu()
+            here = _to(inputs[i], device)
+            stats.quant_error = kept_errors(_attended_keys(layer.self_attn, key[held], here["position_embeddings"],
+                                                           facts.head_dim), _heads(value[held], facts.head_dim))
             current = {"hidden": hidden, "key": key, "value": value}
             if previous is not None:
                 stats.cos_prev = {k: _token_cosine(current[k], previous[k].to(device)) for k in current}
@@ -237,7 +248,6 @@ def calibrate(
                                  for k, v in {**current, "input": x}.items()}
             if max_group > 1:
                 window.append(x)
-            here = _to(inputs[i], device)
             hidden = torch.cat([layer(hidden[s:s + batch_size], **here) for s in range(0, n, batch_size)])
             del layer
             release_memory()
@@ -247,6 +257,20 @@ def calibrate(
         norm = final_norm(source, facts)
         first_held = n - held_out
         result.final_hidden = norm(hidden[first_held:first_held + validation].cpu()).clone()
+
+
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[N, T, h·hd] → [N, h, T, hd]."""
+    return x.unflatten(-1, (-1, head_dim)).transpose(1, 2)
+
+
+def _attended_keys(attn, key: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], head_dim: int) -> torch.Tensor:
+    """Raw keys [N, T, d_kv] as the cache holds them: the family's k_norm (per head or over all heads, by its
+    width), then RoPE at the sequence positions."""
+    norm = getattr(attn, "k_norm", None)
+    if norm is not None:
+        key = norm(key.unflatten(-1, (-1, norm.weight.shape[-1]))).flatten(-2)
+    return apply_rope(_heads(key, head_dim), *rope)
 
 
 def _token_cosine(a: torch.Tensor, b: torch.Tensor) -> float:

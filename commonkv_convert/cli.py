@@ -205,8 +205,8 @@ def convert(
     if a.sharing:
         out.print("KVSharer: " + ", ".join(f"layer {s} reads layer {j}" for s, j in sorted(a.sharing.pairs.items()))
                   + f" ({len(a.sharing.trials)} pairs tried, {a.sharing.order}, threshold {a.sharing.threshold:g})")
-    out.print(f"KV elements per token: {a.facts.kv_elements_per_token} → {a.elements} "
-              f"(ratio requested {a.requested_ratio:g}, achieved {a.achieved_ratio:.4f})")
+    out.print(f"KV elements per token: {a.facts.kv_elements_per_token} → {a.elements}; bytes against the full "
+              f"cache at 16 bits: ratio requested {a.requested_ratio:g}, achieved {a.achieved_ratio:.4f}")
     if dry_run:
         costs = decode_costs(result.config)
         out.print("Predicted decode step vs the full cache: " + ", ".join(
@@ -229,7 +229,7 @@ def _plan_rows(analysis) -> list[dict]:
     for opt in analysis.plan:
         k = sum(e[0] for e in opt.errors.values()) / opt.size
         v = sum(e[1] for e in opt.errors.values()) / opt.size
-        rows.append({"layers": opt.layers, "mode": opt.mode, "rank": opt.rank,
+        rows.append({"layers": opt.layers, "mode": opt.mode, "rank": opt.rank, "bits": opt.bits,
                      "elements_before": group_elements("keep", opt.size, 0, analysis.facts.d_kv), "elements_after": opt.cost,
                      "key_error": round(k, 5), "value_error": round(v, 5)})
     return rows
@@ -237,12 +237,12 @@ def _plan_rows(analysis) -> list[dict]:
 
 def _plan_table(analysis) -> Table:
     table = Table(title="CommonKV plan")
-    for col in ("layers", "mode", "rank", "KV elements/token", "est. key err", "est. value err"):
+    for col in ("layers", "mode", "rank", "bits", "KV elements/token", "est. key err", "est. value err"):
         table.add_column(col, justify="right" if col != "mode" else "left")
     for row in _plan_rows(analysis):
         layers = row["layers"]
         span = str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
-        table.add_row(span, row["mode"], str(row["rank"] or "-"),
+        table.add_row(span, row["mode"], str(row["rank"] or "-"), str(row["bits"]),
                       f"{row['elements_before']} → {row['elements_after']}",
                       f"{row['key_error']:.4f}", f"{row['value_error']:.4f}")
     return table
@@ -270,11 +270,13 @@ def inspect(
     out.print(table)
     if info.get("groups"):
         groups = Table(title="groups")
-        for col in ("layers", "mode", "rank", "elements/token"):
+        bits = any("bits" in g for g in info["groups"])  # a bits column only for plans that quantize a group
+        for col in ("layers", "mode", "rank", *(("bits",) if bits else ()), "elements/token"):
             groups.add_column(col)
         for g in info["groups"]:
             mode = g["mode"] + (f" (reads layer {g['reads']})" if "reads" in g else "")
-            groups.add_row(",".join(map(str, g["layers"])), mode, str(g.get("rank", "-")), str(g["elements"]))
+            groups.add_row(",".join(map(str, g["layers"])), mode, str(g.get("rank", "-")),
+                           *((str(g.get("bits", "-")),) if bits else ()), str(g["elements"]))
         out.print(groups)
 
 

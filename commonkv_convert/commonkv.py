@@ -17,7 +17,7 @@ import torch
 
 from .analysis import Analysis, CalibrationData
 from .architectures import ArchFacts
-from .budget import Option, allocate, candidate_options, keep_option, uniform
+from .budget import FULL_BITS, Option, allocate, candidate_options, keep_options, precision_prices, uniform
 from .calibrate import CalibrationResult, LayerStats
 from .checkpoint.format import group_elements
 from .checkpoint.reader import SourceModel
@@ -31,6 +31,8 @@ from .factorize import (
 )
 from .kvsharer import SharingPlan, shared_options
 from .progress import Reporter
+from .quant_error import latent_errors
+from .recipe import parse_bits
 from .resume import CalibrationCache, CandidateStore, WorkDir
 from .similarity import adjacent_pairs, latent_similarity
 from .weighted import weighted_factorize
@@ -53,6 +55,8 @@ class CommonKV:
     sink: int
     window: int
     block: int
+    bits: str
+    context: int
 
     def analyze(self, source: SourceModel, facts: ArchFacts, data: CalibrationData, work: WorkDir,
                 reporter: Reporter, devices: list[torch.device], *, keep_tokens: int = 0,
@@ -89,7 +93,8 @@ class CommonKV:
                 candidates[(first, size)] = store.put(_undo_transform(cand, transforms), group_sim.get((first, size)))
         analysis = Analysis(facts, data, [], self.ratio, store, result.final_hidden, candidates,
                             adjacent_pairs(everything, {s: v for (s, n), v in group_sim.items() if n == 2}),
-                            group_sim, {l: s.samples for l, s in everything.items() if s.samples}, sharing)
+                            group_sim, {l: s.samples for l, s in everything.items() if s.samples}, sharing,
+                            {l: s.quant_error for l, s in everything.items()})
         return self.plan(analysis)
 
     def _factorize_span(self, first: int, size: int, weights: dict[int, torch.Tensor],
@@ -106,7 +111,13 @@ class CommonKV:
         fit, held = _grams(live, "fit", dev), _grams(live, "held_out", dev)
         if size > 1 and self.merge == "weighted":
             return _to_device(weighted_factorize(span, fit, held, ranks), "cpu")
-        return _to_device(factorize(span, first, fit, held, ranks, whiten=not self.plain_svd), "cpu")
+        cand = factorize(span, first, fit, held, ranks, whiten=not self.plain_svd)
+        probes = {l: live[l].probe for l in span}
+        if all(p is not None for p in probes.values()):  # the held-out activations: quantization errors
+            latent = probes[first].to(dev, cand.down.dtype) @ cand.down.T
+            targets = {l: probes[l].to(dev, w.dtype) @ w.T for l, w in span.items()}
+            cand.quant_error = latent_errors(latent, cand.up, targets, ranks, facts.d_kv)
+        return _to_device(cand, "cpu")
 
     def _row_transform(self, source: SourceModel, facts: ArchFacts, stats: LayerStats) -> torch.Tensor:
         """The balance transform of a layer's [W_k; W_v] rows (identity without --balance)."""
@@ -120,18 +131,22 @@ class CommonKV:
         return balance_transform(w[: facts.d_kv], w[facts.d_kv:], metric, stats.gram["fit"], self.value_weight)
 
     def plan(self, analysis: Analysis) -> Analysis:
-        """The budget stage: spans up to group_size, at most (1 − ratio) of the full cache per token; KVSharer's
-        sharers (if any) are kept layers that cost nothing. Calibration and factorization do not depend on these
-        fields (group_size no larger than the analyzed one), so sweeps re-plan one analysis."""
+        """The budget stage: spans up to group_size at the allowed precisions, at most (1 − ratio) of the full
+        cache's bits per token at 16 bits; KVSharer's sharers (if any) are kept layers that cost nothing.
+        Calibration, factorization and the quantization errors do not depend on these fields (group_size no
+        larger than the analyzed one), so sweeps re-plan one analysis."""
         facts = analysis.facts
-        budget = int((1.0 - self.ratio) * facts.kv_elements_per_token + 1e-9)
+        budget = int((1.0 - self.ratio) * facts.kv_elements_per_token + 1e-9) * FULL_BITS
         candidates = {key: c for key, c in analysis.candidates.items() if key[1] <= self.group_size}
         if self.allocator == "uniform":
             plan = uniform(candidates, facts.num_layers, self.group_size, budget, facts.d_kv)
         else:
-            opts = [keep_option(l, facts.d_kv) for l in range(facts.num_layers)] if self.allow_keep else []
+            prices = precision_prices(parse_bits(self.bits), self.context)
+            opts = [o for l in range(facts.num_layers)
+                    for o in keep_options(l, facts.d_kv, analysis.kept_quant_error.get(l, {}), prices)] \
+                if self.allow_keep else []
             for cand in candidates.values():
-                opts.extend(candidate_options(cand))
+                opts.extend(candidate_options(cand, prices=prices))
             sharers = analysis.sharing.sharers if analysis.sharing else set()
             plan = allocate(shared_options(opts, sharers) if sharers else opts, facts.num_layers, budget)
         return dataclasses.replace(analysis, plan=plan, requested_ratio=self.ratio)
@@ -148,7 +163,9 @@ class CommonKV:
                     group.update(weights=cand.weights_at(opt.rank), sink=self.sink, window=self.window,
                                  block=self.block)
         group["elements"] = opt.cost
-        if opt.mode != "keep":
+        if opt.bits < FULL_BITS:
+            group["bits"] = opt.bits
+        if opt.mode != "keep" or opt.bits < FULL_BITS:
             group["est_error"] = {"key": round(sum(e[0] for e in opt.errors.values()) / opt.size, 6),
                                   "value": round(sum(e[1] for e in opt.errors.values()) / opt.size, 6)}
         return group
@@ -203,7 +220,7 @@ def _to_device(cand: Candidate, device: torch.device | str) -> Candidate:
 def _summary(stats: LayerStats) -> LayerStats:
     """Keep only the scalars of a layer once it leaves the window (Grams are d × d each)."""
     return LayerStats(stats.layer, gram={}, cross={}, cos_prev=stats.cos_prev, tokens=stats.tokens,
-                      samples=stats.samples)
+                      samples=stats.samples, quant_error=stats.quant_error)
 
 
 def _undo_transform(cand: Candidate, transforms: dict[int, torch.Tensor]) -> Candidate:

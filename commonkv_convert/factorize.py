@@ -40,6 +40,9 @@ class Candidate:
     err_k: dict[int, torch.Tensor]  # layer -> [n] relative held-out key error ‖K − K̂‖² / ‖K‖²
     err_v: dict[int, torch.Tensor]  # layer -> [n] relative held-out value error
     path: object = None  # where the factors were offloaded to, if they were (convert.CandidateStore)
+    # layer -> [len(QUANT_BITS), 2, n] (key, value) relative held-out error the latent's quantization adds at each
+    # precision and rank (quant_error.latent_errors); None where not measured (weighted merges)
+    quant_error: dict[int, torch.Tensor] | None = None
 
     def factors(self, rank: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """(down [r, d], {layer: up [2·d_kv, r]}) truncated to `rank`."""

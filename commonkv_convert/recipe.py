@@ -29,6 +29,12 @@ class ConvertOptions:
     ratio: float = option(0.5, "Fraction of KV-cache memory to remove, in [0, 1).", BUDGET, sweep=True)
     group_size: int = option(4, "Largest number of adjacent layers that may share one latent (1: no merging).",
                              BUDGET, sweep=True)
+    bits: str = option("16", "Precisions the planner may store each group at, comma-separated from 16, 8, 4, 2 "
+                             "(16: unquantized). With more than 16 it trades rank and merging against precision, "
+                             "and --ratio counts bytes against the full cache at 16 bits, e.g. 16,8,4.", BUDGET,
+                       sweep=True)
+    context: int = option(4096, "--bits: context length at which the planner prices a quantized group's unquantized "
+                                "recent tokens.", BUDGET, sweep=True)
     calib: Path | None = option(None, "Calibration text, .txt or .jsonl with {\"text\": ...} lines; default: bundled "
                                       "prompts.", CALIBRATION)
     samples: int = option(32, "Calibration sequences.", CALIBRATION)
@@ -100,6 +106,9 @@ class ConvertOptions:
             raise UserInputError(f"--held-out {self.held_out} is outside (0, 1). To resolve, pass e.g. 0.25.")
         if not self.max_kl > 0:
             raise UserInputError(f"--max-kl {self.max_kl} must be positive. To resolve, pass e.g. --max-kl 2.0.")
+        parse_bits(self.bits)
+        if self.context < 1:
+            raise UserInputError(f"--context {self.context} is below 1. To resolve, pass e.g. 4096.")
         if self.rank_step < 1:
             raise UserInputError(f"--rank-step {self.rank_step} is below 1. To resolve, pass e.g. 8.")
         if self.allocator not in ("optimal", "uniform"):
@@ -179,6 +188,18 @@ class ConvertOptions:
         return cls(**data)
 
 
+def parse_bits(text: str) -> tuple[int, ...]:
+    """`--bits 16,8,4` → (16, 8, 4); a one-line error naming the fix for anything else."""
+    try:
+        bits = tuple(sorted({int(b) for b in str(text).split(",")}, reverse=True))
+    except ValueError:
+        bits = ()
+    if not bits or not set(bits) <= {16, 8, 4, 2}:
+        raise UserInputError(f"--bits {text!r} is not a list of precisions. To resolve, pass values from 16, 8, 4 "
+                             "and 2, comma-separated, e.g. --bits 16,8,4.")
+    return bits
+
+
 def _recipe_value(path: Path, key: str, value, default):
     """A recipe value of the field's type (an int where a float is expected is fine), or a one-line error."""
     if value is None and default is None:  # calib, revision: null means the default
@@ -193,6 +214,8 @@ def _recipe_value(path: Path, key: str, value, default):
         return value
     if key == "share_layers" and isinstance(value, int) and not isinstance(value, bool):
         return value
+    if key == "bits" and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # `bits: 16` in YAML is a number
     kind = type(default)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -175,10 +175,14 @@ class WorkDir:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
         tmp.replace(path)
 
-    def save_grams(self, layer: int, gram: dict, cross: dict) -> tuple[LazyGrams, dict[str, LazyGrams]]:
-        """Write a layer's Grams to disk and return lazy views that read them back on demand."""
+    def save_grams(self, layer: int, gram: dict, cross: dict,
+                   probe: torch.Tensor | None = None) -> tuple[LazyGrams, dict[str, LazyGrams]]:
+        """Write a layer's Grams (and its held-out probe activations, which live as long) to disk and return lazy
+        views that read the Grams back on demand."""
         flat = {split: g for split, g in gram.items()}
         flat.update({f"{split}/{j}": c for split, per in cross.items() for j, c in per.items()})
+        if probe is not None:
+            flat["probe"] = probe
         self.save_tensors(f"grams/{layer}.safetensors", flat)
         return self.grams(layer, list(gram), {split: list(per) for split, per in cross.items()})
 
@@ -186,6 +190,9 @@ class WorkDir:
         path = self.root / f"grams/{layer}.safetensors"
         lazy = {split: _CrossView(path, split, js) for split, js in cross.items()}
         return LazyGrams(path, list(splits)), lazy
+
+    def probe(self, layer: int) -> torch.Tensor:
+        return read_tensor(self.root / f"grams/{layer}.safetensors", "probe")
 
     def close(self, *, remove: bool) -> None:
         if remove or not self.persistent:
@@ -231,7 +238,8 @@ class CalibrationCache:
         out, group = [], self.max_group
         for l in range(max(0, self.start - group + 1), self.start):
             cross = {split: list(range(max(0, l - group + 1), l)) if group > 1 else [] for split in SPLITS}
-            out.append(LayerStats(l, *self.work.grams(l, list(SPLITS), cross)))
+            out.append(LayerStats(l, *self.work.grams(l, list(SPLITS), cross), probe=self.work.probe(l),
+                                  **self.work.load(f"layers/{l}.pt")))
         return out
 
     def run(self, source, facts, tokens: torch.Tensor, **kwargs) -> Iterator[LayerStats]:
@@ -248,9 +256,9 @@ class CalibrationCache:
                     self._save(kind, at, tensor)
             if i == 0:
                 self._save("hidden", 0, carry.previous["hidden"])
-            stats.gram, stats.cross = self.work.save_grams(i, stats.gram, stats.cross)
+            stats.gram, stats.cross = self.work.save_grams(i, stats.gram, stats.cross, stats.probe)
             self.work.save(f"layers/{i}.pt", {"cos_prev": stats.cos_prev, "tokens": stats.tokens,
-                                             "samples": stats.samples})
+                                             "samples": stats.samples, "quant_error": stats.quant_error})
             yield stats
             nxt = i + 1  # what continuing after layer i still reads
             self.work.layer_done(i, {"hidden": nxt - 1, "key": nxt - 1, "value": nxt - 1,
@@ -282,7 +290,8 @@ class CandidateStore:
         rel = f"candidates/{cand.layers[0]}-{len(cand.layers)}.pt"
         saved = {"down": cand.down.float(), "up": {l: b.float() for l, b in cand.up.items()},
                  "meta": {"layers": list(cand.layers), "predictor": cand.predictor, "ranks": cand.ranks,
-                          "err_k": cand.err_k, "err_v": cand.err_v, "similarity": similarity}}
+                          "err_k": cand.err_k, "err_v": cand.err_v, "quant_error": cand.quant_error,
+                          "similarity": similarity}}
         if isinstance(cand, WeightedCandidate):  # its up-projections are U_l; B_l needs the Cholesky L_l too
             saved["chol"] = cand.chol
             saved["meta"]["merge_weights"] = cand.merge_weights
@@ -304,7 +313,8 @@ class CandidateStore:
             cls = WeightedCandidate if weighted else Candidate
             extra = {"merge_weights": meta["merge_weights"]} if weighted else {}
             candidates[(first, size)] = cls(tuple(meta["layers"]), meta["predictor"], None, {}, meta["ranks"],
-                                            meta["err_k"], meta["err_v"], path=path, **extra)
+                                            meta["err_k"], meta["err_v"], path=path,
+                                            quant_error=meta.get("quant_error"), **extra)
             if meta["similarity"] is not None:
                 similarity[(first, size)] = meta["similarity"]
         return candidates, similarity

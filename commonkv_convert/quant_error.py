@@ -1,0 +1,69 @@
+"""Quantization error of what a plan option stores, measured with the runtime's own quantizer.
+
+The planner trades truncation (a lower rank) against precision (fewer bits), so both must be errors of the same
+kind: the relative held-out error ‖K − K̂‖² / ‖K‖² of the keys and values a layer attends over. Truncation
+errors come from Grams (factorize.py); a quantization error needs real activations, because a group's range
+depends on the outliers of consecutive tokens. So both are measured on held-out calibration sequences: a kept
+layer's keys (after RoPE, per channel) and values (per token), and a latent (per channel, the runtime's default
+`latent_axis`) seen through each layer's up-projection. The two errors are added: quantization noise is nearly
+uncorrelated with what truncation leaves out. Pure tensor math; no I/O.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .runtime.cache_options import KVCacheOptions
+from .runtime.quantization import dequantize, quantize
+
+QUANT_BITS = (8, 4, 2)  # the precisions a plan may choose below 16 bits (KVCacheOptions' bits)
+GROUP = KVCacheOptions.group  # tokens (channel axis) or features (token axis) per quantization group
+
+
+def round_trip(x: torch.Tensor, bits: int, axis: str, group: int = GROUP) -> torch.Tensor:
+    """x [..., T, n] quantized and read back as the runtime stores it (T a multiple of `group` for `channel`)."""
+    data, lo, step = quantize(x, bits, group, axis)
+    return dequantize(data, lo, step, bits, group, axis, x.shape[-1], torch.float32)
+
+
+def whole_groups(x: torch.Tensor, group: int = GROUP) -> torch.Tensor:
+    """x [..., T, n] cut to a multiple of `group` tokens: only whole groups are ever quantized."""
+    return x[..., : x.shape[-2] // group * group, :]
+
+
+def kept_errors(keys: torch.Tensor, values: torch.Tensor) -> dict[int, tuple[float, float]]:
+    """A kept layer at each of QUANT_BITS: relative error of its keys [N, h, T, hd] (RoPE applied) quantized per
+    channel and of its values quantized per token, as `CompressedKVLayer` stores them."""
+    keys, values = whole_groups(keys.float()), whole_groups(values.float())
+    out = {}
+    for bits in QUANT_BITS:
+        out[bits] = tuple(float((x - round_trip(x, bits, axis)).square().sum() / x.square().sum().clamp_min(1e-30))
+                          for x, axis in ((keys, "channel"), (values, "token")))
+    return out
+
+
+def latent_errors(latent: torch.Tensor, ups: dict[int, torch.Tensor], targets: dict[int, torch.Tensor],
+                  ranks: torch.Tensor, d_kv: int) -> dict[int, torch.Tensor]:
+    """Quantization error of a latent at every rank of `ranks` and each of QUANT_BITS.
+
+    latent: [N, T, r_max] held-out latents A X_p; ups: layer → [2·d_kv, r_max] (key rows, then value rows);
+    targets: layer → the exact keys and values [W_k; W_v] X_l [N, T, 2·d_kv] the errors are relative to. The latent's
+    channels are quantized independently (per channel), so the rank-r error uses the first r channels' noise.
+    Returns layer → [len(QUANT_BITS), 2, len(ranks)] (key, value) relative errors.
+    """
+    latent = whole_groups(latent.float())
+    tokens = latent.shape[0] * latent.shape[1]
+    out = {l: torch.zeros(len(QUANT_BITS), 2, len(ranks)) for l in ups}
+    for b, bits in enumerate(QUANT_BITS):
+        noise = (latent - round_trip(latent, bits, "channel")).reshape(tokens, -1)  # [M, r_max]
+        for l, up in ups.items():
+            up = up.float()
+            target = whole_groups(targets[l].float()).reshape(tokens, -1)
+            totals = (target[:, :d_kv].square().sum(), target[:, d_kv:].square().sum())
+            seen, start = noise.new_zeros(tokens, up.shape[0]), 0
+            for i, rank in enumerate(ranks.tolist()):
+                seen += noise[:, start:rank] @ up[:, start:rank].T  # the error B_r (c − ĉ) so far
+                start = rank
+                for half, rows in enumerate((slice(0, d_kv), slice(d_kv, None))):
+                    out[l][b, half, i] = seen[:, rows].square().sum() / totals[half].clamp_min(1e-30)
+    return out

@@ -1,0 +1,85 @@
+"""Quantization errors for the planner (quant_error.py) and the precision axis of the budget (budget.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from commonkv_convert.budget import FULL_BITS, Option, allocate, keep_options, plan_bits, precision_prices
+from commonkv_convert.errors import UserInputError
+from commonkv_convert.quant_error import QUANT_BITS, kept_errors, latent_errors, round_trip
+from commonkv_convert.recipe import ConvertOptions, parse_bits
+from commonkv_convert.runtime.cache_options import bits_per_element
+
+
+def test_fewer_bits_lose_more():
+    torch.manual_seed(0)
+    keys, values = torch.randn(2, 3, 64, 8), torch.randn(2, 3, 64, 8)
+    errors = kept_errors(keys, values)
+    assert list(errors) == list(QUANT_BITS)
+    for (hi_k, hi_v), (lo_k, lo_v) in zip(list(errors.values()), list(errors.values())[1:]):
+        assert 0 < hi_k < lo_k and 0 < hi_v < lo_v
+    assert errors[8][0] < 1e-3  # 8-bit codes of Gaussian data: ~1e-4 relative error
+
+
+def test_latent_errors_equal_the_direct_computation():
+    """The cumulative per-rank error must equal ‖B_r (c − ĉ)_r‖² / ‖target‖² computed from scratch."""
+    torch.manual_seed(1)
+    n, t, r, d_kv = 2, 64, 12, 5
+    latent = torch.randn(n, t, r) * torch.linspace(3, 0.1, r)  # channels of falling energy, as SVD latents
+    up = {0: torch.randn(2 * d_kv, r), 1: torch.randn(2 * d_kv, r)}
+    targets = {l: torch.randn(n, t, 2 * d_kv) for l in up}
+    ranks = torch.tensor([4, 8, 12])
+    got = latent_errors(latent, up, targets, ranks, d_kv)
+    for b, bits in enumerate(QUANT_BITS):
+        noise = (latent - round_trip(latent, bits, "channel")).reshape(n * t, r)
+        for l, u in up.items():
+            for i, rank in enumerate(ranks.tolist()):
+                err = noise[:, :rank] @ u[:, :rank].T
+                flat = targets[l].reshape(n * t, -1)
+                expect_k = err[:, :d_kv].square().sum() / flat[:, :d_kv].square().sum()
+                expect_v = err[:, d_kv:].square().sum() / flat[:, d_kv:].square().sum()
+                assert got[l][b, 0, i] == pytest.approx(float(expect_k), rel=1e-4)
+                assert got[l][b, 1, i] == pytest.approx(float(expect_v), rel=1e-4)
+
+
+def test_prices_count_codes_scales_and_the_recent_window():
+    prices = precision_prices((16, 8, 4), context=4096)
+    assert prices[16] == FULL_BITS
+    recent = 32 / 4096
+    assert prices[4] == pytest.approx((1 - recent) * bits_per_element(4, 32) + recent * 16)
+    assert bits_per_element(4, 32) == 5.0 and bits_per_element(8, 32) == 9.0  # two float16 per 32 values: 1 bit
+
+
+def _opt(layer: int, bits: int, loss: float, prices: dict[int, float]) -> Option:
+    return Option(layer, 1, "keep", 0, 10, loss, {layer: (loss, 0.0)}, bits, prices[bits])
+
+
+def test_allocator_trades_precision_against_loss_within_the_byte_budget():
+    prices = {16: 16.0, 8: 9.0, 4: 5.0}
+    options = [_opt(l, b, loss, prices) for l in range(2) for b, loss in ((16, 0.0), (8, 0.01), (4, 0.1))]
+    # two layers of 10 elements: 320 bits at 16 bits. 180 bits fit both at 8 bits (loss 0.02), not 16 + 8 (250).
+    plan = allocate(options, 2, 180)
+    assert [o.bits for o in plan] == [8, 8] and plan_bits(plan) <= 180
+    plan = allocate(options, 2, 250)
+    assert sorted(o.bits for o in plan) == [8, 16]
+    plan = allocate(options, 2, 100)  # only 4 bits fit (50 + 50)
+    assert [o.bits for o in plan] == [4, 4]
+
+
+def test_keep_options_use_the_measured_errors():
+    prices = precision_prices((16, 4), 4096)
+    opts = keep_options(3, 8, {8: (0.01, 0.02), 4: (0.1, 0.2), 2: (1.0, 1.0)}, prices, value_weight=2.0)
+    assert [(o.bits, o.loss) for o in opts] == [(16, 0.0), (4, pytest.approx(0.1 + 2 * 0.2))]
+
+
+@pytest.mark.parametrize("text", ["", "16,3", "eight", "32"])
+def test_bad_bits_are_refused(text):
+    with pytest.raises(UserInputError, match="--bits"):
+        parse_bits(text)
+    with pytest.raises(UserInputError, match="--bits"):
+        ConvertOptions(bits=text)
+
+
+def test_bits_parse_sorted_and_unique():
+    assert parse_bits("4,16,8,4") == (16, 8, 4)
