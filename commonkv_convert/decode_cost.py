@@ -20,7 +20,10 @@ rd rotary dim, e bytes per element):
 - a KVSharer sharer attends over its source's K/V (`BorrowLayer`: attention only) or, for a latent source with
   `latent_path: refit`, reads the source's latent like a merged group's reader;
 - a weighted group's layers each concatenate sinks + merged + recent latents into one sequence every step
-  (2·r·e per token), then rebuild keys as above.
+  (2·r·e per token), then rebuild keys as above;
+- a quantized group (`bits` in its entry, `quantization.py`) appends only to its short unquantized window, but
+  every step reads back all its codes: unpack and dequantize (b/8 bytes read, 2 MACs and e bytes written per
+  element) and concatenate the recent window (e read and written per element), before attending as above.
 
 The rest of the model (q/o projections, MLP, lm_head) is the same for every plan: its weight matmuls cost about
 one MAC per parameter per sequence, and its weights are read once per step. It is included so a relative figure
@@ -37,7 +40,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PARTS = ("append", "rebuild", "rope", "attention", "projections", "rest")
+PARTS = ("append", "dequant", "rebuild", "rope", "attention", "projections", "rest")
 TRIG_MACS = 8  # MAC-equivalents of one vectorized cos or sin (a short polynomial): an assumption, not measured
 ROPE_TABLE_BYTES = 4  # cos/sin are computed in fp32 whatever the model's dtype
 
@@ -90,6 +93,7 @@ class Role:
     stores: bool = True  # appends to its own cache entry (a keep layer, a latent anchor, every weighted layer)
     weighted: bool = False  # concatenates sinks + merged + recent every step
     lends: bool = False  # a KVSharer source of a `source`-path sharer: rebuilds values explicitly
+    bits: int | None = None  # its group's precision where quantized
 
 
 def layer_roles(layers: int, groups: list[dict], sharing: dict | None = None) -> list[Role]:
@@ -102,14 +106,23 @@ def layer_roles(layers: int, groups: list[dict], sharing: dict | None = None) ->
     sources = {r.borrow for r in roles if r.borrow >= 0}
     out = []
     for r in roles:
+        bits = groups[r.group].get("bits") if r.stores else None
         if r.borrow >= 0:
             out.append(Role(r.layer, "borrow", stores=False))
         elif not r.latent:
-            out.append(Role(r.layer, "keep"))
+            out.append(Role(r.layer, "keep", bits=bits))
         else:
             out.append(Role(r.layer, "latent", r.rank, stores=r.stores, weighted=r.merge == "weighted",
-                            lends=r.layer in sources))
+                            lends=r.layer in sources, bits=bits))
     return out
+
+
+def _stored(elements: int, role: Role, element_size: int) -> list[Term]:
+    """How a layer's `elements` cached values per token are appended to and read back at each step."""
+    if role.bits is None:
+        return [Term("append", 0, 2 * elements * element_size, True)]  # torch.cat copies the whole cache
+    return [Term("dequant", 2 * elements, elements * (role.bits / 8 + element_size), True),
+            Term("dequant", 0, 2 * elements * element_size, True)]  # cat of the dequantized part and the window
 
 
 def layer_terms(shape: Shape, role: Role, element_size: int) -> list[Term]:
@@ -118,7 +131,7 @@ def layer_terms(shape: Shape, role: Role, element_size: int) -> list[Term]:
     if role.kind == "borrow":  # attends over the K/V its source attended over; computes and stores nothing
         return [Term("attention", 2 * heads * hd, 2 * d_kv * e, True)]
     if role.kind == "keep":
-        return [Term("append", 0, 4 * d_kv * e, True),
+        return [*_stored(2 * d_kv, role, e),
                 Term("attention", 2 * heads * hd, 2 * d_kv * e, True),
                 Term("projections", 2 * d * d_kv, 0, False),
                 Term("projections", 0, 2 * d * d_kv * e, False, per_sequence=False)]
@@ -131,7 +144,7 @@ def layer_terms(shape: Shape, role: Role, element_size: int) -> list[Term]:
         Term("projections", 0, r * d_kv * e, False, per_sequence=False),  # k_up's weight
     ]
     if role.stores or role.weighted:
-        terms.append(Term("append", 0, 2 * r * e, True))  # cat of the latent (weighted: of the whole sequence)
+        terms += _stored(r, role, e)  # cat of the latent (weighted: of the whole sequence)
     if role.stores:
         terms += [Term("projections", d * r, 0, False), Term("projections", 0, d * r * e, False, per_sequence=False)]
     if role.lends:  # explicit values: rebuilt for every token, attended with p·V

@@ -10,8 +10,8 @@ cache classes (`CommonKVCache`, transformers' `DynamicCache`): decode time does 
 and prefilling 8k real tokens would take minutes per configuration on 2 cores. Per configuration the source and
 the checkpoints are timed in turn, `--repeats` times in rotating order, each on a freshly filled cache; the speed
 is reported as a ratio against the source measured in the same run, so load from other jobs affects both alike.
-A second pass times the parts of a step (cache append, key rebuild, RoPE, attention, the value up-projection,
-the rest) by wrapping the runtime's functions, beside the prediction of `commonkv_convert/decode_cost.py`.
+A second pass times the parts of a step (cache append, reading back quantized codes, key rebuild, RoPE,
+attention, the value up-projection, the rest) by wrapping the runtime's functions, beside the prediction of `commonkv_convert/decode_cost.py`.
 Quality: compressed-context perplexity (`commonkv eval --tasks ctx-ppl`, essays, C=512, E=128, 4 windows).
 Checkpoints are converted once (`commonkv convert SRC OUT --ratio R`) and cached beside the source models.
 """
@@ -47,8 +47,9 @@ from commonkv_convert.decode_cost import (
 from commonkv_convert.demo import is_current
 from commonkv_convert.real_models import REAL_MODELS, cache_root, real_model_dir
 from commonkv_convert.runtime import modeling_commonkv as ckv
+from commonkv_convert.runtime import quantization
 
-MEASURED_PARTS = ("append", "rebuild", "rope", "attention", "projections", "rest")
+MEASURED_PARTS = ("append", "dequant", "rebuild", "rope", "attention", "projections", "rest")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -147,6 +148,8 @@ def timed_parts(model: PreTrainedModel) -> Iterator[dict[str, float]]:
         return linear_forward(self, x) if part is None else timed(part, linear_forward)(self, x)
 
     patches = [(DynamicLayer, "update", "append"), (ckv.LatentLayer, "update", "append"),
+               (quantization.CompressedLatentLayer, "update", "dequant"),
+               (quantization.CompressedKVLayer, "update", "dequant"),
                (ckv.WeightedLayer, "update", "append"), (ckv, "rope_at", "rope"), (ckv, "apply_rope", "rope"),
                (ckv, "latent_attention", "attention"), (ckv.CommonKVAttention, "_up_project_values", "projections")]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]

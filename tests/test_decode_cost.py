@@ -133,3 +133,19 @@ def test_inspect_and_the_card_show_the_prediction(merged_dirs, tmp_path) -> None
     text = refresh_card(tmp_path)
     assert text.count("## Decode cost") == 1 and "| 2048 | " in text and "| 8192 | " in text
     assert f"{expected[8192]:.2f}× (MACs" in text
+
+
+def test_a_quantized_group_pays_to_read_its_codes_back():
+    """A quantized kept layer appends nothing to a growing copy but dequantizes every code at each step: fewer
+    bytes than the fp32 cache's cat, more MACs (the dequantization)."""
+    from commonkv_convert.decode_cost import layer_roles, layer_terms
+
+    plain, quantized = layer_roles(1, [{"layers": [0], "mode": "keep"}])[0], \
+        layer_roles(1, [{"layers": [0], "mode": "keep", "bits": 4}])[0]
+    assert plain.bits is None and quantized.bits == 4
+    shape = SMOL
+    per_token = {name: [t for t in layer_terms(shape, role, 4) if t.per_token]
+                 for name, role in (("plain", plain), ("quantized", quantized))}
+    assert sum(t.macs for t in per_token["quantized"]) > sum(t.macs for t in per_token["plain"])
+    assert {t.part for t in per_token["quantized"]} >= {"dequant", "attention"}
+    assert "append" not in {t.part for t in per_token["quantized"]}

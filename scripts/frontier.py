@@ -1,0 +1,233 @@
+"""Quality per byte: the planner's plans against every simpler method at equal memory, on two real models.
+
+    python scripts/frontier.py                       # run what is missing, then write docs/frontier.md + .png
+    python scripts/frontier.py run --models smollm2  # one model (smollm2, qwen25)
+    python scripts/frontier.py report                # the page from docs/frontier.json
+
+For each model, one analysis (`convert_sweep`: calibration and factorization once) writes every plan:
+- `plan`: the planner over rank, merging and precision (`--bits 16,8,4,2`), at 50, 75, 87.5 and 93.75% of the
+  bytes of the full cache at 16 bits removed; `plan+evict`: the 50% plan with eviction on top to reach the
+  same points;
+- `latent`: CommonKV's latent alone (`--bits 16`); `lowrank`: per-layer low rank alone (`--group-size 1`);
+- `quant`: the full cache quantized at run time (8, 4, 2 bits); `evict`: the full cache with SnapKV-style
+  eviction at the same points;
+- extra planner variants (`--bits 16,8` …) so the loss ranking below spans at least 12 plans;
+- `kvpress`: NVIDIA kvpress's presses, when `scripts/peer_kvpress.py run` has written --peers (its own venv).
+
+Every figure runs in bfloat16 on the CPU. Quality: compressed-context perplexity on the essays (C=1024 tokens
+cached, the next 128 scored, 4 windows) and needle retrieval at 2048 tokens (5 depths), the question fed only
+after the context was compressed (question-agnostic eviction). Bytes: `cache.nbytes()` after the prefill
+against the full cache at 16 bits (`removed`). The planner's predicted loss (Σ of its groups' estimated
+errors) is ranked against the measured ctx-ppl of every plan it wrote (Spearman).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stack_sweep import PrefillBytes
+
+from commonkv_convert.convert import convert_sweep
+from commonkv_convert.evaluate.runner import EvalSettings, run_eval
+from commonkv_convert.evaluate.targets import load_target
+from commonkv_convert.real_models import REAL_MODELS, cache_root, real_model_dir
+from commonkv_convert.recipe import ConvertOptions
+
+DTYPE = torch.bfloat16
+POINTS = (0.5, 0.75, 0.875, 0.9375)  # fraction of the 16-bit full cache's bytes removed
+CTX_PPL = EvalSettings(ctx_len=1024, eval_len=128, windows=4)
+NEEDLE = EvalSettings(contexts=(2048,), depths=(0.1, 0.3, 0.5, 0.7, 0.9), ask_after=True)
+OBSERVE = 32  # eviction's observation window (KVCacheOptions.observe), always kept
+
+
+def plans() -> dict[str, dict]:
+    """Checkpoint name → the ConvertOptions fields it varies (all sweep fields of one analysis)."""
+    out = {"full": {"ratio": 0.0}}
+    for p in POINTS:
+        out[f"plan@{p:g}"] = {"ratio": p, "bits": "16,8,4,2"}
+        out[f"latent@{p:g}"] = {"ratio": p}
+        out[f"lowrank@{p:g}"] = {"ratio": p, "group_size": 1}
+    for p in (0.5, 0.75):
+        out[f"plan-8bit@{p:g}"] = {"ratio": p, "bits": "16,8"}
+    out["plan@0.625"] = {"ratio": 0.625, "bits": "16,8,4,2"}
+    return out
+
+
+def runs() -> dict[str, tuple[str, dict, float]]:
+    """Configuration → (checkpoint, run-time kv_cache options, share of context tokens kept by eviction)."""
+    out = {name: (name, {}, 1.0) for name in plans()}
+    for bits in (8, 4, 2):
+        out[f"quant{bits}"] = ("full", {"bits": bits}, 1.0)
+    for p in POINTS:
+        out[f"evict@{p:g}"] = ("full", {}, 1 - p)
+    for p in POINTS[1:]:  # the 50% plan, then eviction keeps (1 − p) / 0.5 of the tokens
+        out[f"plan+evict@{p:g}"] = ("plan@0.5", {}, (1 - p) / 0.5)
+    return out
+
+
+def checkpoints(model: str) -> dict[str, Path]:
+    """The model's checkpoint of every plan, converted in one sweep where missing."""
+    source = real_model_dir(model)
+    root = cache_root() / f"frontier-{model}"
+    dirs = {name: root / name for name in plans()}
+    missing = {n: ConvertOptions(**fields, validate=False, base_model=REAL_MODELS[model].hub_id)
+               for n, fields in plans().items() if not (dirs[n] / "config.json").is_file()}
+    if missing:
+        base = ConvertOptions(validate=False, base_model=REAL_MODELS[model].hub_id)
+        print(f"# {model}: converting {len(missing)} plans (one analysis)", flush=True)
+        convert_sweep(str(source), base, missing, root, overwrite=True)
+    return dirs
+
+
+def predicted_loss(config: dict) -> float | None:
+    """The planner's loss of a written plan: Σ over groups of layers × (key + value error estimates)."""
+    block = config.get("commonkv")
+    if not block:
+        return None
+    return sum(len(g["layers"]) * (g["est_error"]["key"] + g["est_error"]["value"])
+               for g in block["groups"] if "est_error" in g)
+
+
+def with_budget(options: dict, keep: float, context: int) -> dict:
+    """Run-time options with eviction keeping `keep` of a `context`-token prompt (budget + observe tokens)."""
+    if keep >= 1.0:
+        return options
+    return {**options, "budget": max(1, round(keep * context) - OBSERVE), "observe": OBSERVE}
+
+
+def measure(path: Path, options: dict, keep: float, name: str) -> dict:
+    """ctx-ppl and needle of one configuration, with the bytes each prefill left in the cache."""
+    entry = {}
+    for task, settings, context in (("ctx-ppl", CTX_PPL, CTX_PPL.ctx_len), ("needle", NEEDLE, NEEDLE.contexts[0])):
+        target = load_target(str(path), dtype=DTYPE, kv_cache=with_budget(options, keep, context), name=name)
+        per_token = target.model.config.full_kv_elements_per_token() * 2  # 16-bit full cache
+        target.model = wrapped = PrefillBytes(target.model)
+        result = run_eval(target, [task], settings)["tasks"][task]
+        removed = [1 - b / (per_token * t) for b, t in zip(wrapped.bytes, wrapped.prompts)]
+        if task == "ctx-ppl":
+            entry.update(ctx_ppl=result["ppl"], removed=sum(removed) / len(removed))
+        else:
+            entry.update(needle=result["accuracy"], needle_removed=sum(removed) / len(removed),
+                         needle_probes=[p["score"] for p in result["probes"]])
+    return entry
+
+
+def run(args: argparse.Namespace, results: dict) -> None:
+    torch.set_num_threads(args.threads)
+    for model in args.models:
+        dirs = checkpoints(model)
+        done = results.setdefault(model, {})
+        for name, (ckpt, options, keep) in runs().items():
+            if args.only and name not in args.only or name in done:
+                continue
+            start = time.perf_counter()
+            entry = {"checkpoint": ckpt, "kv_cache": options, "keep": keep,
+                     "loss": predicted_loss(json.loads((dirs[ckpt] / "config.json").read_text())) if keep >= 1
+                     and not options else None, **measure(dirs[ckpt], options, keep, name)}
+            entry["seconds"] = round(time.perf_counter() - start, 1)
+            done[name] = entry
+            args.json.write_text(json.dumps(results, indent=1))
+            print(model, name, json.dumps({k: v for k, v in entry.items() if k != "needle_probes"}), flush=True)
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    def ranks(x: list[float]) -> list[float]:
+        order = sorted(range(len(x)), key=x.__getitem__)
+        out = [0.0] * len(x)
+        for r, i in enumerate(order):
+            out[i] = float(r)
+        return out
+
+    ra, rb = ranks(a), ranks(b)
+    n = len(a)
+    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb)) / (n * (n * n - 1))
+
+
+def family(name: str) -> str:
+    return name.split("@")[0] if "@" in name else name.rstrip("0123456789") or name
+
+
+def report(args: argparse.Namespace, results: dict) -> None:
+    peers = json.loads(args.peers.read_text()) if args.peers and args.peers.is_file() else {}
+    lines = ["# Quality per byte: the planner against simpler methods at equal memory", "",
+             "Produced by `python scripts/frontier.py` (see its docstring for the protocol). bf16 on CPU; "
+             "ctx-ppl: essays, C=1024 cached, next 128 scored, 4 windows; needle: 2048 tokens, 5 depths, question "
+             "asked after the context was compressed. `removed`: measured cache bytes after the prefill against "
+             "the full cache at 16 bits.", ""]
+    for model, entries in results.items():
+        full = entries.get("full", {})
+        lines += [f"## {model}", "", "| configuration | removed | ctx-ppl | vs full | needle | planner loss |",
+                  "|---|---|---|---|---|---|"]
+        rows = sorted(entries.items(), key=lambda kv: (kv[1]["removed"], kv[0]))
+        for name, e in rows:
+            rel = f"{100 * (e['ctx_ppl'] / full['ctx_ppl'] - 1):+.1f}%" if full else ""
+            loss = f"{e['loss']:.3f}" if e.get("loss") is not None else ""
+            lines.append(f"| {name} | {100 * e['removed']:.1f}% | {e['ctx_ppl']:.2f} | {rel} | "
+                         f"{round(e['needle'] * len(e['needle_probes']))}/{len(e['needle_probes'])} | {loss} |")
+        for press, e in sorted(peers.get(model, {}).items(), key=lambda kv: kv[1]["removed"]):
+            rel = f"{100 * (e['ctx_ppl'] / full['ctx_ppl'] - 1):+.1f}%" if full else ""
+            lines.append(f"| kvpress {press} | {100 * e['removed']:.1f}% | {e['ctx_ppl']:.2f} | {rel} | "
+                         f"{e.get('needle_text', '')} | |")
+        ranked = [(e["loss"], e["ctx_ppl"]) for e in entries.values() if e.get("loss") is not None]
+        if len(ranked) >= 3:
+            rho = spearman([r[0] for r in ranked], [r[1] for r in ranked])
+            lines += ["", f"Planner loss against measured ctx-ppl over {len(ranked)} plans: Spearman **{rho:.3f}**."]
+        lines.append("")
+    args.out.write_text("\n".join(lines))
+    print(f"wrote {args.out}")
+    plot(results, args.out.with_suffix(".png"))
+
+
+def plot(results: dict, path: Path) -> None:
+    from commonkv_convert.plots import require_matplotlib
+
+    plt = require_matplotlib()
+    fig, axes = plt.subplots(len(results), 2, figsize=(11, 4 * len(results)), squeeze=False)
+    for row, (model, entries) in enumerate(results.items()):
+        groups: dict[str, list[tuple[float, dict]]] = {}
+        for name, e in entries.items():
+            groups.setdefault(family(name), []).append((e["removed"], e))
+        for col, (metric, label) in enumerate((("ctx_ppl", "ctx-ppl (lower is better)"),
+                                               ("needle", "needle accuracy"))):
+            ax = axes[row][col]
+            for fam, points in sorted(groups.items()):
+                points.sort(key=lambda p: p[0])
+                ax.plot([100 * (1 - p[0]) for p in points], [p[1][metric] for p in points], marker="o", label=fam)
+            ax.set_xlabel("% of the 16-bit full cache's bytes kept")
+            ax.set_ylabel(label)
+            ax.set_title(f"{model}: {label}")
+            if metric == "ctx_ppl":
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+        axes[row][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("verb", nargs="?", choices=("run", "report"), default=None)
+    parser.add_argument("--models", nargs="+", default=["smollm2", "qwen25"], choices=list(REAL_MODELS))
+    parser.add_argument("--only", nargs="+", help="configurations to run (default: all that are missing)")
+    parser.add_argument("--json", type=Path, default=Path("docs/frontier.json"))
+    parser.add_argument("--out", type=Path, default=Path("docs/frontier.md"))
+    parser.add_argument("--peers", type=Path, default=Path("docs/frontier_kvpress.json"))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    results = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    if args.verb in (None, "run"):
+        run(args, results)
+    if args.verb in (None, "report"):
+        report(args, results)
+
+
+if __name__ == "__main__":
+    main()
