@@ -134,7 +134,7 @@ def config_block(source: SourceModel, analysis: Analysis, options: ConvertOption
     facts, method = analysis.facts, method_for(options)
     groups = [method.group_entry(opt, analysis) for opt in analysis.plan]
     return {
-        "format_version": block_version(analysis.sharing is not None),
+        "format_version": block_version(groups, analysis.sharing is not None),
         "tool_version": __version__,
         **runtime_fields(),
         "base_model": {"id": source.model_id, "revision": source.revision, "model_type": facts.family.model_type},

@@ -33,8 +33,9 @@ def validate_checkpoint(out_dir: Path, tokens: torch.Tensor, final_hidden: torch
             del out
             bar.advance()
     width = torch.empty(0, dtype=torch.float32).element_size()
-    # per sequence: weighted groups hold sinks + merged + recent, not the asymptotic r per token
-    expected = sum(model.config.cache_elements(tokens.shape[1]) for _ in range(tokens.shape[0])) * width
+    # one sequence at a time, each as the cache holds it (weighted groups: sinks + merged + recent; groups with bits:
+    # packed codes), not the asymptotic figure per token
+    expected = model.config.cache_bytes(tokens.shape[1], width, batch=tokens.shape[0])
     full = model.config.full_kv_elements_per_token() * tokens.numel() * width
     result = {"sequences": tokens.shape[0], "tokens_per_sequence": tokens.shape[1],
               "compared_positions": min(VALIDATION_LOGITS, tokens.shape[1])}

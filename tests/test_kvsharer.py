@@ -228,10 +228,11 @@ def test_too_many_share_layers(tiny_model_dirs, tmp_path):
 
 def test_newer_format_is_refused(shared_dirs, tmp_path):
     from commonkv_convert.runtime import CommonKVConfig
+    from commonkv_convert.runtime.configuration_commonkv import FORMAT_VERSION
 
     config = CommonKVConfig.from_pretrained(shared_dirs["llama"])
-    config.commonkv = {**config.commonkv, "format_version": 3}
-    with pytest.raises(ValueError, match="format_version 3"):
+    config.commonkv = {**config.commonkv, "format_version": FORMAT_VERSION + 1}
+    with pytest.raises(ValueError, match=f"format_version {FORMAT_VERSION + 1}"):
         config.layer_roles()
 
 

@@ -12,7 +12,7 @@ import json
 import struct
 from pathlib import Path
 
-from ..runtime.configuration_commonkv import FORMAT_VERSION, TESTED_TRANSFORMERS, group_elements
+from ..runtime.configuration_commonkv import TESTED_TRANSFORMERS, group_elements
 
 __all__ = ["group_elements"]  # the per-token formula lives with the runtime (a checkpoint must count alone)
 
@@ -31,9 +31,10 @@ CARD_FILE = "README.md"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def block_version(has_sharing: bool) -> int:
-    """format_version a block is written with: the oldest that can describe it (2 adds the sharing map)."""
-    return FORMAT_VERSION if has_sharing else 1
+def block_version(groups: list[dict], has_sharing: bool) -> int:
+    """format_version a block is written with: the oldest that can describe it (2 adds the sharing map, 3 a group's
+    `bits`), so a runtime that predates a feature refuses the checkpoint instead of ignoring the feature."""
+    return 3 if any("bits" in g for g in groups) else 2 if has_sharing else 1
 
 
 def runtime_fields() -> dict:

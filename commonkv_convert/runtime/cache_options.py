@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 
 SCALE_BYTES = 2  # quantization mins and steps are stored as float16
 POSITION_BYTES = 4  # positions of the tokens kept by eviction, int32
+GROUP_BITS = (8, 4, 2)  # the precisions a checkpoint's group may be stored at (`bits` of a group entry)
 
 
 def bits_per_element(bits: int, group: int) -> float:
@@ -31,11 +32,14 @@ class KVCacheOptions:
 
     Given at load time as one nested entry, `from_pretrained(dir, kv_cache={"bits": 4, "budget": 128})`; the
     field defaults below are the one table of defaults, and the CLI's --kv-* flags are generated from them.
-    Quantization (KIVI-style) stores latents along `latent_axis`, keys per channel and values per token.
+    Quantization (KIVI-style) stores latents along `latent_axis`, keys per channel and values per token; a
+    checkpoint may give each group its own `bits`, which `bits` here overrides (`CommonKVConfig.layer_options`).
     Eviction (SnapKV-style) scores the prompt with its last `observe` queries once, after the prefill.
     """
 
-    bits: int | None = _kv(None, "Quantize the cache to 8, 4 or 2 bits (asymmetric codes, float16 scales).")
+    bits: int | None = _kv(None, "Store the whole cache at 8, 4 or 2 bits (asymmetric codes, float16 scales) or 16 "
+                                 "(unquantized), overriding the precision the checkpoint gives each group (default: "
+                                 "the checkpoint's).")
     group: int = _kv(32, "bits: values per quantization group (a multiple of 4).")
     residual: int = _kv(32, "bits: most recent tokens kept unquantized.")
     latent_axis: str = _kv("channel", "bits: quantize latents per channel or per token.")
@@ -49,7 +53,8 @@ class KVCacheOptions:
 
     def __post_init__(self):
         checks = [
-            (self.bits in (None, 2, 4, 8), f"kv_cache bits={self.bits} is not supported; pass 8, 4 or 2 (or None)"),
+            (self.bits in (None, 16, *GROUP_BITS), (f"kv_cache bits={self.bits} is not supported; pass 8, 4 or 2, 16 "
+                                                    "(unquantized) or None (as the checkpoint says)")),
             (self.group > 0 and self.group % 4 == 0, f"kv_cache group={self.group} must be a positive multiple of 4"),
             (self.residual >= 0, f"kv_cache residual={self.residual} must be >= 0"),
             (self.budget is None or self.budget > 0, f"kv_cache budget={self.budget} must be positive (or None)"),
@@ -73,7 +78,9 @@ class KVCacheOptions:
 
     @property
     def active(self) -> bool:
-        return self.bits is not None or self.budget is not None
+        """Whether these options themselves quantize or evict (bits 16 and None do not; None leaves each group's
+        precision to the checkpoint)."""
+        return self.bits in GROUP_BITS or self.budget is not None
 
     def kept_tokens(self, tokens: int, prompt: int) -> int:
         """Tokens a layer holds after `tokens`, the first `prompt` of which came in one prefill."""
@@ -84,7 +91,7 @@ class KVCacheOptions:
     def quantized_tokens(self, held: int) -> int:
         """Of `held` tokens, how many are quantized: all but the most recent `residual` .. residual+group-1,
         in whole groups of `group` tokens (the same rule for both axes, whatever the chunking)."""
-        if self.bits is None:
+        if self.bits not in GROUP_BITS:
             return 0
         return max(0, held - self.residual) // self.group * self.group
 
@@ -99,4 +106,4 @@ class KVCacheOptions:
         return heads * (quantized + (held - q) * width * element_size)
 
 
-__all__ = ["KVCacheOptions", "POSITION_BYTES", "SCALE_BYTES", "bits_per_element"]
+__all__ = ["GROUP_BITS", "KVCacheOptions", "POSITION_BYTES", "SCALE_BYTES", "bits_per_element"]

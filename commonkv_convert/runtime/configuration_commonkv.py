@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import transformers
 from transformers import AutoConfig, PretrainedConfig
 
-from .cache_options import POSITION_BYTES, KVCacheOptions
+from .cache_options import GROUP_BITS, POSITION_BYTES, KVCacheOptions
 
-FORMAT_VERSION = 2  # 2 adds the optional `sharing` map (KVSharer); the converter writes 1 for plans without one
+# 2 adds the optional `sharing` map (KVSharer), 3 a group's `bits` (a runtime that read up to 2 would cache such a
+# group unquantized, not as planned); the converter writes the oldest version that describes a plan
+FORMAT_VERSION = 3
 # The transformers releases this runtime's test suite ran on (oldest, newest); the converter records them in the
 # block, and loading under a release outside them warns once. Keep in step with pyproject.toml and .ci/run.
 TESTED_TRANSFORMERS = ("5.23.0", "5.24.0")
@@ -158,10 +160,27 @@ class CommonKVConfig(PretrainedConfig):
                   and (merge != "weighted" or mode != "merged" or len(group.get("weights", [])) == len(layers)))
             if not ok:
                 raise CheckpointError(f"commonkv.groups[{g}] is malformed ({str(group)[:80]}). {fix}")
+            self._check_bits(g, group)
             seen += layers
         if sorted(seen) != list(range(self.num_hidden_layers)):
             raise CheckpointError(f"commonkv.groups cover layers {sorted(seen)[:8]}…, not each of the "
                              f"{self.num_hidden_layers} layers once. {fix}")
+
+    @staticmethod
+    def _check_bits(g: int, group: dict) -> None:
+        """A group's `bits`, where present: 8, 4 or 2, and not on a weighted merge group (quantization cannot hold
+        a latent that is folded in blocks)."""
+        if "bits" not in group:
+            return
+        bits = group["bits"]
+        if not (isinstance(bits, int) and bits in GROUP_BITS):
+            raise CheckpointError(f"commonkv.groups[{g}] has bits={bits!r}; a group is stored at 8, 4 or 2 bits, "
+                                  "or without a bits entry (unquantized). To resolve, correct or remove it in "
+                                  "config.json, or convert the model again.")
+        if group["mode"] == "merged" and group.get("merge", "anchor") == "weighted":
+            raise CheckpointError(f"commonkv.groups[{g}] is a weighted merge group with bits={bits}; weighted "
+                                  "groups cannot be quantized. To resolve, remove its bits entry or convert with "
+                                  "--merge anchor.")
 
     def warn_untested_transformers(self) -> None:
         """Warn once when the installed transformers is outside the releases this runtime was tested with."""
@@ -229,7 +248,11 @@ class CommonKVConfig(PretrainedConfig):
         return sum(self.group_elements_per_token())
 
     def cache_elements(self, tokens: int) -> int:
-        """Cache elements one sequence of `tokens` tokens holds (the analytic figure cache bytes must equal).
+        """Cache elements one sequence of `tokens` tokens holds (the analytic figure cache bytes must equal)."""
+        return sum(self.group_cache_elements(tokens))
+
+    def group_cache_elements(self, tokens: int) -> list[int]:
+        """Cache elements each group holds after `tokens` tokens of one sequence.
 
         A weighted group of G layers at rank r holds per layer its sinks (the first S tokens) and its recent
         tokens, and once for the group the merged latents of everything in between. Recent tokens are folded
@@ -237,21 +260,41 @@ class CommonKVConfig(PretrainedConfig):
         holds n tokens while n < W and W + (n − W) mod K after (n = tokens past the sinks): the same whatever
         the chunking of prefill and decode.
         """
-        total = 0
+        out = []
         for group, per_token in zip(self.commonkv["groups"], self.group_elements_per_token()):
             if per_token and group["mode"] == "merged" and group.get("merge", "anchor") == "weighted":
                 sinks, recent, merged = weighted_split(tokens, group)
-                total += int(group["rank"]) * (len(group["layers"]) * (sinks + recent) + merged)
+                out.append(int(group["rank"]) * (len(group["layers"]) * (sinks + recent) + merged))
             else:
-                total += per_token * tokens
-        return total
+                out.append(per_token * tokens)
+        return out
 
     def kv_options(self) -> KVCacheOptions | None:
-        """The runtime cache options, validated; None when the cache is neither quantized nor evicted."""
-        options = KVCacheOptions.from_entry(self.kv_cache)
-        if not options.active:
+        """The load-time cache options (`kv_cache`), validated; None when they neither quantize nor evict. What a
+        layer stores, with the checkpoint's per-group bits, is `layer_options`'."""
+        options = self._kv_entry()
+        return options if options.active else None
+
+    def layer_options(self, role: LayerRole) -> KVCacheOptions | None:
+        """How the cache layer of `role` stores its tokens; None where it stores them as they are, or nothing.
+
+        The one place a layer's precision is decided, so the cache (`CommonKVCache`) and its byte count
+        (`cache_bytes`) cannot disagree: the load-time `kv_cache` bits override every group's (16: unquantized),
+        else the group's `bits`, else unquantized. Eviction, the quantization group, the residual window and the
+        latent axis are the load-time entry's. The result's bits are 8, 4, 2 or None (unquantized).
+        """
+        if not role.stores:
             return None
-        if any(g["mode"] == "merged" and g.get("merge", "anchor") == "weighted" for g in self.commonkv["groups"]):
+        options = self._kv_entry()
+        bits = options.bits if options.bits is not None else self.commonkv["groups"][role.group].get("bits")
+        options = replace(options, bits=None if bits == 16 else bits)
+        return options if options.active else None
+
+    def _kv_entry(self) -> KVCacheOptions:
+        """The load-time `kv_cache` entry (defaults where absent), refused where the plan cannot honour it."""
+        options = KVCacheOptions.from_entry(self.kv_cache)
+        weighted = any(g["mode"] == "merged" and g.get("merge", "anchor") == "weighted" for g in self.commonkv["groups"])
+        if options.active and weighted:
             raise ValueError("kv_cache bits/budget do not support weighted merge groups (their merged latent is folded "
                              "in blocks). To resolve, convert with --merge anchor or load without them.")
         if options.budget is not None and "sliding_attention" in self.layer_types:
@@ -259,24 +302,24 @@ class CommonKVConfig(PretrainedConfig):
         return options
 
     def cache_bytes(self, tokens: int, element_size: int, *, prompt: int | None = None, batch: int = 1) -> int:
-        """Bytes the cache holds after `tokens` tokens (the first `prompt` in one prefill, default all), with the
-        runtime options: the analytic figure `CommonKVCache.nbytes()` must equal."""
+        """Bytes the cache holds after `tokens` tokens (the first `prompt` in one prefill, default all), each layer
+        stored as `layer_options` says: the analytic figure `CommonKVCache.nbytes()` must equal."""
         options = self.kv_options()
-        if options is None:
-            return self.cache_elements(tokens) * element_size * batch
-        held = options.kept_tokens(tokens, tokens if prompt is None else prompt)
-        evicted = held < tokens
+        held = tokens if options is None else options.kept_tokens(tokens, tokens if prompt is None else prompt)
+        plain = self.group_cache_elements(tokens)  # groups whose layers store their tokens as they are
         total = 0
         for role in self.layer_roles():
-            if not role.stores:
+            o = self.layer_options(role)
+            if o is None:
                 continue
+            plain[role.group] = 0  # the storing layers of a group share its options: counted stream by stream
             if role.latent:
-                total += options.stream_bytes(held, role.rank, 1, options.latent_axis, element_size)
-                total += options.budget * POSITION_BYTES if evicted else 0
+                total += o.stream_bytes(held, role.rank, 1, o.latent_axis, element_size)
+                total += o.budget * POSITION_BYTES if held < tokens else 0
             else:
-                total += options.stream_bytes(held, self.head_dim, self.num_key_value_heads, "channel", element_size)
-                total += options.stream_bytes(held, self.head_dim, self.num_key_value_heads, "token", element_size)
-        return total * batch
+                total += o.stream_bytes(held, self.head_dim, self.num_key_value_heads, "channel", element_size)
+                total += o.stream_bytes(held, self.head_dim, self.num_key_value_heads, "token", element_size)
+        return (total + sum(plain) * element_size) * batch
 
     def full_kv_elements_per_token(self) -> int:
         return group_elements("keep", self.num_hidden_layers, 0, self.num_key_value_heads * self.head_dim)

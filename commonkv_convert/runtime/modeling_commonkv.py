@@ -39,11 +39,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 try:  # the checkpoint copy imports its sibling; the package imports the module in its own folder
-    from .configuration_commonkv import WEIGHTED_DEFAULTS, CheckpointError, CommonKVConfig, LayerRole
+    from .configuration_commonkv import WEIGHTED_DEFAULTS, CheckpointError, CommonKVConfig, KVCacheOptions, LayerRole
     from .eviction import keep_indices, window_scores
     from .quantization import CompressedKVLayer, CompressedLatentLayer
 except ImportError:  # pragma: no cover - flat import when loaded as a plain module
-    from configuration_commonkv import WEIGHTED_DEFAULTS, CheckpointError, CommonKVConfig, LayerRole
+    from configuration_commonkv import WEIGHTED_DEFAULTS, CheckpointError, CommonKVConfig, KVCacheOptions, LayerRole
     from eviction import keep_indices, window_scores
     from quantization import CompressedKVLayer, CompressedLatentLayer
 
@@ -302,16 +302,17 @@ class BorrowLayer(DummyLayer):
 class CommonKVCache(Cache):
     """Per layer: keys/values (`keep`), one latent (`per_layer`, merged anchors) or nothing (merged others, sharers).
 
-    With the runtime options of `config.kv_options()` the storing layers are quantized and/or evicted
-    (`quantization.py`, `eviction.py`). After eviction a cache slot is no longer a position: `evicted` tokens are
-    gone from every storing layer (all keep the same count), latent layers keep their context tokens' positions
-    to rotate keys with (`key_positions`), and new tokens continue at the true position `evicted + slot`.
+    A storing layer is quantized and/or evicted as `config.layer_options` says (the checkpoint's per-group bits and
+    the load-time `kv_cache` options; `quantization.py`, `eviction.py`). After eviction a cache slot is no longer a
+    position: `evicted` tokens are gone from every storing layer (all keep the same count), latent layers keep their
+    context tokens' positions to rotate keys with (`key_positions`), and new tokens continue at the true position
+    `evicted + slot`.
     `CommonKVForCausalLM` calls `begin` and `finish` around each forward of the base model.
     """
 
     def __init__(self, config: CommonKVConfig):
         self.roles = config.layer_roles()
-        self.options = config.kv_options()
+        self.options = config.kv_options()  # the load-time options: eviction is one decision for every layer
         self.evicted = 0  # tokens removed from every storing layer by eviction
         self.kept_mask: torch.Tensor | None = None  # [B, budget + window] padding mask of the kept prompt tokens
         self.scores: dict[int, torch.Tensor] | None = None  # storing layer → eviction scores, during a prefill
@@ -326,18 +327,17 @@ class CommonKVCache(Cache):
                   if group["mode"] == "merged" and group.get("merge", "anchor") == "weighted"}
         layers: list = []
         for role in self.roles:
-            layers.append(self._layer(role, groups, layers))
+            layers.append(self._layer(role, config.layer_options(role), groups, layers))
         super().__init__(layers=layers)
 
-    def _layer(self, role: LayerRole, groups: dict[int, WeightedGroup], earlier: list):
-        """The cache layer of one decoder layer (earlier: those of the layers before it)."""
+    def _layer(self, role: LayerRole, o: KVCacheOptions | None, groups: dict[int, WeightedGroup], earlier: list):
+        """The cache layer of one decoder layer, stored as `o` says (earlier: those of the layers before it)."""
         if role.group in groups:
             return WeightedLayer(groups[role.group], role.layer)
         if role.borrow >= 0:
             return BorrowLayer(self.handovers[role.borrow], role.layer)
         if not role.stores:
             return ReaderLayer(earlier[role.source], role.source)
-        o = self.options
         if o is not None:
             return (CompressedLatentLayer(o.bits, o.group, o.residual, o.latent_axis) if role.latent
                     else CompressedKVLayer(o.bits, o.group, o.residual))
