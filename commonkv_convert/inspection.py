@@ -5,6 +5,7 @@ from __future__ import annotations
 from .architectures import resolve
 from .checkpoint.reader import read_model_config
 from .decode_cost import CPU_MACS_PER_BYTE, DTYPE_BYTES, config_predictions
+from .runtime.cache_options import KVCacheOptions, bits_per_element
 
 
 def describe(model: str, *, revision: str | None = None) -> dict:
@@ -33,21 +34,29 @@ def describe(model: str, *, revision: str | None = None) -> dict:
         block = ckv.commonkv
         sharers = ckv.sharing_pairs()
         groups = [{"layers": g["layers"], "mode": "shared" if sharers.keys() >= set(g["layers"]) else g["mode"],
-                   "rank": g.get("rank"), "elements": n, **({"reads": sharers[g["layers"][0]]}
-                                                             if sharers.keys() >= set(g["layers"]) else {})}
+                   "rank": g.get("rank"), "elements": n, **({"bits": g["bits"]} if "bits" in g else {}),
+                   **({"reads": sharers[g["layers"][0]]} if sharers.keys() >= set(g["layers"]) else {})}
                   for g, n in zip(block["groups"], ckv.group_elements_per_token())]
         elements = ckv.kv_elements_per_token()
         info.update(
             converted=True,
             base_model=block.get("base_model", {}).get("id"),
             kv_elements_per_token=elements,
-            kv_bytes_per_token=elements * width,
+            kv_bytes_per_token=round(sum(_bytes_per_token(g, width) for g in groups), 3),
             achieved_ratio=round(1 - elements / facts.kv_elements_per_token, 6),
             requested_ratio=block.get("ratio", {}).get("requested"),
             groups=groups,
             **decode_costs(config),
         )
     return info
+
+
+def _bytes_per_token(group: dict, width: int) -> float:
+    """A group's cache bytes per token: its elements at the model dtype's width, or at its `bits` (codes plus their
+    share of the scales at the default quantization group; the unquantized recent window is a constant)."""
+    if "bits" not in group:
+        return group["elements"] * width
+    return group["elements"] * bits_per_element(group["bits"], KVCacheOptions.group) / 8
 
 
 def decode_costs(config: dict) -> dict:

@@ -1,5 +1,5 @@
 """Per-group precision: a group's `bits` in the checkpoint, honoured by the cache and its byte count, overridden by
-`kv_cache={"bits": ...}`, and refused where it cannot be honoured.
+`kv_cache={"bits": ...}`, refused where it cannot be honoured, and shown by inspect and the card.
 
 The checkpoints are converted tiny models whose config.json gets bits entries afterwards, as the planner writes
 them: the weights do not depend on a group's precision, only the cache does.
@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
+from typer.testing import CliRunner
 
+from commonkv_convert.checkpoint.card import render_card
 from commonkv_convert.checkpoint.format import block_version
+from commonkv_convert.cli import app
 from commonkv_convert.runtime import CommonKVConfig, CommonKVForCausalLM, load_checkpoint
 from commonkv_convert.runtime import configuration_commonkv as runtime_config
 from commonkv_convert.runtime.configuration_commonkv import FORMAT_VERSION, CheckpointError
@@ -98,6 +101,18 @@ def test_cache_bytes_equal_plan_with_group_bits(plans, which, evict):
     assert cache.nbytes() < unquantized.cache_bytes(seen, 4, prompt=STEPS[0], batch=2)
     if evict:
         assert cache.get_seq_length() == 16 + 8 + sum(STEPS[1:])
+
+
+def test_cache_bytes_of_quantized_groups_beside_a_weighted_one(weighted_dirs, tmp_path):
+    """A weighted group stays unquantized beside a quantized one; bytes count both. (Group 0 is made an anchor merge
+    by hand: the same tensor shapes, so the cache is real even if the factors were fitted for the weighted merge.)"""
+    ckpt = Path(shutil.copytree(weighted_dirs["llama"], tmp_path / "ckpt"))
+    _edit_block(ckpt, lambda block: block["groups"][0].update(merge="anchor", bits=4, weights=None))
+    model = load_checkpoint(ckpt, dtype=torch.float32, kv_cache=SMALL)
+    for cache, seen, _ in _run(model):
+        assert cache.nbytes() == model.config.cache_bytes(seen, 4, batch=2), seen
+    kinds = {type(x).__name__ for x in cache.layers}
+    assert {"CompressedLatentLayer", "WeightedLayer"} <= kinds, kinds
 
 
 @pytest.mark.parametrize("which", ["mixed", "merged"])
@@ -183,6 +198,36 @@ def test_block_version_and_an_older_runtime(plans, monkeypatch):
     monkeypatch.setattr(runtime_config, "FORMAT_VERSION", 2)
     with pytest.raises(CheckpointError, match="format_version 3; this runtime reads up to 2"):
         config.check_block()
+
+
+def test_inspect_shows_group_bits(plans):
+    plain, bitted = plans["mixed"]
+    result = CliRunner().invoke(app, ["inspect", str(bitted), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    expected = _mixed_bits(plain)
+    assert [g.get("bits") for g in info["groups"]] == [expected.get(g) for g in range(len(info["groups"]))]
+    # codes plus their share of the float16 min and step (groups of 32): 5 and 9 bits per element
+    width = info["full_kv_bytes_per_token"] // info["full_kv_elements_per_token"]
+    unquantized = sum(g["elements"] * width for g in info["groups"] if "bits" not in g)
+    quantized = sum(g["elements"] * {4: 5, 8: 9}[g["bits"]] / 8 for g in info["groups"] if "bits" in g)
+    assert info["kv_bytes_per_token"] == pytest.approx(unquantized + quantized)
+    table = CliRunner().invoke(app, ["inspect", str(bitted)], env={"COLUMNS": "200"}, catch_exceptions=False)
+    assert "bits" in table.output
+
+
+def test_card_shows_group_bits():
+    groups = [{"layers": [0], "mode": "keep", "elements": 256, "bits": 8},
+              {"layers": [1, 2], "mode": "merged", "rank": 96, "elements": 96, "bits": 4},
+              {"layers": [3], "mode": "per_layer", "rank": 64, "elements": 64}]
+    block = {"ratio": {"requested": 0.5, "achieved": 0.5}, "groups": groups}
+    text = render_card(block, "src", "name", "commonkv convert", full_elements=1024, elements=416)
+    assert "| layers | mode | rank | bits | elements/token |" in text
+    assert "| 0 | keep | - | 8 | 256 |" in text and "| 1,2 | merged | 96 | 4 | 96 |" in text
+    assert "| 3 | per_layer | 64 | - | 64 |" in text
+    plain = render_card({**block, "groups": [{k: v for k, v in g.items() if k != "bits"} for g in groups]}, "src",
+                        "name", "commonkv convert", full_elements=1024, elements=416)
+    assert "bits" not in plain
 
 
 def test_checkpoint_with_bits_loads_with_remote_code_only(plans, tmp_path):

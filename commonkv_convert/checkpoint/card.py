@@ -45,10 +45,13 @@ With `pip install commonkv`, `trust_remote_code` is not needed.
 {{ decode }}
 ## Plan
 
-| layers | mode | rank | elements/token | est. key err | est. value err |
-|---|---|---|---|---|---|
-{% for g in groups %}| {{ g.layers | join(",") }} | {{ g.mode }} | {{ g.rank }} | {{ g.elements }} | {{ g.key_error }} | {{ g.value_error }} |
-{% endfor %}
+| layers | mode | rank |{% if bits %} bits |{% endif %} elements/token | est. key err | est. value err |
+|---|---|---|{% if bits %}---|{% endif %}---|---|---|
+{% for g in groups %}| {{ g.layers | join(",") }} | {{ g.mode }} | {{ g.rank }} |{% if bits %} {{ g.bits }} |{% endif %} {{ g.elements }} | {{ g.key_error }} | {{ g.value_error }} |
+{% endfor %}{% if bits %}
+bits: the precision a group's cache is stored at (packed codes with float16 scales; "-": the model dtype). Load
+with `kv_cache={"bits": 16}` to store every group unquantized, or 8, 4, 2 to store every group at that precision.
+{% endif %}
 ## Reproduce
 
 ```bash
@@ -70,7 +73,7 @@ def render_card(config_block: dict, source: str, name: str, command: str, full_e
     for g in groups:
         errs = g.get("est_error", {})
         rows.append({
-            "layers": g["layers"], "mode": g["mode"], "rank": g.get("rank", "-"),
+            "layers": g["layers"], "mode": g["mode"], "rank": g.get("rank", "-"), "bits": g.get("bits", "-"),
             "elements": g.get("elements", "-"),
             "key_error": f"{errs['key']:.4f}" if errs else "-",
             "value_error": f"{errs['value']:.4f}" if errs else "-",
@@ -98,6 +101,7 @@ def render_card(config_block: dict, source: str, name: str, command: str, full_e
         evaluation=_section("eval", evaluation_markdown(evaluation)),
         decode=_section("decode", decode_markdown(model_config)),
         groups=rows,
+        bits=any("bits" in g for g in groups),  # a bits column only for plans that quantize a group
         command=command,
     )
     return str(card)
