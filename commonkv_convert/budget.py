@@ -2,7 +2,7 @@
 
 A dynamic program over (layers covered, bits spent): every option covers a span of consecutive layers starting
 where the previous one ended, costs the bits it stores per token (cache elements × the price of its precision,
-see `precision_prices`), and carries the estimated loss measured on held-out calibration tokens: truncation
+see `Pricing`), and carries the estimated loss measured on held-out calibration tokens: truncation
 plus quantization error. The plan minimizes the summed loss subject to bits ≤ (1 − ratio) · the full cache at
 16 bits, so merging, a lower rank or fewer bits are each used only where they beat the others at equal bytes.
 With 16-bit options only, this is exact over elements. Pure math: no I/O.
@@ -18,8 +18,8 @@ import numpy as np
 from .checkpoint.format import group_elements
 from .errors import PlanError
 from .factorize import Candidate
-from .quant_error import GROUP, QUANT_BITS
-from .runtime.cache_options import KVCacheOptions, bits_per_element
+from .quant_error import QUANT_BITS
+from .runtime.cache_options import KVCacheOptions
 
 FULL_BITS = 16  # what --ratio is measured against: the full cache at 16 bits, as models are served
 BUCKETS = 8192  # budget resolution of the dynamic program when prices are fractional
@@ -47,25 +47,39 @@ class Option:
         return self.cost * self.price
 
 
-def precision_prices(bits: tuple[int, ...], context: int) -> dict[int, float]:
-    """Bits per stored element at each allowed precision, at a context of `context` tokens: the code, its share of
-    the float16 scales, and the `residual` most recent tokens the runtime keeps unquantized, amortized."""
-    recent = min(KVCacheOptions.residual, context) / context
-    return {b: FULL_BITS if b >= FULL_BITS else (1 - recent) * bits_per_element(b, GROUP) + recent * FULL_BITS
-            for b in bits}
+@dataclass(frozen=True)
+class Pricing:
+    """Bits per stored element of each allowed precision, at a context of `context` tokens: the codes, their
+    float16 scales and the runtime's unquantized recent window, counted by the runtime's own byte formula
+    (`KVCacheOptions.stream_bytes`) for the stream's real width, so padding of a last group counts too."""
+
+    bits: tuple[int, ...] = (FULL_BITS,)
+    context: int = 4096
+
+    def latent(self, bits: int, rank: int) -> float:
+        return self._price(bits, rank, 1, ("channel",))  # KVCacheOptions.latent_axis
+
+    def kept(self, bits: int, head_dim: int, kv_heads: int) -> float:
+        return self._price(bits, head_dim, kv_heads, ("channel", "token"))  # keys per channel, values per token
+
+    def _price(self, bits: int, width: int, heads: int, axes: tuple[str, ...]) -> float:
+        if bits >= FULL_BITS:
+            return float(FULL_BITS)
+        options = KVCacheOptions(bits=bits)
+        stored = sum(options.stream_bytes(self.context, width, heads, axis, FULL_BITS // 8) for axis in axes)
+        return stored * 8 / (self.context * width * heads * len(axes))
 
 
 def candidate_options(cand: Candidate, key_weight: float = 1.0, value_weight: float = 1.0,
-                      prices: dict[int, float] | None = None) -> list[Option]:
+                      pricing: Pricing = Pricing()) -> list[Option]:
     """One option per rank and allowed precision of a factorization (per-layer when it has one layer, merged
     otherwise); a quantized option's errors add the latent's measured quantization error to the truncation's."""
-    prices = prices or {FULL_BITS: FULL_BITS}
     layers = cand.layers
     mode = "per_layer" if len(layers) == 1 else "merged"
     out = []
     for idx, rank in enumerate(cand.ranks.tolist()):
         cost = group_elements(mode, len(layers), rank, 0)
-        for bits, price in prices.items():
+        for bits in pricing.bits:
             if bits < FULL_BITS and cand.quant_error is None:
                 continue  # no measured quantization error (a weighted merge): not offered quantized
             q = QUANT_BITS.index(bits) if bits < FULL_BITS else None
@@ -73,27 +87,27 @@ def candidate_options(cand: Candidate, key_weight: float = 1.0, value_weight: fl
                           float(cand.err_v[l][idx]) + (0.0 if q is None else float(cand.quant_error[l][q, 1, idx])))
                       for l in layers}
             loss = sum(key_weight * k + value_weight * v for k, v in errors.values())
-            out.append(Option(layers[0], len(layers), mode, rank, cost, loss, errors, bits, price))
+            out.append(Option(layers[0], len(layers), mode, rank, cost, loss, errors, bits,
+                              pricing.latent(bits, rank)))
     return out
 
 
-def keep_options(layer: int, d_kv: int, quant_error: dict[int, tuple[float, float]],
-                 prices: dict[int, float] | None = None, key_weight: float = 1.0,
-                 value_weight: float = 1.0) -> list[Option]:
+def keep_options(layer: int, head_dim: int, kv_heads: int, quant_error: dict[int, tuple[float, float]],
+                 pricing: Pricing = Pricing(), key_weight: float = 1.0, value_weight: float = 1.0) -> list[Option]:
     """The layer kept as it is, at each allowed precision (quant_error: bits → its measured (key, value) error)."""
-    prices = prices or {FULL_BITS: FULL_BITS}
-    cost = group_elements("keep", 1, 0, d_kv)
+    cost = group_elements("keep", 1, 0, head_dim * kv_heads)
     out = []
-    for bits, price in prices.items():
+    for bits in pricing.bits:
         if bits < FULL_BITS and bits not in quant_error:
             continue
         k, v = quant_error[bits] if bits < FULL_BITS else (0.0, 0.0)
-        out.append(Option(layer, 1, "keep", 0, cost, key_weight * k + value_weight * v, {layer: (k, v)}, bits, price))
+        out.append(Option(layer, 1, "keep", 0, cost, key_weight * k + value_weight * v, {layer: (k, v)}, bits,
+                          pricing.kept(bits, head_dim, kv_heads)))
     return out
 
 
 def keep_option(layer: int, d_kv: int) -> Option:
-    return keep_options(layer, d_kv, {})[0]
+    return Option(layer, 1, "keep", 0, group_elements("keep", 1, 0, d_kv), 0.0, {layer: (0.0, 0.0)})
 
 
 def allocate(options: list[Option], num_layers: int, budget: float) -> list[Option]:

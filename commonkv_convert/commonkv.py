@@ -17,7 +17,7 @@ import torch
 
 from .analysis import Analysis, CalibrationData
 from .architectures import ArchFacts
-from .budget import FULL_BITS, Option, allocate, candidate_options, keep_options, precision_prices, uniform
+from .budget import FULL_BITS, Option, Pricing, allocate, candidate_options, keep_options, uniform
 from .calibrate import CalibrationResult, LayerStats
 from .checkpoint.format import group_elements
 from .checkpoint.reader import SourceModel
@@ -141,12 +141,12 @@ class CommonKV:
         if self.allocator == "uniform":
             plan = uniform(candidates, facts.num_layers, self.group_size, budget, facts.d_kv)
         else:
-            prices = precision_prices(parse_bits(self.bits), self.context)
-            opts = [o for l in range(facts.num_layers)
-                    for o in keep_options(l, facts.d_kv, analysis.kept_quant_error.get(l, {}), prices)] \
+            pricing = Pricing(parse_bits(self.bits), self.context)
+            opts = [o for l in range(facts.num_layers) for o in keep_options(
+                l, facts.head_dim, facts.num_kv_heads, analysis.kept_quant_error.get(l, {}), pricing)] \
                 if self.allow_keep else []
             for cand in candidates.values():
-                opts.extend(candidate_options(cand, prices=prices))
+                opts.extend(candidate_options(cand, pricing=pricing))
             sharers = analysis.sharing.sharers if analysis.sharing else set()
             plan = allocate(shared_options(opts, sharers) if sharers else opts, facts.num_layers, budget)
         return dataclasses.replace(analysis, plan=plan, requested_ratio=self.ratio)

@@ -140,7 +140,9 @@ def config_block(source: SourceModel, analysis: Analysis, options: ConvertOption
         "base_model": {"id": source.model_id, "revision": source.revision, "model_type": facts.family.model_type},
         "ratio": {"requested": analysis.requested_ratio, "achieved": round(analysis.achieved_ratio, 6),
                   **({"basis": "asymptotic per token: a weighted group stores r per token plus per-layer sinks "
-                               "and recent latents, a constant"} if options.merge == "weighted" else {})},
+                               "and recent latents, a constant"} if options.merge == "weighted" else {}),
+                  # bytes against the full cache at 16 bits; quantized groups' recent window amortized here
+                  **({"context": options.context} if any("bits" in g for g in groups) else {})},
         "groups": groups,
         "merge_mode": options.merge,  # fixed at conversion: anchor and weighted factors differ
         "value_path": "auto",  # fused (latent-space values) where cheaper, explicit otherwise

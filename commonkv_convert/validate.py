@@ -3,7 +3,7 @@ that a real cache holds exactly the bytes the plan says."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,7 +45,38 @@ def validate_checkpoint(out_dir: Path, tokens: torch.Tensor, final_hidden: torch
                       max_abs_logit_diff=max(m["max_abs_logit_diff"] for m in metrics))
     result.update(cache_bytes=measured, cache_bytes_expected=expected, full_cache_bytes=full,
                   measured_ratio=round(1 - measured / full, 6), bytes_match=measured == expected)
+    context = model.config.commonkv["ratio"].get("context", RATIO_CONTEXT)
+    result["removed_at_16_bits"] = {"tokens": context, "measured": round(removed_at_16_bits(model.config, context), 6)}
     return result
+
+
+RATIO_CONTEXT = 4096  # where the 16-bit ratio is measured when the plan names no context
+
+
+def filled_cache(config, batch: int, tokens: int, make: Callable[..., torch.Tensor]):
+    """A runtime cache (`CommonKVCache`) holding `tokens` tokens per sequence, as a prefill would leave it: each
+    storing layer gets `make(*shape)` as its latent [B, 1, T, r] or its K/V [B, h, T, hd], then `finish()`
+    folds and quantizes as after a real forward. Its bytes do not depend on the content."""
+    from .runtime.modeling_commonkv import CommonKVCache
+
+    cache = CommonKVCache(config)
+    for layer, role in zip(cache.layers, cache.roles):
+        if not role.stores or role.borrow >= 0:
+            continue
+        if role.latent:
+            layer.update(make(batch, 1, tokens, role.rank))
+        else:
+            shape = (batch, config.num_key_value_heads, tokens, config.head_dim)
+            layer.update(make(*shape), make(*shape))
+    cache.finish()
+    return cache
+
+
+def removed_at_16_bits(config, tokens: int) -> float:
+    """Share of the 16-bit full cache's bytes the runtime's bfloat16 cache really saves at `tokens` tokens: what
+    --ratio promises, measured with the runtime's own cache layers."""
+    held = filled_cache(config, 1, tokens, lambda *shape: torch.zeros(*shape, dtype=torch.bfloat16)).nbytes()
+    return 1 - held / (config.full_kv_elements_per_token() * tokens * 2)
 
 
 @contextmanager

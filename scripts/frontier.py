@@ -12,7 +12,9 @@ For each model, one analysis (`convert_sweep`: calibration and factorization onc
 - `quant`: the full cache quantized at run time (8, 4, 2 bits); `evict`: the full cache with SnapKV-style
   eviction at the same points;
 - extra planner variants (`--bits 16,8` …) so the loss ranking below spans at least 12 plans;
-- `kvpress`: NVIDIA kvpress's presses, when `scripts/peer_kvpress.py run` has written --peers (its own venv).
+- `kvpress`: NVIDIA kvpress's presses, where `scripts/peer_kvpress.py run` has written
+  docs/frontier_kvpress_MODEL.json (in its own venv: kvpress pins transformers < 5.3). It runs in float32 and
+  is compared with its own full-cache row; its share removed is the share of tokens evicted.
 
 Every figure runs in bfloat16 on the CPU. Quality: compressed-context perplexity on the essays (C=1024 tokens
 cached, the next 128 scored, 4 windows) and needle retrieval at 2048 tokens (5 depths), the question fed only
@@ -155,7 +157,6 @@ def family(name: str) -> str:
 
 
 def report(args: argparse.Namespace, results: dict) -> None:
-    peers = json.loads(args.peers.read_text()) if args.peers and args.peers.is_file() else {}
     lines = ["# Quality per byte: the planner against simpler methods at equal memory", "",
              "Produced by `python scripts/frontier.py` (see its docstring for the protocol). bf16 on CPU; "
              "ctx-ppl: essays, C=1024 cached, next 128 scored, 4 windows; needle: 2048 tokens, 5 depths, question "
@@ -171,10 +172,13 @@ def report(args: argparse.Namespace, results: dict) -> None:
             loss = f"{e['loss']:.3f}" if e.get("loss") is not None else ""
             lines.append(f"| {name} | {100 * e['removed']:.1f}% | {e['ctx_ppl']:.2f} | {rel} | "
                          f"{round(e['needle'] * len(e['needle_probes']))}/{len(e['needle_probes'])} | {loss} |")
-        for press, e in sorted(peers.get(model, {}).items(), key=lambda kv: kv[1]["removed"]):
-            rel = f"{100 * (e['ctx_ppl'] / full['ctx_ppl'] - 1):+.1f}%" if full else ""
-            lines.append(f"| kvpress {press} | {100 * e['removed']:.1f}% | {e['ctx_ppl']:.2f} | {rel} | "
-                         f"{e.get('needle_text', '')} | |")
+        peers = args.json.parent / f"frontier_kvpress_{model}.json"
+        rows = json.loads(peers.read_text())["results"] if peers.is_file() else []
+        own = next((r for r in rows if r["press"] == "full"), None)
+        for r in sorted(rows, key=lambda r: (r["removed"], r["press"])):
+            rel = f"{100 * (r['ctx_ppl'] / own['ctx_ppl'] - 1):+.1f}% (fp32)" if own else ""
+            lines.append(f"| kvpress {r['press']} | {100 * r['removed']:.1f}% | {r['ctx_ppl']:.2f} | {rel} | "
+                         f"{r['needle']:g}/{r['probes']} | |")
         ranked = [(e["loss"], e["ctx_ppl"]) for e in entries.values() if e.get("loss") is not None]
         if len(ranked) >= 3:
             rho = spearman([r[0] for r in ranked], [r[1] for r in ranked])
@@ -219,7 +223,6 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", help="configurations to run (default: all that are missing)")
     parser.add_argument("--json", type=Path, default=Path("docs/frontier.json"))
     parser.add_argument("--out", type=Path, default=Path("docs/frontier.md"))
-    parser.add_argument("--peers", type=Path, default=Path("docs/frontier_kvpress.json"))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}

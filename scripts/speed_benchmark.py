@@ -46,6 +46,7 @@ from commonkv_convert.decode_cost import (
 )
 from commonkv_convert.demo import is_current
 from commonkv_convert.real_models import REAL_MODELS, cache_root, real_model_dir
+from commonkv_convert.validate import filled_cache
 from commonkv_convert.runtime import modeling_commonkv as ckv
 from commonkv_convert.runtime import quantization
 
@@ -58,9 +59,8 @@ MEASURED_PARTS = ("append", "dequant", "rebuild", "rope", "attention", "projecti
 def fill_cache(model: PreTrainedModel, batch: int, tokens: int) -> Cache:
     """A cache holding `tokens` random tokens per sequence, built as a prefill would leave it.
 
-    CommonKV checkpoints: each storing layer of a `CommonKVCache` gets a latent [B, 1, T, r] (or K/V for a kept
-    layer), then `finish()` folds and compresses as after a real forward; layers that read another's cache get
-    nothing, as in a real run. Stock models: a `DynamicCache` with K/V [B, h, T, hd] per layer."""
+    CommonKV checkpoints: the runtime's own cache, filled by `validate.filled_cache`. Stock models: a
+    `DynamicCache` with K/V [B, h, T, hd] per layer."""
     config = model.config
     gen = torch.Generator().manual_seed(0)
 
@@ -70,16 +70,7 @@ def fill_cache(model: PreTrainedModel, batch: int, tokens: int) -> Cache:
     kv_heads = config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if isinstance(model, ckv.CommonKVForCausalLM):
-        cache = ckv.CommonKVCache(config)
-        for layer, role in zip(cache.layers, cache.roles):
-            if not role.stores or role.borrow >= 0:
-                continue
-            if role.latent:
-                layer.update(rand(batch, 1, tokens, role.rank))
-            else:
-                layer.update(rand(batch, kv_heads, tokens, head_dim), rand(batch, kv_heads, tokens, head_dim))
-        cache.finish()
-        return cache
+        return filled_cache(config, batch, tokens, rand)
     cache = DynamicCache(config=config)
     for i in range(config.num_hidden_layers):
         cache.update(rand(batch, kv_heads, tokens, head_dim), rand(batch, kv_heads, tokens, head_dim), i)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from commonkv_convert.budget import FULL_BITS, Option, allocate, keep_options, plan_bits, precision_prices
+from commonkv_convert.budget import FULL_BITS, Option, Pricing, allocate, keep_options, plan_bits
 from commonkv_convert.errors import UserInputError
 from commonkv_convert.quant_error import QUANT_BITS, kept_errors, latent_errors, round_trip
 from commonkv_convert.recipe import ConvertOptions, parse_bits
@@ -44,11 +44,15 @@ def test_latent_errors_equal_the_direct_computation():
 
 
 def test_prices_count_codes_scales_and_the_recent_window():
-    prices = precision_prices((16, 8, 4), context=4096)
-    assert prices[16] == FULL_BITS
+    pricing = Pricing((16, 8, 4), context=4096)
+    assert pricing.latent(16, 64) == pricing.kept(16, 64, 3) == FULL_BITS
     recent = 32 / 4096
-    assert prices[4] == pytest.approx((1 - recent) * bits_per_element(4, 32) + recent * 16)
-    assert bits_per_element(4, 32) == 5.0 and bits_per_element(8, 32) == 9.0  # two float16 per 32 values: 1 bit
+    # 4-bit codes plus two float16 per 32 values (1 bit), the 32 most recent tokens at 16 bits
+    assert pricing.latent(4, 64) == pytest.approx((1 - recent) * 5 + recent * 16)
+    assert pricing.kept(4, 64, 3) == pytest.approx((1 - recent) * 5 + recent * 16)
+    assert bits_per_element(4, 32) == 5.0 and bits_per_element(8, 32) == 9.0
+    # a head narrower than a quantization group pads its values' last group: the price counts the padding
+    assert pricing.kept(4, 16, 2) > pricing.kept(4, 64, 2)
 
 
 def _opt(layer: int, bits: int, loss: float, prices: dict[int, float]) -> Option:
@@ -68,8 +72,7 @@ def test_allocator_trades_precision_against_loss_within_the_byte_budget():
 
 
 def test_keep_options_use_the_measured_errors():
-    prices = precision_prices((16, 4), 4096)
-    opts = keep_options(3, 8, {8: (0.01, 0.02), 4: (0.1, 0.2), 2: (1.0, 1.0)}, prices, value_weight=2.0)
+    opts = keep_options(3, 8, 1, {8: (0.01, 0.02), 4: (0.1, 0.2), 2: (1.0, 1.0)}, Pricing((16, 4)), value_weight=2.0)
     assert [(o.bits, o.loss) for o in opts] == [(16, 0.0), (4, pytest.approx(0.1 + 2 * 0.2))]
 
 
@@ -83,3 +86,28 @@ def test_bad_bits_are_refused(text):
 
 def test_bits_parse_sorted_and_unique():
     assert parse_bits("4,16,8,4") == (16, 8, 4)
+
+
+def test_a_plan_with_bits_writes_loads_and_saves_the_bytes_it_promises(tiny_model_dir, tmp_path):
+    """--bits 16,8,4 at a ratio that 16-bit latents alone would reach only by cutting rank: the plan quantizes some
+    groups, the checkpoint records their bits, validation's byte count matches, and the runtime's bfloat16 cache
+    removes the share of the 16-bit full cache the plan states."""
+    import json
+
+    from commonkv_convert.runtime import load_checkpoint
+    from commonkv_convert.validate import removed_at_16_bits
+
+    from .helpers import convert_tiny
+
+    out = convert_tiny(tiny_model_dir, tmp_path / "bits", ratio=0.6, bits="16,8,4", context=256)
+    config = json.loads((out / "config.json").read_text())
+    block = config["commonkv"]
+    assert any("bits" in g for g in block["groups"]), block["groups"]
+    assert block["ratio"]["context"] == 256 and block["ratio"]["achieved"] >= 0.6
+    report = json.loads((out / "commonkv_report.json").read_text())
+    assert report["validation"]["bytes_match"]
+    measured = report["validation"]["removed_at_16_bits"]
+    assert measured["tokens"] == 256
+    assert measured["measured"] == pytest.approx(block["ratio"]["achieved"], abs=1e-6)
+    model = load_checkpoint(out, dtype=torch.float32)
+    assert removed_at_16_bits(model.config, 256) == pytest.approx(measured["measured"])
