@@ -54,16 +54,15 @@ def latent_errors(latent: torch.Tensor, ups: dict[int, torch.Tensor], targets: d
     latent = whole_groups(latent.float())
     tokens = latent.shape[0] * latent.shape[1]
     out = {l: torch.zeros(len(QUANT_BITS), 2, len(ranks)) for l in ups}
+    totals = {l: [whole_groups(t.float()).reshape(tokens, -1)[:, rows].square().sum().double()
+                  for rows in (slice(0, d_kv), slice(d_kv, None))] for l, t in targets.items()}
     for b, bits in enumerate(QUANT_BITS):
-        noise = (latent - round_trip(latent, bits, "channel")).reshape(tokens, -1)  # [M, r_max]
+        noise = (latent - round_trip(latent, bits, "channel")).reshape(tokens, -1).double()  # [M, r_max]
+        noise_gram = noise.T @ noise
         for l, up in ups.items():
-            up = up.float()
-            target = whole_groups(targets[l].float()).reshape(tokens, -1)
-            totals = (target[:, :d_kv].square().sum(), target[:, d_kv:].square().sum())
-            seen, start = noise.new_zeros(tokens, up.shape[0]), 0
-            for i, rank in enumerate(ranks.tolist()):
-                seen += noise[:, start:rank] @ up[:, start:rank].T  # the error B_r (c − ĉ) so far
-                start = rank
-                for half, rows in enumerate((slice(0, d_kv), slice(d_kv, None))):
-                    out[l][b, half, i] = seen[:, rows].square().sum() / totals[half].clamp_min(1e-30)
+            up = up.double()
+            for half, rows in enumerate((slice(0, d_kv), slice(d_kv, None))):
+                # ‖Σ_{j<r} B_j e_j‖² = Σ_{j,k<r} (BᵀB)_jk (EᵀE)_jk: every rank from one 2-D cumulative sum
+                energy = torch.cumsum(torch.cumsum((up[rows].T @ up[rows]) * noise_gram, 0), 1).diagonal()
+                out[l][b, half] = (energy[ranks - 1] / totals[l][half].clamp_min(1e-30)).float()
     return out
