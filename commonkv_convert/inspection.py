@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from .architectures import resolve
+from .budget import FULL_BITS, Pricing
 from .checkpoint.reader import read_model_config
 from .decode_cost import CPU_MACS_PER_BYTE, DTYPE_BYTES, config_predictions
-from .runtime.cache_options import KVCacheOptions, bits_per_element
 
 
 def describe(model: str, *, revision: str | None = None) -> dict:
@@ -38,12 +38,17 @@ def describe(model: str, *, revision: str | None = None) -> dict:
                    **({"reads": sharers[g["layers"][0]]} if sharers.keys() >= set(g["layers"]) else {})}
                   for g, n in zip(block["groups"], ckv.group_elements_per_token())]
         elements = ckv.kv_elements_per_token()
+        pricing = Pricing(context=block.get("ratio", {}).get("context", Pricing.context))
+        price = {id(g): _price(g, pricing, facts) for g in groups}
         info.update(
             converted=True,
             base_model=block.get("base_model", {}).get("id"),
             kv_elements_per_token=elements,
-            kv_bytes_per_token=round(sum(_bytes_per_token(g, width) for g in groups), 3),
-            achieved_ratio=round(1 - elements / facts.kv_elements_per_token, 6),
+            kv_bytes_per_token=round(sum(g["elements"] * (price[id(g)] / 8 if "bits" in g else width)
+                                         for g in groups), 3),
+            # against the full cache at 16 bits, as the planner states it
+            achieved_ratio=round(1 - sum(g["elements"] * price[id(g)] for g in groups)
+                                 / (facts.kv_elements_per_token * FULL_BITS), 6),
             requested_ratio=block.get("ratio", {}).get("requested"),
             groups=groups,
             **decode_costs(config),
@@ -51,12 +56,13 @@ def describe(model: str, *, revision: str | None = None) -> dict:
     return info
 
 
-def _bytes_per_token(group: dict, width: int) -> float:
-    """A group's cache bytes per token: its elements at the model dtype's width, or at its `bits` (codes plus their
-    share of the scales at the default quantization group; the unquantized recent window is a constant)."""
-    if "bits" not in group:
-        return group["elements"] * width
-    return group["elements"] * bits_per_element(group["bits"], KVCacheOptions.group) / 8
+def _price(group: dict, pricing: Pricing, facts) -> float:
+    """Bits per stored element of a group: 16 unquantized, else its codes, scales and recent window at the
+    plan's context, as the planner priced it."""
+    bits = group.get("bits", FULL_BITS)
+    if group["mode"] == "keep":
+        return pricing.kept(bits, facts.head_dim, facts.num_kv_heads)
+    return pricing.latent(bits, group["rank"] or 0)
 
 
 def decode_costs(config: dict) -> dict:

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from .runtime.cache_options import KVCacheOptions
+from .runtime.cache_options import GROUP_BITS, KVCacheOptions
 from .runtime.quantization import dequantize, quantize
 
-QUANT_BITS = (8, 4, 2)  # the precisions a plan may choose below 16 bits (KVCacheOptions' bits)
+
+QUANT_BITS = GROUP_BITS  # the precisions a plan may choose below 16 bits
 GROUP = KVCacheOptions.group  # tokens (channel axis) or features (token axis) per quantization group
 
 

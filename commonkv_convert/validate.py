@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .budget import Pricing
 from .calibrate import module_names, module_state
 from .checkpoint.reader import open_model
 from .memory import release_memory
@@ -45,12 +46,9 @@ def validate_checkpoint(out_dir: Path, tokens: torch.Tensor, final_hidden: torch
                       max_abs_logit_diff=max(m["max_abs_logit_diff"] for m in metrics))
     result.update(cache_bytes=measured, cache_bytes_expected=expected, full_cache_bytes=full,
                   measured_ratio=round(1 - measured / full, 6), bytes_match=measured == expected)
-    context = model.config.commonkv["ratio"].get("context", RATIO_CONTEXT)
+    context = model.config.commonkv["ratio"].get("context", Pricing.context)  # a plan without bits: any
     result["removed_at_16_bits"] = {"tokens": context, "measured": round(removed_at_16_bits(model.config, context), 6)}
     return result
-
-
-RATIO_CONTEXT = 4096  # where the 16-bit ratio is measured when the plan names no context
 
 
 def filled_cache(config, batch: int, tokens: int, make: Callable[..., torch.Tensor]):

@@ -16,6 +16,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 from typer.testing import CliRunner
 
+from commonkv_convert.budget import Pricing
 from commonkv_convert.checkpoint.card import render_card
 from commonkv_convert.checkpoint.format import block_version
 from commonkv_convert.cli import app
@@ -207,11 +208,16 @@ def test_inspect_shows_group_bits(plans):
     info = json.loads(result.stdout)
     expected = _mixed_bits(plain)
     assert [g.get("bits") for g in info["groups"]] == [expected.get(g) for g in range(len(info["groups"]))]
-    # codes plus their share of the float16 min and step (groups of 32): 5 and 9 bits per element
+    # codes, their share of the float16 min and step and the recent window at the planner's price (4096 tokens)
     width = info["full_kv_bytes_per_token"] // info["full_kv_elements_per_token"]
     unquantized = sum(g["elements"] * width for g in info["groups"] if "bits" not in g)
-    quantized = sum(g["elements"] * {4: 5, 8: 9}[g["bits"]] / 8 for g in info["groups"] if "bits" in g)
+    pricing, config = Pricing(), json.loads((bitted / "config.json").read_text())
+    head_dim, kv_heads = config["head_dim"], config["num_key_value_heads"]
+    quantized = sum(g["elements"] * (pricing.kept(g["bits"], head_dim, kv_heads) if g["mode"] == "keep"
+                                     else pricing.latent(g["bits"], g["rank"])) / 8
+                    for g in info["groups"] if "bits" in g)
     assert info["kv_bytes_per_token"] == pytest.approx(unquantized + quantized)
+    assert pricing.latent(4, 64) == pytest.approx(5 + 11 * 32 / 4096)  # ≈ 4 + 1 bit of scales + the window
     table = CliRunner().invoke(app, ["inspect", str(bitted)], env={"COLUMNS": "200"}, catch_exceptions=False)
     assert "bits" in table.output
 

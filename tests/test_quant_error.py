@@ -9,7 +9,6 @@ from commonkv_convert.budget import FULL_BITS, Option, Pricing, allocate, keep_o
 from commonkv_convert.errors import UserInputError
 from commonkv_convert.quant_error import QUANT_BITS, kept_errors, latent_errors, round_trip
 from commonkv_convert.recipe import ConvertOptions, parse_bits
-from commonkv_convert.runtime.cache_options import bits_per_element
 
 
 def test_fewer_bits_lose_more():
@@ -50,7 +49,6 @@ def test_prices_count_codes_scales_and_the_recent_window():
     # 4-bit codes plus two float16 per 32 values (1 bit), the 32 most recent tokens at 16 bits
     assert pricing.latent(4, 64) == pytest.approx((1 - recent) * 5 + recent * 16)
     assert pricing.kept(4, 64, 3) == pytest.approx((1 - recent) * 5 + recent * 16)
-    assert bits_per_element(4, 32) == 5.0 and bits_per_element(8, 32) == 9.0
     # a head narrower than a quantization group pads its values' last group: the price counts the padding
     assert pricing.kept(4, 16, 2) > pricing.kept(4, 64, 2)
 

@@ -13,14 +13,6 @@ POSITION_BYTES = 4  # positions of the tokens kept by eviction, int32
 GROUP_BITS = (8, 4, 2)  # the precisions a checkpoint's group may be stored at (`bits` of a group entry)
 
 
-def bits_per_element(bits: int, group: int) -> float:
-    """Asymptotic storage of one cached element at `bits` (16: unquantized, in a 16-bit dtype): its code plus its
-    share of the float16 min and step of its group of `group` (the recent unquantized window is a constant per
-    sequence, not counted). What the planner prices a precision at; `KVCacheOptions.stream_bytes` is the exact
-    count for a given token count."""
-    return 16.0 if bits >= 16 else bits + 2 * SCALE_BYTES * 8 / group
-
-
 def _kv(default, help: str):
     """A run-time cache option: its default and the help the CLI shows for its --kv-* flag."""
     return field(default=default, metadata={"help": help})
@@ -106,4 +98,4 @@ class KVCacheOptions:
         return heads * (quantized + (held - q) * width * element_size)
 
 
-__all__ = ["GROUP_BITS", "KVCacheOptions", "POSITION_BYTES", "SCALE_BYTES", "bits_per_element"]
+__all__ = ["GROUP_BITS", "KVCacheOptions", "POSITION_BYTES", "SCALE_BYTES"]
