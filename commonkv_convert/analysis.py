@@ -13,6 +13,7 @@ import torch
 
 from .architectures import ArchFacts
 from .budget import FULL_BITS, Option, plan_bits, plan_cost
+from .decode_cost import Shape
 from .calibration_data import (
     DEFAULT_CALIBRATION,
     fingerprint,
@@ -76,6 +77,8 @@ class Analysis:
     samples: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     sharing: SharingPlan | None = None
     kept_quant_error: dict[int, dict[int, tuple[float, float]]] = field(default_factory=dict)  # layer → bits → (k, v)
+    decode_shape: Shape | None = None  # the source's shape for decode-cost predictions (decode_cost.py)
+    element_size: int = 4  # bytes per element of the source's dtype: what its cache holds unquantized
 
     @property
     def calibration(self) -> dict:

@@ -21,7 +21,8 @@ from .budget import FULL_BITS, Option, Pricing, allocate, candidate_options, kee
 from .calibrate import CalibrationResult, LayerStats
 from .checkpoint.format import group_elements
 from .checkpoint.reader import SourceModel
-from .errors import UserInputError
+from .decode_cost import config_element_size, group_cost, rest_cost, shape_from_config
+from .errors import PlanError, UserInputError
 from .factorize import (
     Candidate,
     balance_transform,
@@ -57,6 +58,7 @@ class CommonKV:
     block: int
     bits: str
     context: int
+    max_decode_cost: float | None
 
     def analyze(self, source: SourceModel, facts: ArchFacts, data: CalibrationData, work: WorkDir,
                 reporter: Reporter, devices: list[torch.device], *, keep_tokens: int = 0,
@@ -94,7 +96,8 @@ class CommonKV:
         analysis = Analysis(facts, data, [], self.ratio, store, result.final_hidden, candidates,
                             adjacent_pairs(everything, {s: v for (s, n), v in group_sim.items() if n == 2}),
                             group_sim, {l: s.samples for l, s in everything.items() if s.samples}, sharing,
-                            {l: s.quant_error for l, s in everything.items()})
+                            {l: s.quant_error for l, s in everything.items()}, shape_from_config(source.config),
+                            config_element_size(source.config))
         return self.plan(analysis)
 
     def _factorize_span(self, first: int, size: int, weights: dict[int, torch.Tensor],
@@ -148,8 +151,53 @@ class CommonKV:
             for cand in candidates.values():
                 opts.extend(candidate_options(cand, pricing=pricing))
             sharers = analysis.sharing.sharers if analysis.sharing else set()
-            plan = allocate(shared_options(opts, sharers) if sharers else opts, facts.num_layers, budget)
+            opts = shared_options(opts, sharers) if sharers else opts
+            plan = allocate(opts, facts.num_layers, budget) if self.max_decode_cost is None else \
+                self._within_decode_cost(opts, analysis, budget)
         return dataclasses.replace(analysis, plan=plan, requested_ratio=self.ratio)
+
+    def _within_decode_cost(self, opts: list[Option], analysis: Analysis, budget: float) -> list[Option]:
+        """The least-loss plan within the byte budget whose predicted decode step (decode_cost.py, one sequence,
+        at --context tokens) is at most max_decode_cost times the full cache's.
+
+        Step costs add over groups, so the constraint is priced into the loss with a multiplier λ (a Lagrangian
+        relaxation of the dynamic program): λ = 0 is the unconstrained plan, and the smallest λ whose plan is
+        fast enough is found by bisection. The plan is optimal for its own cost, not always for the limit."""
+        shape, tokens, e, layers = analysis.decode_shape, self.context, analysis.element_size, analysis.facts.num_layers
+        full = sum(group_cost(shape, {"layers": [l], "mode": "keep"}, tokens, element_size=e) for l in range(layers))
+        rest = rest_cost(shape, element_size=e)
+        limit = self.max_decode_cost * (full + rest) - rest  # what the groups' steps may cost together
+        priced: dict[tuple, float] = {}
+        costs = []
+        for o in opts:
+            key = (o.mode, o.size, o.rank, o.bits)
+            if key not in priced:
+                group = {"layers": o.layers, "mode": o.mode, "rank": o.rank, "merge": self.merge,
+                         **({"bits": o.bits} if o.bits < FULL_BITS else {})}
+                priced[key] = 0.0 if o.cost == 0 else group_cost(shape, group, tokens, element_size=e)
+            costs.append(priced[key])
+
+        def solve(lam: float) -> tuple[list[Option], float]:
+            weighed = [dataclasses.replace(o, loss=o.loss + lam * c / full) for o, c in zip(opts, costs)]
+            back = {id(w): o for w, o in zip(weighed, opts)}
+            plan = [back[id(w)] for w in allocate(weighed, layers, budget)]
+            return plan, sum(priced[(o.mode, o.size, o.rank, o.bits)] if o.cost else 0.0 for o in plan)
+
+        plan, cost = solve(0.0)
+        if cost <= limit:
+            return plan
+        lo, hi = 0.0, 1.0
+        while solve(hi)[1] > limit:
+            hi *= 8
+            if hi > 1e9:
+                raise PlanError(f"No plan within --ratio {self.ratio:g} decodes at --max-decode-cost "
+                                f"{self.max_decode_cost:g} of the full cache's step; the fastest predicted is "
+                                f"{(solve(hi)[1] + rest) / (full + rest):.2f}. To resolve, raise --max-decode-cost or "
+                                "lower --ratio, or allow more --bits.")
+        for _ in range(24):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if solve(mid)[1] <= limit else (mid, hi)
+        return solve(hi)[0]
 
     def group_entry(self, opt: Option, analysis: Analysis) -> dict:
         """How the config block describes one group of the plan (what the runtime builds its cache from)."""

@@ -43,6 +43,9 @@ from dataclasses import dataclass
 PARTS = ("append", "dequant", "rebuild", "rope", "attention", "projections", "rest")
 TRIG_MACS = 8  # MAC-equivalents of one vectorized cos or sin (a short polynomial): an assumption, not measured
 ROPE_TABLE_BYTES = 4  # cos/sin are computed in fp32 whatever the model's dtype
+# Balance of the 2-core CPU the figures of docs/speed.md come from (scripts/speed_benchmark.py measured 68.3 GMAC/s
+# fp32 GEMM over 28.2 GB/s memory copy), a default for CPU predictions.
+CPU_MACS_PER_BYTE = 2.4
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,39 @@ def layer_roles(layers: int, groups: list[dict], sharing: dict | None = None) ->
             out.append(Role(r.layer, "latent", r.rank, stores=r.stores, weighted=r.merge == "weighted",
                             lends=r.layer in sources, bits=bits))
     return out
+
+
+def group_roles(group: dict) -> list[Role]:
+    """The decode roles of one group of a plan without KVSharer sharing, read as `layer_roles` reads a whole plan
+    (a merged group's first layer stores the latent, the others read it): what the planner prices an option at."""
+    layers, mode, bits = group["layers"], group["mode"], group.get("bits")
+    if mode == "keep":
+        return [Role(l, "keep", bits=bits) for l in layers]
+    weighted = mode == "merged" and group.get("merge", "anchor") == "weighted"
+    return [Role(l, "latent", int(group["rank"]), stores=mode == "per_layer" or weighted or l == layers[0],
+                 weighted=weighted, bits=bits if mode == "per_layer" or l == layers[0] else None) for l in layers]
+
+
+def group_cost(shape: Shape, group: dict, tokens: int, *, element_size: int = 2,
+               macs_per_byte: float = CPU_MACS_PER_BYTE) -> float:
+    """MAC-equivalents of one group's layers at a decode step of one sequence with `tokens` cached tokens."""
+    total = 0.0
+    for role in group_roles(group):
+        for term in layer_terms(shape, role, element_size):
+            macs, moved = term.at(tokens, 1)
+            total += macs + macs_per_byte * moved
+    return total
+
+
+def rest_cost(shape: Shape, *, element_size: int = 2, macs_per_byte: float = CPU_MACS_PER_BYTE) -> float:
+    """MAC-equivalents of everything but K/V at a decode step of one sequence (the same in every plan)."""
+    return sum(m + macs_per_byte * b for m, b in (t.at(0, 1) for t in rest_terms(shape, element_size)))
+
+
+def config_element_size(config: dict) -> int:
+    """Bytes per element of a config.json's dtype (the cache's, unquantized)."""
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32").replace("torch.", "")
+    return DTYPE_BYTES.get(dtype, 4)
 
 
 def _stored(elements: int, role: Role, element_size: int) -> list[Term]:
@@ -215,11 +251,6 @@ class Relative:
     speed: float  # 1 / cost: predicted decode tokens/s relative to the full cache
 
 
-# Balance of the 2-core CPU the figures of docs/speed.md come from (scripts/speed_benchmark.py measured 68.3 GMAC/s
-# fp32 GEMM over 28.2 GB/s memory copy), a default for CPU predictions.
-CPU_MACS_PER_BYTE = 2.4
-
-
 def relative_cost(shape: Shape, groups: list[dict], tokens: int, *, sharing: dict | None = None, batch: int = 1,
                   element_size: int = 4, macs_per_byte: float = CPU_MACS_PER_BYTE) -> Relative:
     """The whole plan's decode step relative to the full cache's, at `tokens` cached tokens per sequence.
@@ -290,8 +321,7 @@ def config_predictions(config: dict, contexts: tuple[int, ...] = CONTEXTS, batch
                        macs_per_byte: float = CPU_MACS_PER_BYTE) -> list[Relative]:
     """The plan of a converted config.json against the full cache, at each context × batch, in the model's dtype."""
     block = config["commonkv"]
-    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32").replace("torch.", "")
     shape = shape_from_config(config)
     return [relative_cost(shape, block["groups"], t, sharing=block.get("sharing"), batch=b,
-                          element_size=DTYPE_BYTES.get(dtype, 4), macs_per_byte=macs_per_byte)
+                          element_size=config_element_size(config), macs_per_byte=macs_per_byte)
             for t in contexts for b in batches]

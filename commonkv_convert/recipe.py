@@ -35,6 +35,10 @@ class ConvertOptions:
                        sweep=True)
     context: int = option(4096, "--bits: context length at which the planner prices a quantized group's unquantized "
                                 "recent tokens.", BUDGET, sweep=True)
+    max_decode_cost: float | None = option(None, "Largest predicted decode step against the full cache's "
+                                                 "(commonkv_convert/decode_cost.py: one sequence at --context tokens, "
+                                                 "2-core CPU balance), e.g. 1.0: the best plan within both budgets.",
+                                           BUDGET, sweep=True)
     calib: Path | None = option(None, "Calibration text, .txt or .jsonl with {\"text\": ...} lines; default: bundled "
                                       "prompts.", CALIBRATION)
     samples: int = option(32, "Calibration sequences.", CALIBRATION)
@@ -107,6 +111,8 @@ class ConvertOptions:
         if not self.max_kl > 0:
             raise UserInputError(f"--max-kl {self.max_kl} must be positive. To resolve, pass e.g. --max-kl 2.0.")
         parse_bits(self.bits)
+        if self.max_decode_cost is not None and not self.max_decode_cost > 0:
+            raise UserInputError(f"--max-decode-cost {self.max_decode_cost} must be positive. To resolve, pass e.g. 1.0.")
         if self.context < 1:
             raise UserInputError(f"--context {self.context} is below 1. To resolve, pass e.g. 4096.")
         if self.rank_step < 1:
@@ -214,6 +220,8 @@ def _recipe_value(path: Path, key: str, value, default):
         return value
     if key == "share_layers" and isinstance(value, int) and not isinstance(value, bool):
         return value
+    if key == "max_decode_cost" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
     if key == "bits" and isinstance(value, int) and not isinstance(value, bool):
         return str(value)  # `bits: 16` in YAML is a number
     kind = type(default)

@@ -8,6 +8,8 @@ For each model, one analysis (`convert_sweep`: calibration and factorization onc
 - `plan`: the planner over rank, merging and precision (`--bits 16,8,4,2`), at 50, 75, 87.5 and 93.75% of the
   bytes of the full cache at 16 bits removed; `plan+evict`: the 50% plan with eviction on top to reach the
   same points;
+- `plan-fast`: the planner within `--max-decode-cost 1.0` (a predicted decode step no slower than the full
+  cache's): what the speed constraint costs in quality;
 - `latent`: CommonKV's latent alone (`--bits 16`); `lowrank`: per-layer low rank alone (`--group-size 1`);
 - `quant`: the full cache quantized at run time (8, 4, 2 bits); `evict`: the full cache with SnapKV-style
   eviction at the same points;
@@ -50,15 +52,18 @@ OBSERVE = 32  # eviction's observation window (KVCacheOptions.observe), always k
 
 
 def plans() -> dict[str, dict]:
-    """Checkpoint name → the ConvertOptions fields it varies (all sweep fields of one analysis)."""
+    """Checkpoint name → the ConvertOptions fields it varies (all sweep fields of one analysis). Quantized groups
+    are priced at the context ctx-ppl caches (--context), so `removed` there is the ratio the plan states."""
+    bits = {"bits": "16,8,4,2", "context": CTX_PPL.ctx_len}
     out = {"full": {"ratio": 0.0}}
     for p in POINTS:
-        out[f"plan@{p:g}"] = {"ratio": p, "bits": "16,8,4,2"}
+        out[f"plan@{p:g}"] = {"ratio": p, **bits}
         out[f"latent@{p:g}"] = {"ratio": p}
         out[f"lowrank@{p:g}"] = {"ratio": p, "group_size": 1}
     for p in (0.5, 0.75):
-        out[f"plan-8bit@{p:g}"] = {"ratio": p, "bits": "16,8"}
-    out["plan@0.625"] = {"ratio": 0.625, "bits": "16,8,4,2"}
+        out[f"plan-8bit@{p:g}"] = {"ratio": p, "bits": "16,8", "context": CTX_PPL.ctx_len}
+        out[f"plan-fast@{p:g}"] = {"ratio": p, **bits, "max_decode_cost": 1.0}
+    out["plan@0.625"] = {"ratio": 0.625, **bits}
     return out
 
 

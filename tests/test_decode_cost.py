@@ -149,3 +149,13 @@ def test_a_quantized_group_pays_to_read_its_codes_back():
     assert sum(t.macs for t in per_token["quantized"]) > sum(t.macs for t in per_token["plain"])
     assert {t.part for t in per_token["quantized"]} >= {"dequant", "attention"}
     assert "append" not in {t.part for t in per_token["quantized"]}
+
+
+def test_group_roles_read_a_group_as_the_whole_plan_is_read():
+    """The planner prices an option from its group alone; that must agree with the roles of a whole plan."""
+    from commonkv_convert.decode_cost import group_roles, layer_roles
+
+    groups = [{"layers": [0], "mode": "keep", "bits": 8}, {"layers": [1, 2, 3], "mode": "merged", "rank": 16, "bits": 4},
+              {"layers": [4], "mode": "per_layer", "rank": 8}]
+    whole = layer_roles(5, groups)
+    assert [r for g in groups for r in group_roles(g)] == whole

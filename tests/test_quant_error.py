@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -90,8 +92,6 @@ def test_a_plan_with_bits_writes_loads_and_saves_the_bytes_it_promises(tiny_mode
     """--bits 16,8,4 at a ratio that 16-bit latents alone would reach only by cutting rank: the plan quantizes some
     groups, the checkpoint records their bits, validation's byte count matches, and the runtime's bfloat16 cache
     removes the share of the 16-bit full cache the plan states."""
-    import json
-
     from commonkv_convert.runtime import load_checkpoint
     from commonkv_convert.validate import removed_at_16_bits
 
@@ -109,3 +109,31 @@ def test_a_plan_with_bits_writes_loads_and_saves_the_bytes_it_promises(tiny_mode
     assert measured["measured"] == pytest.approx(block["ratio"]["achieved"], abs=1e-6)
     model = load_checkpoint(out, dtype=torch.float32)
     assert removed_at_16_bits(model.config, 256) == pytest.approx(measured["measured"])
+
+
+def test_max_decode_cost_trades_quality_for_a_faster_step(tiny_model_dir, tmp_path):
+    """With --max-decode-cost the planner finds a plan whose predicted step (the same model inspect and the card
+    show) is within the limit, at a loss no lower than the unconstrained plan's; an impossible limit is a
+    one-line PlanError."""
+    from commonkv_convert.decode_cost import relative_cost, shape_from_config
+    from commonkv_convert.errors import PlanError
+
+    from .helpers import convert_tiny
+
+    def step(out):
+        config = json.loads((out / "config.json").read_text())
+        groups = config["commonkv"]["groups"]
+        rel = relative_cost(shape_from_config(config), groups, 256, element_size=4).cost
+        return rel, sum(len(g["layers"]) * (g["est_error"]["key"] + g["est_error"]["value"])
+                        for g in groups if "est_error" in g)
+
+    free = convert_tiny(tiny_model_dir, tmp_path / "free", ratio=0.6, bits="16,8,4", context=256, validate=False)
+    free_cost, free_loss = step(free)
+    limit = round(free_cost * 0.8, 3)
+    fast = convert_tiny(tiny_model_dir, tmp_path / "fast", ratio=0.6, bits="16,8,4", context=256, validate=False,
+                        max_decode_cost=limit)
+    fast_cost, fast_loss = step(fast)
+    assert fast_cost <= limit + 1e-9 < free_cost and fast_loss >= free_loss
+    with pytest.raises(PlanError, match="--max-decode-cost"):
+        convert_tiny(tiny_model_dir, tmp_path / "never", ratio=0.6, bits="16", context=256, validate=False,
+                     max_decode_cost=0.01)
