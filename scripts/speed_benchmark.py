@@ -1,6 +1,7 @@
 """Decode speed of converted checkpoints against their source model on CPU, with quality beside it: docs/speed.md.
 
-    python scripts/speed_benchmark.py            # SmolLM2-135M and Qwen2.5-Coder-0.5B, ratios 0.5 0.75,
+    python scripts/speed_benchmark.py            # SmolLM2-135M and Qwen2.5-Coder-0.5B, ratios 0.5 0.75 and the
+                                                 # planner's plans at 0.5 (PLANNER),
                                                  # batch 1 and 8, contexts 2048 and 8192 (13.5 min on 2 cores)
     python scripts/speed_benchmark.py --quick    # smoke test: SmolLM2, ratio 0.5, batch 1, 256 tokens (~2 min)
 
@@ -194,21 +195,37 @@ def machine_rates(seconds: float = 1.0) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------------------
 # the models: built, converted once, evaluated
 # ------------------------------------------------------------------------------------------------------------
-def checkpoint_dirs(model: str, ratios: list[float], log: Callable[[str], object] = print) -> dict[float, Path]:
-    """The cached checkpoints of `model` at each ratio (default options), converting the missing ones in one sweep:
-    one calibration and factorization, then one checkpoint per ratio (`convert_sweep`: the ratio is a budget
-    field, so the analysis `commonkv convert SRC OUT --ratio R` would run is shared)."""
+# The planner's plans timed beside the default ones (`ratio R`): precision in the plan, and within a predicted
+# decode step (`scripts/frontier.py` measures their quality at equal bytes)
+PLANNER = {"plan": {"bits": "16,8,4,2", "context": 2048}, "plan-fast": {"bits": "16,8,4,2", "context": 2048,
+                                                                       "max_decode_cost": 1.25}}
+
+
+def plan_fields(ratios: list[float], planner: bool) -> dict[str, dict]:
+    """Name → ConvertOptions fields of every checkpoint timed: the default conversion at each ratio, and with
+    `planner` the planner's plans at the lowest ratio."""
+    out = {f"ratio {r:g}": {"ratio": r} for r in ratios}
+    if planner:
+        out |= {f"{name} {min(ratios):g}": {"ratio": min(ratios), **fields} for name, fields in PLANNER.items()}
+    return out
+
+
+def checkpoint_dirs(model: str, plans: dict[str, dict], log: Callable[[str], object] = print) -> dict[str, Path]:
+    """The cached checkpoints of `model` for each plan (ConvertOptions fields), converting the missing ones in one
+    sweep: one calibration and factorization, then one checkpoint per plan (`convert_sweep`: the plan fields are
+    budget fields, so the analysis `commonkv convert SRC OUT --ratio R` would run is shared)."""
     from commonkv_convert.convert import convert_sweep
     from commonkv_convert.recipe import ConvertOptions
 
     source = real_model_dir(model, log=log)
     name = REAL_MODELS[model]
-    dirs = {r: cache_root() / f"{name.subdir}-commonkv-{r:g}" for r in ratios}
-    missing = {dirs[r].name: ConvertOptions(ratio=r, base_model=name.hub_id) for r in ratios if not is_current(dirs[r])}
+    dirs = {p: cache_root() / f"{name.subdir}-commonkv-{p.replace(' ', '-')}".replace("-ratio-", "-") for p in plans}
+    missing = {dirs[p].name: ConvertOptions(**fields, base_model=name.hub_id) for p, fields in plans.items()
+               if not is_current(dirs[p])}
     if missing:
         log(f"# converting {source} at {', '.join(missing)} (one analysis) ...")
         start = time.perf_counter()
-        convert_sweep(str(source), next(iter(missing.values())), missing, cache_root(), overwrite=True)
+        convert_sweep(str(source), ConvertOptions(base_model=name.hub_id), missing, cache_root(), overwrite=True)
         log(f"# converted in {time.perf_counter() - start:.0f} s")
     return dirs
 
@@ -252,7 +269,7 @@ def run(args: argparse.Namespace) -> dict:
                "cpus": os.cpu_count(), "torch": torch.__version__, "rates": rates, "models": {}}
     for name in args.models:
         source = real_model_dir(name, log=print)
-        paths = {"source": source, **{f"ratio {r:g}": p for r, p in checkpoint_dirs(name, args.ratios).items()}}
+        paths = {"source": source, **checkpoint_dirs(name, plan_fields(args.ratios, not args.quick))}
         configs = {k: json.loads((p / "config.json").read_text()) for k, p in paths.items()}
         entry = {"hub_id": REAL_MODELS[name].hub_id, "paths": {k: str(p) for k, p in paths.items()}, "plans": {},
                  "speed": [], "breakdown": []}
@@ -367,18 +384,18 @@ def _targets(results: dict) -> list[str]:
     lines = []
     for entry in results["models"].values():
         for r in entry["speed"]:
-            if r["plan"] == "ratio 0.5" and r["batch"] == 1 and r["context"] in (2048, 8192):
+            if r["plan"].endswith(" 0.5") and r["batch"] == 1 and r["context"] in (2048, 8192):
                 goal = 1.0 if r["context"] == 8192 else 0.9
                 verdict = "met" if r["speed_vs_source"] >= goal else "**missed**"
-                lines.append(f"- {entry['hub_id']}, ratio 0.5, batch 1, {r['context']} tokens: "
+                lines.append(f"- {entry['hub_id']}, {r['plan']}, batch 1, {r['context']} tokens: "
                              f"{r['speed_vs_source']:.2f}× the source (target ≥ {goal}×): {verdict}.")
         for b in entry["breakdown"]:
-            if b["plan"] == "ratio 0.5" and b["batch"] == 1:
+            if b["plan"].endswith(" 0.5") and b["batch"] == 1:
                 ms, src = b["measured_ms"], next(x["measured_ms"] for x in entry["breakdown"]
                                                  if x["plan"] == "source" and x["batch"] == 1
                                                  and x["context"] == b["context"])
-                shares = ", ".join(f"{p} {ms[p]:.0f} ms" for p in ("rebuild", "rope", "attention"))
-                lines.append(f"  At {b['context']} tokens a step takes {ms['step']:.0f} ms against the source's "
+                shares = ", ".join(f"{p} {ms[p]:.0f} ms" for p in ("dequant", "rebuild", "rope", "attention"))
+                lines.append(f"  {b['plan']}: at {b['context']} tokens a step takes {ms['step']:.0f} ms against the source's "
                              f"{src['step']:.0f} ms; {shares} (the source's attention: {src['attention']:.0f} ms).")
     return lines
 
