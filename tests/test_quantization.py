@@ -145,3 +145,21 @@ def test_cli_refuses_bad_cache_options(merged_dirs, flags, message):
 
     result = CliRunner().invoke(app, ["generate", str(merged_dirs["llama"]), "hi", *flags], catch_exceptions=False)
     assert result.exit_code == 2 and message in result.output
+
+
+@pytest.mark.parametrize("axis,width", [("channel", 24), ("token", 64), ("token", 40)])
+def test_dequantize_into_a_view_equals_the_plain_read(axis, width):
+    """A decode step dequantizes straight into the stream's whole sequence; it must read back what the plain
+    path reads (also for a token axis whose last group is padded)."""
+    from commonkv_convert.runtime.quantization import dequantize, quantize
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, width)
+    for bits in (8, 4, 2):
+        parts = quantize(x, bits, 32, axis)
+        plain = dequantize(*parts, bits, 32, axis, width, torch.float32)
+        whole = torch.full((2, 3, 70, width), float("nan"))
+        dequantize(*parts, bits, 32, axis, width, torch.float32, out=whole[..., :64, :])
+        assert torch.equal(whole[..., :64, :], plain) and whole[..., 64:, :].isnan().all()
+        reference = (x - plain).abs().max()
+        assert reference < 3 * (x.max() - x.min()) / (2 ** bits - 1)

@@ -82,16 +82,25 @@ def quantize(x: torch.Tensor, bits: int, group: int, axis: str) -> tuple[torch.T
 
 
 def dequantize(data: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int, group: int, axis: str,
-               width: int, dtype: torch.dtype) -> torch.Tensor:
-    """Packed codes → values [..., T, width] in `dtype`."""
-    codes = unpack(data, bits).float()
+               width: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed codes → values [..., T, width] in `dtype`, written into `out` where given (a view of the stream's
+    whole sequence: a decode step reads every code back, so no temporary of the stream's size is made)."""
+    codes = unpack(data, bits)
     if axis == "token":
-        codes = codes.unflatten(-1, (-1, group))
-        out = (codes * step.float().unsqueeze(-1) + lo.float().unsqueeze(-1)).flatten(-2)
+        codes = codes.unflatten(-1, (-1, group))  # [..., T, groups, g]
+        scale, shift, padded = step.float().unsqueeze(-1), lo.float().unsqueeze(-1), codes.shape[-2] * group > width
     else:
-        codes = codes[..., :width].unflatten(-2, (-1, group))
-        out = (codes * step.float().unsqueeze(-2) + lo.float().unsqueeze(-2)).flatten(-3, -2)
-    return out[..., :width].to(dtype)
+        codes = codes[..., :width].unflatten(-2, (-1, group))  # [..., T/g, g, n]
+        scale, shift, padded = step.float().unsqueeze(-2), lo.float().unsqueeze(-2), False
+    if padded:  # the last token group is wider than the stream: compute it whole, then cut
+        values = (codes * scale + shift).flatten(-2)[..., :width].to(dtype)
+        return values if out is None else out.copy_(values)
+    if out is None:
+        out = torch.empty((*data.shape[:-1], width), dtype=dtype, device=data.device)  # data: [..., T, bytes]
+    view = out.unflatten(-1, (-1, group)) if axis == "token" else out.unflatten(-2, (-1, group))
+    torch.mul(codes, scale, out=view)  # uint8 × float32: computed in float32, stored in `dtype`
+    view.add_(shift)
+    return out
 
 
 class TokenStream:
@@ -117,9 +126,12 @@ class TokenStream:
         """The whole stream in the model dtype (old tokens dequantized)."""
         if not self.quantized:
             return self.recent
-        old = dequantize(self.data, self.lo, self.step, self.bits, self.group, self.axis, self.recent.shape[-1],
-                         self.recent.dtype)
-        return torch.cat([old, self.recent], dim=-2)
+        recent, old = self.recent, self.quantized
+        out = recent.new_empty((*recent.shape[:-2], old + recent.shape[-2], recent.shape[-1]))
+        dequantize(self.data, self.lo, self.step, self.bits, self.group, self.axis, recent.shape[-1], recent.dtype,
+                   out=out[..., :old, :])
+        out[..., old:, :] = recent
+        return out
 
     def compress(self) -> None:
         """Quantize whole groups of old recent tokens, keeping `residual` .. residual+group-1 recent ones."""
