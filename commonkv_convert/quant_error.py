@@ -57,13 +57,16 @@ def latent_errors(latent: torch.Tensor, ups: dict[int, torch.Tensor], targets: d
     out = {l: torch.zeros(len(QUANT_BITS), 2, len(ranks)) for l in ups}
     totals = {l: [whole_groups(t.float()).reshape(tokens, -1)[:, rows].square().sum().double()
                   for rows in (slice(0, d_kv), slice(d_kv, None))] for l, t in targets.items()}
-    for b, bits in enumerate(QUANT_BITS):
-        noise = (latent - round_trip(latent, bits, "channel")).reshape(tokens, -1).double()  # [M, r_max]
-        noise_gram = noise.T @ noise
-        for l, up in ups.items():
-            up = up.double()
-            for half, rows in enumerate((slice(0, d_kv), slice(d_kv, None))):
-                # ‖Σ_{j<r} B_j e_j‖² = Σ_{j,k<r} (BᵀB)_jk (EᵀE)_jk: every rank from one 2-D cumulative sum
-                energy = torch.cumsum(torch.cumsum((up[rows].T @ up[rows]) * noise_gram, 0), 1).diagonal()
+    # ‖Σ_{j<r} B_j e_j‖² = Σ_{j,k<r} (BᵀB)_jk (EᵀE)_jk: every rank from one cumulative sum; BᵀB per layer
+    # and EᵀE per precision are each computed once (float32 products, float64 sums)
+    noise_grams = [(lambda e: (e.T @ e).double())((latent - round_trip(latent, bits, "channel")).reshape(tokens, -1))
+                   for bits in QUANT_BITS]
+    for l, up in ups.items():
+        up = up.float()
+        for half, rows in enumerate((slice(0, d_kv), slice(d_kv, None))):
+            up_gram = (up[rows].T @ up[rows]).double()
+            for b, noise_gram in enumerate(noise_grams):
+                both = up_gram * noise_gram  # symmetric: the leading r × r block's sum grows by row r's share
+                energy = torch.cumsum(2 * both.tril(-1).sum(1) + both.diagonal(), 0)
                 out[l][b, half] = (energy[ranks - 1] / totals[l][half].clamp_min(1e-30)).float()
     return out
