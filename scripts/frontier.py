@@ -141,7 +141,8 @@ def run(args: argparse.Namespace, results: dict) -> None:
     torch.set_num_threads(args.threads)
     for model in args.models:
         done = results.setdefault(model, {})
-        todo = {n: r for n, r in runs().items() if (not args.only or n in args.only) and n not in done}
+        order = args.only or list(runs())  # --only also sets the order
+        todo = {n: runs()[n] for n in order if n in runs() and n not in done}
         dirs = checkpoints(model, {ckpt for ckpt, _, _ in todo.values()})
         for name, (ckpt, options, keep) in todo.items():
             if ckpt not in dirs:  # a plan that does not exist (a speed limit no plan meets)

@@ -269,7 +269,9 @@ def run(args: argparse.Namespace) -> dict:
                "cpus": os.cpu_count(), "torch": torch.__version__, "rates": rates, "models": {}}
     for name in args.models:
         source = real_model_dir(name, log=print)
-        paths = {"source": source, **checkpoint_dirs(name, plan_fields(args.ratios, not args.quick))}
+        extra = {k: Path(v) for k, v in (e.split("=", 1) for e in args.extra)}  # already converted: time them too
+        paths = {"source": source, **checkpoint_dirs(name, plan_fields(args.ratios, not (args.quick or extra))),
+                 **extra}
         configs = {k: json.loads((p / "config.json").read_text()) for k, p in paths.items()}
         entry = {"hub_id": REAL_MODELS[name].hub_id, "paths": {k: str(p) for k, p in paths.items()}, "plans": {},
                  "speed": [], "breakdown": []}
@@ -428,6 +430,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="interleaved rounds per configuration (default 3; --quick 1)")
     parser.add_argument("--windows", type=int, help="ctx-ppl essay windows (default 4; --quick 1)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--extra", nargs="+", default=[], metavar="NAME=DIR",
+                        help="converted checkpoints of the (one) model to time beside the ratio ones, instead of "
+                             "converting the planner's plans")
     parser.add_argument("--out", type=Path, help="default docs/speed.md (--quick: docs/speed_quick.md)")
     parser.add_argument("--render", type=Path, metavar="JSON", help="only rewrite OUT from a run's saved JSON")
     argv = sys.argv[1:] if argv is None else argv
