@@ -78,11 +78,11 @@ def plans(tiny_model_dirs, merged_dirs, tmp_path_factory) -> dict[str, tuple[Pat
 def _run(model, batch: int = 2, steps=STEPS):
     """Feed `steps` chunks of tokens; yields (cache, tokens seen, logits) after each."""
     cache, seen = None, 0
-    with torch.inference_mode():
-        for step, length in enumerate(steps):
+    for step, length in enumerate(steps):
+        with torch.inference_mode():  # not across the yield: a caller that stops early would keep it on
             out = model(_ids(batch, length, step), past_key_values=cache, use_cache=True)
-            cache, seen = out.past_key_values, seen + length
-            yield cache, seen, out.logits
+        cache, seen = out.past_key_values, seen + length
+        yield cache, seen, out.logits
 
 
 def _group_bits(model) -> list[int | None]:
