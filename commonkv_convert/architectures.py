@@ -111,6 +111,12 @@ class ArchFacts:
             return qkv[..., self.qkv_rows("k")], qkv[..., self.qkv_rows("v")]
         return attn.k_proj(x), attn.v_proj(x)
 
+    def query_outputs(self, attn, x):
+        """Queries [..., H·hd] of a family attention module on its input x, after its q_norm (before RoPE)."""
+        q = getattr(attn, self.family.fused_qkv)(x)[..., self.qkv_rows("q")] if self.family.fused_qkv else attn.q_proj(x)
+        norm = getattr(attn, "q_norm", None)
+        return q if norm is None else norm(q.unflatten(-1, (-1, norm.weight.shape[-1]))).flatten(-2)
+
     @staticmethod
     def layer_prefix(layer: int) -> str:
         return LAYER.format(i=layer)

@@ -70,8 +70,16 @@ class Pricing:
         return stored * 8 / (self.context * width * heads * len(axes))
 
 
-def candidate_options(cand: Candidate, key_weight: float = 1.0, value_weight: float = 1.0,
-                      pricing: Pricing = Pricing()) -> list[Option]:
+Weights = dict[int, tuple[float, float]]  # layer → (key, value) weight of its estimated errors in the loss
+
+
+def weighted_loss(errors: dict[int, tuple[float, float]], weights: Weights | None) -> float:
+    """Σ over layers of key and value errors, each times its layer's weight (1 where none is given)."""
+    weights = weights or {}
+    return sum(weights.get(l, (1.0, 1.0))[0] * k + weights.get(l, (1.0, 1.0))[1] * v for l, (k, v) in errors.items())
+
+
+def candidate_options(cand: Candidate, weights: Weights | None = None, pricing: Pricing = Pricing()) -> list[Option]:
     """One option per rank and allowed precision of a factorization (per-layer when it has one layer, merged
     otherwise); a quantized option's errors add the latent's measured quantization error to the truncation's."""
     layers = cand.layers
@@ -86,14 +94,13 @@ def candidate_options(cand: Candidate, key_weight: float = 1.0, value_weight: fl
             errors = {l: (float(cand.err_k[l][idx]) + (0.0 if q is None else float(cand.quant_error[l][q, 0, idx])),
                           float(cand.err_v[l][idx]) + (0.0 if q is None else float(cand.quant_error[l][q, 1, idx])))
                       for l in layers}
-            loss = sum(key_weight * k + value_weight * v for k, v in errors.values())
-            out.append(Option(layers[0], len(layers), mode, rank, cost, loss, errors, bits,
+            out.append(Option(layers[0], len(layers), mode, rank, cost, weighted_loss(errors, weights), errors, bits,
                               pricing.latent(bits, rank)))
     return out
 
 
 def keep_options(layer: int, head_dim: int, kv_heads: int, quant_error: dict[int, tuple[float, float]],
-                 pricing: Pricing = Pricing(), key_weight: float = 1.0, value_weight: float = 1.0) -> list[Option]:
+                 pricing: Pricing = Pricing(), weights: Weights | None = None) -> list[Option]:
     """The layer kept as it is, at each allowed precision (quant_error: bits → its measured (key, value) error)."""
     cost = group_elements("keep", 1, 0, head_dim * kv_heads)
     out = []
@@ -101,7 +108,7 @@ def keep_options(layer: int, head_dim: int, kv_heads: int, quant_error: dict[int
         if bits < FULL_BITS and bits not in quant_error:
             continue
         k, v = quant_error[bits] if bits < FULL_BITS else (0.0, 0.0)
-        out.append(Option(layer, 1, "keep", 0, cost, key_weight * k + value_weight * v, {layer: (k, v)}, bits,
+        out.append(Option(layer, 1, "keep", 0, cost, weighted_loss({layer: (k, v)}, weights), {layer: (k, v)}, bits,
                           pricing.kept(bits, head_dim, kv_heads)))
     return out
 

@@ -48,6 +48,9 @@ class LayerStats:
     probe: torch.Tensor | None = None
     # this layer kept at each of QUANT_BITS: (key, value) relative held-out error (quant_error.kept_errors)
     quant_error: dict[int, tuple[float, float]] = field(default_factory=dict)
+    # per key channel [d_kv]: the mean square of the queries that read it on the fit split, RoPE-averaged
+    # (query_energy): the weight of that channel's error in the attention scores
+    query_energy: torch.Tensor | None = None
 
 
 @dataclass
@@ -104,7 +107,8 @@ def layer_kwargs(cfg, facts: ArchFacts, seq_len: int) -> list[dict]:
     return [{"attention_mask": masks[t], "position_embeddings": ropes[t]} for t in types]
 
 
-def _to(kwargs: dict, device: torch.device) -> dict:
+def kwargs_to(kwargs: dict, device: torch.device | str) -> dict:
+    """A layer's keyword inputs (layer_kwargs) on `device`."""
     return {k: None if v is None else v.to(device) if isinstance(v, torch.Tensor) else tuple(t.to(device) for t in v)
             for k, v in kwargs.items()}
 
@@ -234,9 +238,11 @@ def calibrate(
                 } if max_group > 1 else {}
                 stats.tokens[split] = xs.shape[0]
             key, value = facts.kv_outputs(layer.self_attn, x)
+            stats.query_energy = query_energy(facts.query_outputs(layer.self_attn, x[splits["fit"]]), facts,
+                                              inputs[i]["position_embeddings"][0].shape[-1]).cpu()
             held = splits["held_out"]
             stats.probe = x[held].float().cpu()
-            here = _to(inputs[i], device)
+            here = kwargs_to(inputs[i], device)
             stats.quant_error = kept_errors(_attended_keys(layer.self_attn, key[held], here["position_embeddings"],
                                                            facts.head_dim), _heads(value[held], facts.head_dim))
             current = {"hidden": hidden, "key": key, "value": value}
@@ -257,6 +263,20 @@ def calibrate(
         norm = final_norm(source, facts)
         first_held = n - held_out
         result.final_hidden = norm(hidden[first_held:first_held + validation].cpu()).clone()
+
+
+def query_energy(query: torch.Tensor, facts: ArchFacts, rotary_dim: int) -> torch.Tensor:
+    """Per key channel [d_kv], Σ over the query heads reading its KV head of E[q_c²] (queries [N, T, H·hd]).
+
+    A key error e moves the score of query q by qᵀ R e, R the RoPE rotation between the two positions. Over
+    many positions the rotation mixes the two channels of each rotary pair (c, c + rd/2, transformers'
+    rotate_half), so both get their mean energy; channels past the rotary dim are not rotated. Cross-channel
+    terms average out for distinct frequencies and are dropped: a diagonal metric."""
+    energy = _heads(query.double(), facts.head_dim).square().mean(dim=(0, 2))  # [H, hd]
+    half = rotary_dim // 2
+    pair = (energy[:, :half] + energy[:, half:rotary_dim]) / 2
+    energy = torch.cat([pair, pair, energy[:, rotary_dim:]], dim=-1)
+    return energy.view(facts.num_kv_heads, -1, facts.head_dim).sum(1).flatten()
 
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -27,6 +27,7 @@ from .factorize import (
     Candidate,
     balance_transform,
     factorize,
+    key_score_metric,
     rank_grid,
     value_output_metric,
 )
@@ -35,6 +36,7 @@ from .progress import Reporter
 from .quant_error import latent_errors
 from .recipe import parse_bits
 from .resume import CalibrationCache, CandidateStore, WorkDir
+from .sensitivity import sensitivities
 from .similarity import adjacent_pairs, latent_similarity
 from .weighted import weighted_factorize
 
@@ -50,6 +52,7 @@ class CommonKV:
     rank_step: int
     plain_svd: bool
     balance: bool
+    key_metric: str
     value_metric: str
     value_weight: float
     merge: str
@@ -59,6 +62,7 @@ class CommonKV:
     bits: str
     context: int
     max_decode_cost: float | None
+    layer_weights: str
 
     def analyze(self, source: SourceModel, facts: ArchFacts, data: CalibrationData, work: WorkDir,
                 reporter: Reporter, devices: list[torch.device], *, keep_tokens: int = 0,
@@ -93,11 +97,13 @@ class CommonKV:
                 if size > 1:
                     group_sim[(first, size)] = latent_similarity(cand, live)
                 candidates[(first, size)] = store.put(_undo_transform(cand, transforms), group_sim.get((first, size)))
+        per_layer = {l: candidates[(l, 1)] for l in range(facts.num_layers) if (l, 1) in candidates}
+        sensitivity = sensitivities(source, facts, data.tokens[-data.held_out:], per_layer, store, reporter, dev)
         analysis = Analysis(facts, data, [], self.ratio, store, result.final_hidden, candidates,
                             adjacent_pairs(everything, {s: v for (s, n), v in group_sim.items() if n == 2}),
                             group_sim, {l: s.samples for l, s in everything.items() if s.samples}, sharing,
                             {l: s.quant_error for l, s in everything.items()}, shape_from_config(source.config),
-                            config_element_size(source.config))
+                            config_element_size(source.config), sensitivity)
         return self.plan(analysis)
 
     def _factorize_span(self, first: int, size: int, weights: dict[int, torch.Tensor],
@@ -127,11 +133,14 @@ class CommonKV:
         w = _kv_weight(source, stats.layer)
         if not self.balance:
             return torch.eye(w.shape[0], dtype=w.dtype)
-        metric = None
+        metric = key = None
         if self.value_metric == "output":
             w_o = source.get_tensor(facts.layer_prefix(stats.layer) + "self_attn.o_proj.weight", torch.float64)
             metric = value_output_metric(w_o, facts.num_kv_heads, facts.head_dim)
-        return balance_transform(w[: facts.d_kv], w[facts.d_kv:], metric, stats.gram["fit"], self.value_weight)
+        if self.key_metric == "query":
+            key = key_score_metric(stats.query_energy)
+        return balance_transform(w[: facts.d_kv], w[facts.d_kv:], metric, stats.gram["fit"], self.value_weight,
+                                 key)
 
     def plan(self, analysis: Analysis) -> Analysis:
         """The budget stage: spans up to group_size at the allowed precisions, at most (1 − ratio) of the full
@@ -145,11 +154,12 @@ class CommonKV:
             plan = uniform(candidates, facts.num_layers, self.group_size, budget, facts.d_kv)
         else:
             pricing = Pricing(parse_bits(self.bits), self.context)
+            weights = analysis.sensitivity if self.layer_weights == "kl" else None
             opts = [o for l in range(facts.num_layers) for o in keep_options(
-                l, facts.head_dim, facts.num_kv_heads, analysis.kept_quant_error.get(l, {}), pricing)] \
+                l, facts.head_dim, facts.num_kv_heads, analysis.kept_quant_error.get(l, {}), pricing, weights)] \
                 if self.allow_keep else []
             for cand in candidates.values():
-                opts.extend(candidate_options(cand, pricing=pricing))
+                opts.extend(candidate_options(cand, weights, pricing))
             sharers = analysis.sharing.sharers if analysis.sharing else set()
             opts = shared_options(opts, sharers) if sharers else opts
             plan = allocate(opts, facts.num_layers, budget) if self.max_decode_cost is None else \
@@ -216,6 +226,7 @@ class CommonKV:
         if opt.mode != "keep" or opt.bits < FULL_BITS:
             group["est_error"] = {"key": round(sum(e[0] for e in opt.errors.values()) / opt.size, 6),
                                   "value": round(sum(e[1] for e in opt.errors.values()) / opt.size, 6)}
+            group["est_loss"] = round(opt.loss, 6)  # what the planner minimized (weighted by --layer-weights)
         return group
 
     def skipped(self, analysis: Analysis) -> set[str]:

@@ -181,17 +181,30 @@ def value_output_metric(w_o: torch.Tensor, num_kv_heads: int, head_dim: int) -> 
     return torch.block_diag(*blocks)
 
 
+def key_score_metric(query_energy: torch.Tensor) -> torch.Tensor:
+    """Square root of the metric in which a key error matters: the attention-score error it causes.
+
+    `query_energy` [d_kv] is, per key channel, the mean square of the queries that read it (RoPE-averaged,
+    calibrate.query_energy), so ‖diag(√energy) e‖² is the expected squared score error of a key error e.
+    Returns that diagonal (d_kv × d_kv)."""
+    energy = query_energy.double()
+    return torch.diag(energy.clamp_min(float(energy.max()) * 1e-8).sqrt())
+
+
 def balance_transform(w_k: torch.Tensor, w_v: torch.Tensor, value_metric: torch.Tensor | None,
-                      gram: torch.Tensor, value_weight: float = 1.0) -> torch.Tensor:
-    """Row transform T for [W_k; W_v] so that keys and values carry equal energy on calibration data.
+                      gram: torch.Tensor, value_weight: float = 1.0,
+                      key_metric: torch.Tensor | None = None) -> torch.Tensor:
+    """Row transform T for [W_k; W_v]: each measured in its metric (None: as is), then scaled so that keys and
+    values carry equal energy on calibration data.
 
     Without it the joint SVD spends the rank on whichever of K or V has larger numbers (usually keys), not on
     what the model needs. `value_weight` tilts the balance.
     """
+    t_k = key_metric if key_metric is not None else torch.eye(w_k.shape[0], dtype=w_k.dtype)
     t_v = value_metric if value_metric is not None else torch.eye(w_v.shape[0], dtype=w_v.dtype)
-    energy_k = ((w_k @ gram) * w_k).sum()
-    tv_wv = t_v @ w_v
+    tk_wk, tv_wv = t_k.to(w_k.dtype) @ w_k, t_v @ w_v
+    energy_k = ((tk_wk @ gram) * tk_wk).sum()
     energy_v = ((tv_wv @ gram) * tv_wv).sum()
     s_k = energy_k.clamp_min(1e-30).rsqrt()
     s_v = energy_v.clamp_min(1e-30).rsqrt() * value_weight**0.5
-    return torch.block_diag(torch.eye(w_k.shape[0], dtype=w_k.dtype) * s_k, t_v * s_v)
+    return torch.block_diag(t_k.to(w_k.dtype) * s_k, t_v * s_v)

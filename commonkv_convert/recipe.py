@@ -39,6 +39,10 @@ class ConvertOptions:
                                                  "(commonkv_convert/decode_cost.py: one sequence at --context tokens, "
                                                  "2-core CPU balance), e.g. 1.0: the best plan within both budgets.",
                                            BUDGET, sweep=True)
+    layer_weights: str = option("kl", "How the planner weighs each layer's estimated K/V errors: kl (by their measured "
+                                      "effect on the output, the KL divergence of the next-token distribution on "
+                                      "held-out tokens with that layer alone compressed) or uniform.", BUDGET,
+                                sweep=True)
     calib: Path | None = option(None, "Calibration text, .txt or .jsonl with {\"text\": ...} lines; default: bundled "
                                       "prompts.", CALIBRATION)
     samples: int = option(32, "Calibration sequences.", CALIBRATION)
@@ -54,6 +58,8 @@ class ConvertOptions:
     balance: bool = option(True, "Equalize key and value energy before the joint SVD.", FACTORIZATION,
                            "--balance/--no-balance")
     value_metric: str = option("output", "Measure value error after o_proj (output) or as is (plain).", FACTORIZATION)
+    key_metric: str = option("plain", "Measure key error as the attention-score error it causes (query: weighted by "
+                                      "the calibration queries' energy per channel) or as is (plain).", FACTORIZATION)
     value_weight: float = option(1.0, "Weight of value error relative to key error.", FACTORIZATION)
     merge: str = option("anchor", "How merged groups store old tokens: anchor (the first layer's latent, causal) or "
                                   "weighted (the CommonKV paper's calibrated weighted sum; per-layer sinks and recent "
@@ -126,6 +132,10 @@ class ConvertOptions:
                                  "To resolve, pass sink ≥ 0, window ≥ 0 and block ≥ 1 (defaults 4, 32, 16).")
         if not self.value_weight > 0:
             raise UserInputError(f"value_weight {self.value_weight} must be positive. To resolve, pass e.g. 1.0.")
+        if self.layer_weights not in ("kl", "uniform"):
+            raise UserInputError(f"layer_weights {self.layer_weights!r} is unknown. To resolve, pass kl or uniform.")
+        if self.key_metric not in ("query", "plain"):
+            raise UserInputError(f"key_metric {self.key_metric!r} is unknown. To resolve, pass query or plain.")
         if self.value_metric not in ("output", "plain"):
             raise UserInputError(f"value_metric {self.value_metric!r} is unknown. To resolve, pass output or plain.")
         self._check_sharing()

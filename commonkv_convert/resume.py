@@ -258,7 +258,8 @@ class CalibrationCache:
                 self._save("hidden", 0, carry.previous["hidden"])
             stats.gram, stats.cross = self.work.save_grams(i, stats.gram, stats.cross, stats.probe)
             self.work.save(f"layers/{i}.pt", {"cos_prev": stats.cos_prev, "tokens": stats.tokens,
-                                             "samples": stats.samples, "quant_error": stats.quant_error})
+                                             "samples": stats.samples, "quant_error": stats.quant_error,
+                                             "query_energy": stats.query_energy})
             yield stats
             nxt = i + 1  # what continuing after layer i still reads
             self.work.layer_done(i, {"hidden": nxt - 1, "key": nxt - 1, "value": nxt - 1,

@@ -105,11 +105,12 @@ def checkpoints(model: str, needed: set[str]) -> dict[str, Path]:
 
 
 def predicted_loss(config: dict) -> float | None:
-    """The planner's loss of a written plan: Σ over groups of layers × (key + value error estimates)."""
+    """The planner's loss of a written plan: Σ over groups of what it minimized (`est_loss`; checkpoints written
+    before it was recorded: layers × (key + value error estimates), the unweighted loss)."""
     block = config.get("commonkv")
     if not block:
         return None
-    return sum(len(g["layers"]) * (g["est_error"]["key"] + g["est_error"]["value"])
+    return sum(g["est_loss"] if "est_loss" in g else len(g["layers"]) * (g["est_error"]["key"] + g["est_error"]["value"])
                for g in block["groups"] if "est_error" in g)
 
 

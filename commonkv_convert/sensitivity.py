@@ -1,0 +1,119 @@
+"""Per-layer sensitivities: how far the model's output moves per unit of a layer's estimated K/V error.
+
+The planner adds relative K/V errors over layers. Weighing them equally assumes that an error in layer 0 costs
+what the same error costs in the last layer, which nothing guarantees. Here, for each layer, its keys alone
+(then its values alone) are replaced by the layer's own latent reconstruction at the rank whose estimated error
+is nearest `PROBE_ERROR`; the held-out calibration sequences run through the rest of the source model, and the
+KL divergence of the next-token distribution from the source's is measured. A layer's sensitivity is that KL
+over the estimated error, so the planner's loss becomes a predicted KL (to first order a KL grows linearly in
+a squared error, and errors of several layers add).
+
+Like calibrate.py this runs layer by layer, one source decoder layer in memory at a time: each perturbed
+stream starts at its layer from the source's hidden states and rides along, batched with the others.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .architectures import ArchFacts
+from .calibrate import base_config, embed, final_norm, kwargs_to, layer_kwargs, load_layer
+from .checkpoint.reader import SourceModel
+from .factorize import Candidate
+from .memory import release_memory
+from .progress import Reporter
+from .resume import CandidateStore
+
+PROBE_ERROR = 0.05  # estimated relative error of the probing reconstruction: small, but far above rounding
+SCORED_STRIDE = 4  # logits of every 4th position are compared (the lm_head over a large vocabulary dominates)
+BATCH = 8  # sequences per layer call
+ROLES = ("k", "v")
+
+
+def probe_index(errors: torch.Tensor) -> int:
+    """Index of the rank whose estimated error is nearest PROBE_ERROR."""
+    return int((errors - PROBE_ERROR).abs().argmin())
+
+
+def sensitivities(source: SourceModel, facts: ArchFacts, tokens: torch.Tensor, candidates: dict[int, Candidate],
+                  store: CandidateStore, reporter: Reporter | None = None,
+                  device: torch.device | str = "cpu") -> dict[int, tuple[float, float]]:
+    """Layer → (key, value) sensitivity: KL(source ‖ probed) per unit of estimated error, on `tokens` [n, T].
+
+    `candidates`: each layer's per-layer factorization; a layer without one gets no entry (the planner weighs
+    its errors by 1)."""
+    reporter = reporter or Reporter()
+    cfg = base_config(source.config)
+    inputs = [kwargs_to(kwargs, device) for kwargs in layer_kwargs(cfg, facts, tokens.shape[1])]
+    n = tokens.shape[0]
+    clean = embed(source, facts, tokens).to(device)
+    streams: list[tuple[int, str, float]] = []  # (layer, role, estimated error) of each perturbed stream
+    perturbed = clean[:0]
+    stage = reporter.stage("Measuring layer sensitivities", facts.num_layers)
+    with torch.inference_mode(), stage as bar:
+        for i in range(facts.num_layers):
+            layer = load_layer(source, facts, cfg, i).to(device)
+            outputs = [_run(layer, perturbed, inputs[i])]
+            cand = candidates.get(i)
+            if cand is not None:
+                for role in ROLES:
+                    errors = (cand.err_k if role == "k" else cand.err_v)[i]
+                    idx = probe_index(errors)
+                    with _reconstructed(layer.self_attn, facts, source, i, role, cand, store, int(cand.ranks[idx])):
+                        outputs.append(_run(layer, clean, inputs[i]))
+                    streams.append((i, role, float(errors[idx])))
+            clean = _run(layer, clean, inputs[i])
+            perturbed = torch.cat(outputs)
+            del layer
+            release_memory()
+            bar.advance(f"layer {i}")
+        head = _logprobs(source, facts, device)
+        reference = head(clean)
+        out: dict[int, dict[str, float]] = {}
+        for s, (layer, role, error) in enumerate(streams):
+            probed = head(perturbed[s * n:(s + 1) * n])
+            kl = float((reference.exp() * (reference - probed)).sum(-1).mean())
+            out.setdefault(layer, {})[role] = max(kl, 0.0) / max(error, 1e-8)
+    return {layer: (s["k"], s["v"]) for layer, s in out.items()}
+
+
+def _run(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    if hidden.shape[0] == 0:
+        return hidden
+    return torch.cat([layer(hidden[s:s + BATCH], **kwargs) for s in range(0, hidden.shape[0], BATCH)])
+
+
+def _logprobs(source: SourceModel, facts: ArchFacts, device: torch.device | str):
+    """hidden [n, T, d] → log-probabilities of every SCORED_STRIDE-th position, as the source computes them."""
+    norm = final_norm(source, facts).to(device)
+    name = "lm_head.weight" if source.has_tensor("lm_head.weight") else "model.embed_tokens.weight"  # tied
+    weight = source.get_tensor(name, torch.float32).to(device)
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(norm(hidden[:, ::SCORED_STRIDE]) @ weight.T, dim=-1)
+    return head
+
+
+class _reconstructed:
+    """Within the block, the layer's `role` projection outputs its latent reconstruction B A x (+ its bias)
+    instead of W x: a forward hook adds x (B A − W)ᵀ to the rows of that role, fused q/k/v or not."""
+
+    def __init__(self, attn, facts: ArchFacts, source: SourceModel, layer: int, role: str, cand: Candidate,
+                 store: CandidateStore, rank: int) -> None:
+        down, ups = store.factors(cand, rank)
+        rows = slice(0, facts.d_kv) if role == "k" else slice(facts.d_kv, None)
+        weight = source.get_tensor(ArchFacts.kv_name(layer, role), torch.float64)
+        fused = facts.family.fused_qkv
+        self.module = getattr(attn, fused) if fused else getattr(attn, f"{role}_proj")
+        self.delta = (ups[layer][rows].double() @ down.double() - weight).float().to(self.module.weight.device)
+        self.rows = facts.qkv_rows(role) if fused else slice(None)
+
+    def __enter__(self) -> None:
+        def hook(module, args, output):
+            output = output.clone()
+            output[..., self.rows] += args[0] @ self.delta.T
+            return output
+        self.handle = self.module.register_forward_hook(hook)
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()

@@ -1,0 +1,127 @@
+"""What each change to the latent itself buys: one analysis per factorization variant, the same plans measured.
+
+    python scripts/factorization_ab.py                          # run what is missing, write docs/factorization.md
+    python scripts/factorization_ab.py run --models smollm2 --variants plain-keys query-keys
+    python scripts/factorization_ab.py report                   # the page from docs/factorization.json
+
+A variant is a set of analysis options (`VARIANTS`): they change calibration or factorization, so each needs
+its own analysis (`convert_sweep`), from which the latent-only plans of `PLANS` are written (16-bit latents, no
+quantization: the latent's own quality). Each plan is measured with scripts/frontier.py's protocol (bf16,
+ctx-ppl C=1024 on the essays, needle at 2048 tokens asked after the context), against the full cache measured
+in the same run, with the planner's predicted loss beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from frontier import measure, predicted_loss
+
+from commonkv_convert.convert import convert_sweep
+from commonkv_convert.real_models import REAL_MODELS, cache_root, real_model_dir
+from commonkv_convert.recipe import ConvertOptions
+
+# variant → the options it sets (everything else at the defaults). Variants that differ only in sweep fields
+# (budget-stage options such as layer_weights) share one analysis.
+VARIANTS: dict[str, dict] = {
+    "plain-keys": {"key_metric": "plain", "layer_weights": "uniform"},  # key error as is: relative ‖K − K̂‖²
+    "query-keys": {"key_metric": "query", "layer_weights": "uniform"},  # key error as the score error it causes
+    "kl-weights": {"key_metric": "plain", "layer_weights": "kl"},  # layers weighed by measured KL (sensitivity.py)
+    "query+kl": {"key_metric": "query", "layer_weights": "kl"},
+}
+PLANS: dict[str, dict] = {
+    "latent@0.5": {"ratio": 0.5},
+    "latent@0.75": {"ratio": 0.75},
+    "lowrank@0.5": {"ratio": 0.5, "group_size": 1},
+}
+
+
+def checkpoints(model: str, variants: list[str]) -> dict[str, Path]:
+    """"variant/plan" (and "full") → its checkpoint, converted where missing: one sweep per distinct analysis."""
+    root = cache_root() / f"factorization-{model}"
+    sweep = ConvertOptions.sweep_fields()
+    base = {"validate": False, "base_model": REAL_MODELS[model].hub_id}
+    dirs, by_analysis = {}, {}
+    for variant in variants:
+        fixed = {k: v for k, v in VARIANTS[variant].items() if k not in sweep}
+        names = {f"{variant}/{plan}": {**fields, **VARIANTS[variant]} for plan, fields in PLANS.items()}
+        if variants.index(variant) == 0:
+            names["full"] = {"ratio": 0.0, **VARIANTS[variant]}
+        dirs.update({name: root / name for name in names})
+        by_analysis.setdefault(tuple(sorted(fixed.items())), {}).update(names)
+    for fixed, names in by_analysis.items():
+        missing = {n: ConvertOptions(**base, **fields) for n, fields in names.items()
+                   if not (dirs[n] / "config.json").is_file()}
+        if missing:
+            print(f"# {model} {dict(fixed)}: converting {len(missing)} plans (one analysis)", flush=True)
+            convert_sweep(str(real_model_dir(model)), ConvertOptions(**base, **dict(fixed)), missing, root,
+                          overwrite=True)
+    return dirs
+
+
+def run(args: argparse.Namespace, results: dict) -> None:
+    torch.set_num_threads(args.threads)
+    for model in args.models:
+        done = results.setdefault(model, {})
+        for key, path in checkpoints(model, args.variants).items():
+            if key in done:
+                continue
+            variant, plan = key.split("/") if "/" in key else ("", key)
+            start = time.perf_counter()
+            entry = {"variant": variant, "plan": plan, "options": VARIANTS.get(variant, {}),
+                     "loss": predicted_loss(json.loads((path / "config.json").read_text())),
+                     **measure(path, {}, 1.0, key)}
+            entry["seconds"] = round(time.perf_counter() - start, 1)
+            done[key] = entry
+            args.json.write_text(json.dumps(results, indent=1))
+            print(model, key, json.dumps({k: v for k, v in entry.items() if k != "needle_probes"}), flush=True)
+
+
+def report(args: argparse.Namespace, results: dict) -> None:
+    lines = ["# The latent itself: what each factorization change buys", "",
+             "Produced by `python scripts/factorization_ab.py` (see its docstring). Latent-only plans (16-bit, no "
+             "quantization), bf16 on CPU; ctx-ppl: essays, C=1024 cached, next 128 scored, 4 windows; needle: 2048 "
+             "tokens, 5 depths, asked after the context. `vs full`: against the full cache measured in the same run. "
+             "`planner loss`: Σ over layers of the estimated key + value errors, each in its variant's own metric, "
+             "so it compares plans within a variant, not across.", ""]
+    for model, entries in results.items():
+        full = entries.get("full")
+        lines += [f"## {model}", "", "| variant | options | plan | removed | ctx-ppl | vs full | needle | planner loss |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for key, e in sorted(entries.items(), key=lambda kv: (kv[1]["plan"], kv[0])):
+            rel = f"{100 * (e['ctx_ppl'] / full['ctx_ppl'] - 1):+.1f}%" if full else ""
+            options = ", ".join(f"{k}={v}" for k, v in e["options"].items()) if key != "full" else ""
+            loss = f"{e['loss']:.3f}" if e.get("loss") else ""
+            lines.append(f"| {e['variant'] if key != 'full' else 'full cache'} | {options} | {e['plan']} | "
+                         f"{100 * e['removed']:.1f}% | {e['ctx_ppl']:.2f} | {rel} | "
+                         f"{round(e['needle'] * len(e['needle_probes']))}/{len(e['needle_probes'])} | {loss} |")
+        lines.append("")
+    args.out.write_text("\n".join(lines))
+    print(f"wrote {args.out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("verb", nargs="?", choices=("run", "report"), default=None)
+    parser.add_argument("--models", nargs="+", default=["smollm2", "qwen25"], choices=list(REAL_MODELS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--json", type=Path, default=Path("docs/factorization.json"))
+    parser.add_argument("--out", type=Path, default=Path("docs/factorization.md"))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    results = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    if args.verb in (None, "run"):
+        run(args, results)
+    if args.verb in (None, "report"):
+        report(args, results)
+
+
+if __name__ == "__main__":
+    main()
