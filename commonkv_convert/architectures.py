@@ -113,7 +113,8 @@ class ArchFacts:
 
     def query_outputs(self, attn, x):
         """Queries [..., H·hd] of a family attention module on its input x, after its q_norm (before RoPE)."""
-        q = getattr(attn, self.family.fused_qkv)(x)[..., self.qkv_rows("q")] if self.family.fused_qkv else attn.q_proj(x)
+        fused = self.family.fused_qkv
+        q = getattr(attn, fused)(x)[..., self.qkv_rows("q")] if fused else attn.q_proj(x)
         norm = getattr(attn, "q_norm", None)
         return q if norm is None else norm(q.unflatten(-1, (-1, norm.weight.shape[-1]))).flatten(-2)
 

@@ -75,8 +75,11 @@ Weights = dict[int, tuple[float, float]]  # layer → (key, value) weight of its
 
 def weighted_loss(errors: dict[int, tuple[float, float]], weights: Weights | None) -> float:
     """Σ over layers of key and value errors, each times its layer's weight (1 where none is given)."""
-    weights = weights or {}
-    return sum(weights.get(l, (1.0, 1.0))[0] * k + weights.get(l, (1.0, 1.0))[1] * v for l, (k, v) in errors.items())
+    total = 0.0
+    for layer, (key, value) in errors.items():
+        w_key, w_value = (weights or {}).get(layer, (1.0, 1.0))
+        total += w_key * key + w_value * value
+    return total
 
 
 def candidate_options(cand: Candidate, weights: Weights | None = None, pricing: Pricing = Pricing()) -> list[Option]:

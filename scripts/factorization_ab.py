@@ -93,7 +93,8 @@ def report(args: argparse.Namespace, results: dict) -> None:
              "so it compares plans within a variant, not across.", ""]
     for model, entries in results.items():
         full = entries.get("full")
-        lines += [f"## {model}", "", "| variant | options | plan | removed | ctx-ppl | vs full | needle | planner loss |",
+        lines += [f"## {model}", "",
+                  "| variant | options | plan | removed | ctx-ppl | vs full | needle | planner loss |",
                   "|---|---|---|---|---|---|---|---|"]
         for key, e in sorted(entries.items(), key=lambda kv: (kv[1]["plan"], kv[0])):
             rel = f"{100 * (e['ctx_ppl'] / full['ctx_ppl'] - 1):+.1f}%" if full else ""

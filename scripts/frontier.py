@@ -110,8 +110,9 @@ def predicted_loss(config: dict) -> float | None:
     block = config.get("commonkv")
     if not block:
         return None
-    return sum(g["est_loss"] if "est_loss" in g else len(g["layers"]) * (g["est_error"]["key"] + g["est_error"]["value"])
-               for g in block["groups"] if "est_error" in g)
+    def unweighted(g: dict) -> float:
+        return len(g["layers"]) * (g["est_error"]["key"] + g["est_error"]["value"])
+    return sum(g.get("est_loss", unweighted(g)) for g in block["groups"] if "est_error" in g)
 
 
 def with_budget(options: dict, keep: float, context: int) -> dict:
