@@ -241,7 +241,7 @@ def build_report(analysis: Analysis, block: dict) -> dict:
         "calibration": analysis.calibration,
         # layer → KL of the output per unit of estimated key / value error (sensitivity.py): --layer-weights kl
         "sensitivity": {str(l): {"key": round(k, 6), "value": round(v, 6)}
-                        for l, (k, v) in sorted(analysis.sensitivity.items())},
+                        for l, (k, v) in sorted((analysis.sensitivity or {}).items())},
         **({"sharing": analysis.sharing.report()} if analysis.sharing else {}),
     }
 

@@ -55,3 +55,20 @@ def _kl_with(src, tokens: torch.Tensor, layer: int, role: str, weight: torch.Ten
         logprobs.append(torch.log_softmax(logits, -1))
     clean, probed = logprobs
     return float((clean.exp() * (clean - probed)).sum(-1).mean())
+
+
+def test_uniform_weights_skip_the_measurement_and_kl_needs_it(tiny_model_dirs, tmp_path):
+    """--layer-weights uniform measures nothing (the stage costs layers² forwards); a sweep variant that asks for
+    kl weights on such an analysis is refused with a one-line fix."""
+    from commonkv_convert.convert import convert_sweep
+    from commonkv_convert.errors import UserInputError
+
+    base = ConvertOptions(ratio=0.5, validate=False, layer_weights="uniform", **TINY_CALIB)
+    with open_model(str(tiny_model_dirs["llama"])) as opened:
+        analysis = analyze_source(source_view(opened), base, Reporter())
+        analysis.store.close()
+    assert analysis.sensitivity is None
+    kl = ConvertOptions(ratio=0.5, validate=False, layer_weights="kl", **TINY_CALIB)
+    with pytest.raises(UserInputError, match="--layer-weights kl"):
+        convert_sweep(str(tiny_model_dirs["llama"]), base, {"kl": kl}, tmp_path)
+    assert not (tmp_path / "kl").exists()
