@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from frontier import measure, predicted_loss
+from frontier import dispatch, measure, parser_for, predicted_loss
 
 from commonkv_convert.convert import convert_sweep
 from commonkv_convert.real_models import REAL_MODELS, cache_root, real_model_dir
@@ -109,19 +109,9 @@ def report(args: argparse.Namespace, results: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("verb", nargs="?", choices=("run", "report"), default=None)
-    parser.add_argument("--models", nargs="+", default=["smollm2", "qwen25"], choices=list(REAL_MODELS))
+    parser = parser_for(__doc__, "factorization")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--json", type=Path, default=Path("docs/factorization.json"))
-    parser.add_argument("--out", type=Path, default=Path("docs/factorization.md"))
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    results = json.loads(args.json.read_text()) if args.json.is_file() else {}
-    if args.verb in (None, "run"):
-        run(args, results)
-    if args.verb in (None, "report"):
-        report(args, results)
+    dispatch(parser.parse_args(), run, report)
 
 
 if __name__ == "__main__":

@@ -236,20 +236,30 @@ def plot(results: dict, path: Path) -> None:
     print(f"wrote {path}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser_for(doc: str, name: str) -> argparse.ArgumentParser:
+    """The arguments every run/report benchmark script of this kind takes; results in docs/NAME.json/.md."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("verb", nargs="?", choices=("run", "report"), default=None)
     parser.add_argument("--models", nargs="+", default=["smollm2", "qwen25"], choices=list(REAL_MODELS))
-    parser.add_argument("--only", nargs="+", help="configurations to run (default: all that are missing)")
-    parser.add_argument("--json", type=Path, default=Path("docs/frontier.json"))
-    parser.add_argument("--out", type=Path, default=Path("docs/frontier.md"))
+    parser.add_argument("--json", type=Path, default=Path(f"docs/{name}.json"))
+    parser.add_argument("--out", type=Path, default=Path(f"docs/{name}.md"))
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    return parser
+
+
+def dispatch(args: argparse.Namespace, run, report) -> None:
+    """Run what is missing (verb run or none), then write the page (verb report or none)."""
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}
     if args.verb in (None, "run"):
         run(args, results)
     if args.verb in (None, "report"):
         report(args, results)
+
+
+def main() -> None:
+    parser = parser_for(__doc__, "frontier")
+    parser.add_argument("--only", nargs="+", help="configurations to run (default: all that are missing)")
+    dispatch(parser.parse_args(), run, report)
 
 
 if __name__ == "__main__":
