@@ -79,8 +79,9 @@ class Analysis:
     kept_quant_error: dict[int, dict[int, tuple[float, float]]] = field(default_factory=dict)  # layer → bits → (k, v)
     decode_shape: Shape | None = None  # the source's shape for decode-cost predictions (decode_cost.py)
     element_size: int = 4  # bytes per element of the source's dtype: what its cache holds unquantized
-    # layer → (key, value) KL per unit of estimated error (sensitivity.py); None: not measured
-    sensitivity: dict[int, tuple[float, float]] | None = None
+    # {"probes": layer → role → [(estimated error, KL)], "curves": layer → (key, value) (a, b)} (sensitivity.py);
+    # None: not measured
+    sensitivity: dict | None = None
 
     @property
     def calibration(self) -> dict:

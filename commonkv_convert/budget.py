@@ -70,15 +70,17 @@ class Pricing:
         return stored * 8 / (self.context * width * heads * len(axes))
 
 
-Weights = dict[int, tuple[float, float]]  # layer → (key, value) weight of its estimated errors in the loss
+# layer → (key, value) curves (a, b): an estimated error e costs a·e + b·e² in the loss (sensitivity.py)
+Weights = dict[int, tuple[tuple[float, float], tuple[float, float]]]
+UNWEIGHTED = ((1.0, 0.0), (1.0, 0.0))
 
 
 def weighted_loss(errors: dict[int, tuple[float, float]], weights: Weights | None) -> float:
-    """Σ over layers of key and value errors, each times its layer's weight (1 where none is given)."""
+    """Σ over layers of each key and value error through its layer's curve (the error itself where none)."""
     total = 0.0
     for layer, (key, value) in errors.items():
-        w_key, w_value = (weights or {}).get(layer, (1.0, 1.0))
-        total += w_key * key + w_value * value
+        (a_k, b_k), (a_v, b_v) = (weights or {}).get(layer, UNWEIGHTED)
+        total += a_k * key + b_k * key * key + a_v * value + b_v * value * value
     return total
 
 

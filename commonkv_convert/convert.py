@@ -225,6 +225,19 @@ def validation_failure(validation: dict, max_kl: float) -> str | None:
     return failure
 
 
+def sensitivity_report(sensitivity: dict | None) -> dict:
+    """Layer → key/value → its probes [(estimated error, KL)] and the curve (a, b) fitted to them; {} if none."""
+    if not sensitivity:
+        return {}
+    out = {}
+    for layer, roles in sorted(sensitivity["probes"].items()):
+        fitted = dict(zip(("k", "v"), sensitivity["curves"][layer]))
+        out[str(layer)] = {name: {"probes": [[round(e, 6), round(kl, 6)] for e, kl in roles[role]],
+                                  "curve": [round(c, 6) for c in fitted[role]]}
+                           for role, name in (("k", "key"), ("v", "value"))}
+    return out
+
+
 def build_report(analysis: Analysis, block: dict) -> dict:
     return {
         "tool_version": __version__,
@@ -239,9 +252,7 @@ def build_report(analysis: Analysis, block: dict) -> dict:
                        if any(o.start == s and o.size == n for o in analysis.plan)],
         },
         "calibration": analysis.calibration,
-        # layer → KL of the output per unit of estimated key / value error (sensitivity.py): --layer-weights kl
-        "sensitivity": {str(l): {"key": round(k, 6), "value": round(v, 6)}
-                        for l, (k, v) in sorted((analysis.sensitivity or {}).items())},
+        "sensitivity": sensitivity_report(analysis.sensitivity),
         **({"sharing": analysis.sharing.report()} if analysis.sharing else {}),
     }
 

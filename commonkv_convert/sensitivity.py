@@ -1,15 +1,18 @@
-"""Per-layer sensitivities: how far the model's output moves per unit of a layer's estimated K/V error.
+"""Per-layer sensitivities: how far the model's output moves for a given estimated K/V error in one layer.
 
 The planner adds relative K/V errors over layers. Weighing them equally assumes that an error in layer 0 costs
 what the same error costs in the last layer, which nothing guarantees. Here, for each layer, its keys alone
-(then its values alone) are replaced by the layer's own latent reconstruction at the rank whose estimated error
-is nearest `PROBE_ERROR`; the held-out calibration sequences run through the rest of the source model, and the
-KL divergence of the next-token distribution from the source's is measured. A layer's sensitivity is that KL
-over the estimated error, so the planner's loss becomes a predicted KL (to first order a KL grows linearly in
-a squared error, and errors of several layers add).
+(then its values alone) are replaced by the layer's own latent reconstruction at the ranks whose estimated
+errors are nearest `PROBE_ERRORS`; held-out calibration sequences run through the rest of the source model, and
+the KL divergence of the next-token distribution from the source's is measured. Each (layer, role) gets a
+curve KL(e) = a·e + b·e² (a, b ≥ 0) through its probes (`fit_curve`), so the planner's loss becomes a predicted
+KL: errors of several layers add to first order, and the e² term keeps a layer that tolerates a small error
+from being pushed far past what was probed at the price a small error implies.
 
 Like calibrate.py this runs layer by layer, one source decoder layer in memory at a time: each perturbed
-stream starts at its layer from the source's hidden states and rides along, batched with the others.
+stream starts at its layer from the source's hidden states and rides along, batched with the others. The
+streams make it cost about (layers × probes) forwards of `SEQUENCES` sequences, quadratic in depth, so it runs
+only when the plan uses it (--layer-weights kl).
 """
 
 from __future__ import annotations
@@ -24,25 +27,51 @@ from .memory import release_memory
 from .progress import Reporter
 from .resume import CandidateStore
 
-PROBE_ERROR = 0.05  # estimated relative error of the probing reconstruction: small, but far above rounding
-SCORED_STRIDE = 4  # logits of every 4th position are compared (the lm_head over a large vocabulary dominates)
+PROBE_ERRORS = (0.02, 0.2)  # estimated relative errors probed: about where plans at ratio 0.5 and 0.75 put layers
+SEQUENCES = 2  # held-out sequences run (each probe costs a pass of them through every later layer)
+SCORED_STRIDE = 2  # logits of every 2nd position are compared (the lm_head over a large vocabulary is costly)
 BATCH = 8  # sequences per layer call
 ROLES = ("k", "v")
 
-
-def probe_index(errors: torch.Tensor) -> int:
-    """Index of the rank whose estimated error is nearest PROBE_ERROR."""
-    return int((errors - PROBE_ERROR).abs().argmin())
+Curve = tuple[float, float]  # (a, b): predicted KL = a·e + b·e² at estimated error e
+Probes = dict[int, dict[str, list[tuple[float, float]]]]  # layer → role → [(estimated error, measured KL)]
 
 
-def sensitivities(source: SourceModel, facts: ArchFacts, tokens: torch.Tensor, candidates: dict[int, Candidate],
-                  store: CandidateStore, reporter: Reporter | None = None,
-                  device: torch.device | str = "cpu") -> dict[int, tuple[float, float]]:
-    """Layer → (key, value) sensitivity: KL(source ‖ probed) per unit of estimated error, on `tokens` [n, T].
+def probe_indices(errors: torch.Tensor) -> list[int]:
+    """Indices of the ranks whose estimated errors are nearest PROBE_ERRORS (distinct)."""
+    return sorted({int((errors - target).abs().argmin()) for target in PROBE_ERRORS})
+
+
+def fit_curve(points: list[tuple[float, float]]) -> Curve:
+    """a, b ≥ 0 of KL(e) = a·e + b·e² by least squares through the origin and the probes."""
+    points = [(e, kl) for e, kl in points if e > 1e-8]
+    if not points:
+        return 0.0, 0.0
+    basis = torch.tensor([[e, e * e] for e, _ in points], dtype=torch.float64)
+    target = torch.tensor([kl for _, kl in points], dtype=torch.float64)
+    if len(points) > 1:
+        a, b = torch.linalg.lstsq(basis, target).solution.tolist()
+        if a >= 0 and b >= 0:
+            return a, b
+    # one probe, or a curve that would bend down: the better of a line and a parabola alone
+    fits = [((basis[:, j] @ target / (basis[:, j] @ basis[:, j])).clamp_min(0).item(), j) for j in (0, 1)]
+    best = min(fits, key=lambda f: float((basis[:, f[1]] * f[0] - target).square().sum()))
+    return (best[0], 0.0) if best[1] == 0 else (0.0, best[0])
+
+
+def curves(probes: Probes) -> dict[int, tuple[Curve, Curve]]:
+    """Layer → (key curve, value curve): what the planner weighs errors with."""
+    return {layer: (fit_curve(roles["k"]), fit_curve(roles["v"])) for layer, roles in probes.items()}
+
+
+def probe(source: SourceModel, facts: ArchFacts, tokens: torch.Tensor, candidates: dict[int, Candidate],
+          store: CandidateStore, reporter: Reporter | None = None, device: torch.device | str = "cpu") -> Probes:
+    """Layer → role → [(estimated error, KL(source ‖ probed))] on the first SEQUENCES of `tokens` [n, T].
 
     `candidates`: each layer's per-layer factorization; a layer without one gets no entry (the planner weighs
     its errors by 1)."""
     reporter = reporter or Reporter()
+    tokens = tokens[:SEQUENCES]
     cfg = base_config(source.config)
     inputs = [kwargs_to(kwargs, device) for kwargs in layer_kwargs(cfg, facts, tokens.shape[1])]
     n = tokens.shape[0]
@@ -58,10 +87,11 @@ def sensitivities(source: SourceModel, facts: ArchFacts, tokens: torch.Tensor, c
             if cand is not None:
                 for role in ROLES:
                     errors = (cand.err_k if role == "k" else cand.err_v)[i]
-                    idx = probe_index(errors)
-                    with _reconstructed(layer.self_attn, facts, source, i, role, cand, store, int(cand.ranks[idx])):
-                        outputs.append(_run(layer, clean, inputs[i]))
-                    streams.append((i, role, float(errors[idx])))
+                    for idx in probe_indices(errors):
+                        with _reconstructed(layer.self_attn, facts, source, i, role, cand, store,
+                                            int(cand.ranks[idx])):
+                            outputs.append(_run(layer, clean, inputs[i]))
+                        streams.append((i, role, float(errors[idx])))
             clean = _run(layer, clean, inputs[i])
             perturbed = torch.cat(outputs)
             del layer
@@ -69,12 +99,12 @@ def sensitivities(source: SourceModel, facts: ArchFacts, tokens: torch.Tensor, c
             bar.advance(f"layer {i}")
         head = _logprobs(source, facts, device)
         reference = head(clean)
-        out: dict[int, dict[str, float]] = {}
+        out: Probes = {}
         for s, (layer, role, error) in enumerate(streams):
             probed = head(perturbed[s * n:(s + 1) * n])
             kl = float((reference.exp() * (reference - probed)).sum(-1).mean())
-            out.setdefault(layer, {})[role] = max(kl, 0.0) / max(error, 1e-8)
-    return {layer: (s["k"], s["v"]) for layer, s in out.items()}
+            out.setdefault(layer, {"k": [], "v": []})[role].append((error, max(kl, 0.0)))
+    return out
 
 
 def _run(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:

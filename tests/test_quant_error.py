@@ -72,8 +72,9 @@ def test_allocator_trades_precision_against_loss_within_the_byte_budget():
 
 
 def test_keep_options_use_the_measured_errors():
-    opts = keep_options(3, 8, 1, {8: (0.01, 0.02), 4: (0.1, 0.2), 2: (1.0, 1.0)}, Pricing((16, 4)), {3: (1.0, 2.0)})
-    assert [(o.bits, o.loss) for o in opts] == [(16, 0.0), (4, pytest.approx(0.1 + 2 * 0.2))]
+    opts = keep_options(3, 8, 1, {8: (0.01, 0.02), 4: (0.1, 0.2), 2: (1.0, 1.0)}, Pricing((16, 4)),
+                        {3: ((1.0, 0.0), (2.0, 10.0))})  # value errors cost 2·e + 10·e²
+    assert [(o.bits, o.loss) for o in opts] == [(16, 0.0), (4, pytest.approx(0.1 + 2 * 0.2 + 10 * 0.2**2))]
 
 
 @pytest.mark.parametrize("text", ["", "16,3", "eight", "32"])

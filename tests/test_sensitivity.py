@@ -10,33 +10,44 @@ from commonkv_convert.checkpoint.reader import open_model
 from commonkv_convert.methods import analyze_source
 from commonkv_convert.progress import Reporter
 from commonkv_convert.recipe import ConvertOptions
-from commonkv_convert.sensitivity import SCORED_STRIDE, probe_index
+from commonkv_convert.sensitivity import SCORED_STRIDE, SEQUENCES, fit_curve, probe_indices
 
 from .helpers import TINY_CALIB
 
 
 @pytest.mark.parametrize("tiny_model_dir", ["llama", "qwen2", "phi3"], indirect=True)  # plain, biased, fused qkv
-def test_sensitivity_is_the_kl_of_a_full_forward_over_the_estimated_error(tiny_model_dir):
+def test_probes_are_the_kl_of_a_full_forward(tiny_model_dir):
     options = ConvertOptions(ratio=0.5, group_size=2, validate=False, **TINY_CALIB)
     with open_model(str(tiny_model_dir)) as opened:
         analysis = analyze_source(source_view(opened), options, Reporter())
         try:
-            facts, tokens = analysis.facts, analysis.data.tokens[-analysis.data.held_out:]
-            assert set(analysis.sensitivity) == set(range(facts.num_layers))
+            facts = analysis.facts
+            tokens = analysis.data.tokens[-analysis.data.held_out:][:SEQUENCES]
+            probes = analysis.sensitivity["probes"]
+            assert set(probes) == set(analysis.sensitivity["curves"]) == set(range(facts.num_layers))
             layer = facts.num_layers - 2
             cand = analysis.candidates[(layer, 1)]
-            expected = {}
             for role, errors in (("k", cand.err_k[layer]), ("v", cand.err_v[layer])):
-                idx = probe_index(errors)
-                down, ups = analysis.store.factors(cand, int(cand.ranks[idx]))
-                rows = slice(0, facts.d_kv) if role == "k" else slice(facts.d_kv, None)
-                expected[role] = _kl_with(tiny_model_dir, tokens, layer, role, ups[layer][rows] @ down,
-                                          facts) / float(errors[idx])
+                indices = probe_indices(errors)
+                assert len(probes[layer][role]) == len(indices) >= 1
+                for idx, (error, kl) in zip(indices, probes[layer][role]):
+                    down, ups = analysis.store.factors(cand, int(cand.ranks[idx]))
+                    rows = slice(0, facts.d_kv) if role == "k" else slice(facts.d_kv, None)
+                    expected = _kl_with(tiny_model_dir, tokens, layer, role, ups[layer][rows] @ down, facts)
+                    assert error == pytest.approx(float(errors[idx]))
+                    assert kl > 0 and kl == pytest.approx(expected, rel=2e-3, abs=1e-7)
         finally:
             analysis.store.close()
-    got = analysis.sensitivity[layer]
-    assert got[0] > 0 and got[1] > 0
-    torch.testing.assert_close(torch.tensor(got), torch.tensor([expected["k"], expected["v"]]), rtol=2e-3, atol=1e-6)
+
+
+def test_curves_pass_through_consistent_probes_and_never_go_negative():
+    a, b = fit_curve([(0.02, 0.02 * 3 + 0.0004 * 5), (0.2, 0.2 * 3 + 0.04 * 5)])
+    assert (a, b) == (pytest.approx(3), pytest.approx(5))
+    # a KL that grows slower than linearly would fit b < 0: kept convex and non-negative instead
+    a, b = fit_curve([(0.02, 0.1), (0.2, 0.3)])
+    assert a >= 0 and b >= 0 and a * 0.2 + b * 0.04 == pytest.approx(0.3, rel=0.3)
+    assert fit_curve([(0.05, 0.5)]) == (pytest.approx(10), 0.0)
+    assert fit_curve([]) == (0.0, 0.0)
 
 
 def _kl_with(src, tokens: torch.Tensor, layer: int, role: str, weight: torch.Tensor, facts) -> float:
