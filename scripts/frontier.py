@@ -115,6 +115,13 @@ def predicted_loss(config: dict) -> float | None:
     return sum(g.get("est_loss", unweighted(g)) for g in block["groups"] if "est_error" in g)
 
 
+def loss_kind(config: dict) -> str:
+    """"predicted KL" where the planner weighed layers by their sensitivity (groups record est_loss), else
+    "errors" (an unweighted sum): the two are not in the same units, so plans are ranked within a kind."""
+    groups = (config.get("commonkv") or {}).get("groups", [])
+    return "predicted KL" if any("est_loss" in g for g in groups) else "errors"
+
+
 def with_budget(options: dict, keep: float, context: int) -> dict:
     """Run-time options with eviction keeping `keep` of a `context`-token prompt (budget + observe tokens)."""
     if keep >= 1.0:
@@ -150,9 +157,10 @@ def run(args: argparse.Namespace, results: dict) -> None:
             if ckpt not in dirs:  # a plan that does not exist (a speed limit no plan meets)
                 continue
             start = time.perf_counter()
+            config = json.loads((dirs[ckpt] / "config.json").read_text())
             entry = {"checkpoint": ckpt, "kv_cache": options, "keep": keep,
-                     "loss": predicted_loss(json.loads((dirs[ckpt] / "config.json").read_text())) if keep >= 1
-                     and not options else None, **measure(dirs[ckpt], options, keep, name)}
+                     "loss": predicted_loss(config) if keep >= 1 and not options else None,
+                     "loss_kind": loss_kind(config), **measure(dirs[ckpt], options, keep, name)}
             entry["seconds"] = round(time.perf_counter() - start, 1)
             done[name] = entry
             args.json.write_text(json.dumps(results, indent=1))
@@ -199,10 +207,13 @@ def report(args: argparse.Namespace, results: dict) -> None:
             rel = f"{100 * (r['ctx_ppl'] / own['ctx_ppl'] - 1):+.1f}% (fp32)" if own else ""
             lines.append(f"| kvpress {r['press']} | {100 * r['removed']:.1f}% | {r['ctx_ppl']:.2f} | {rel} | "
                          f"{r['needle']:g}/{r['probes']} | |")
-        ranked = [(e["loss"], e["ctx_ppl"]) for e in entries.values() if e.get("loss") is not None]
-        if len(ranked) >= 3:
-            rho = spearman([r[0] for r in ranked], [r[1] for r in ranked])
-            lines += ["", f"Planner loss against measured ctx-ppl over {len(ranked)} plans: Spearman **{rho:.3f}**."]
+        for kind in ("errors", "predicted KL"):
+            ranked = [(e["loss"], e["ctx_ppl"]) for e in entries.values()
+                      if e.get("loss") is not None and e.get("loss_kind", "errors") == kind]
+            if len(ranked) >= 3:
+                rho = spearman([r[0] for r in ranked], [r[1] for r in ranked])
+                lines += ["", f"Planner loss ({kind}) against measured ctx-ppl over {len(ranked)} plans: "
+                              f"Spearman **{rho:.3f}**."]
         lines.append("")
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")
