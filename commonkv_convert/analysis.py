@@ -79,9 +79,8 @@ class Analysis:
     kept_quant_error: dict[int, dict[int, tuple[float, float]]] = field(default_factory=dict)  # layer → bits → (k, v)
     decode_shape: Shape | None = None  # the source's shape for decode-cost predictions (decode_cost.py)
     element_size: int = 4  # bytes per element of the source's dtype: what its cache holds unquantized
-    # {"probes": layer → role → [(estimated error, KL)], "curves": layer → (key, value) (a, b)} (sensitivity.py);
-    # None: not measured
-    sensitivity: dict | None = None
+    # layer → role → [(estimated error, KL)] (sensitivity.probe; the planner fits its curves); None: not measured
+    sensitivity: dict[int, dict[str, list[tuple[float, float]]]] | None = None
 
     @property
     def calibration(self) -> dict:

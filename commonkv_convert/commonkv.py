@@ -100,8 +100,7 @@ class CommonKV:
         sensitivity = None
         if self.layer_weights == "kl":  # the one stage whose cost grows with layers²: only when the plan uses it
             per_layer = {l: candidates[(l, 1)] for l in range(facts.num_layers) if (l, 1) in candidates}
-            probes = probe(source, facts, data.tokens[-data.held_out:], per_layer, store, reporter, dev)
-            sensitivity = {"probes": probes, "curves": curves(probes)}
+            sensitivity = probe(source, facts, data.tokens[-data.held_out:], per_layer, store, reporter, dev)
         analysis = Analysis(facts, data, [], self.ratio, store, result.final_hidden, candidates,
                             adjacent_pairs(everything, {s: v for (s, n), v in group_sim.items() if n == 2}),
                             group_sim, {l: s.samples for l, s in everything.items() if s.samples}, sharing,
@@ -160,7 +159,7 @@ class CommonKV:
             if self.layer_weights == "kl" and analysis.sensitivity is None:
                 raise UserInputError("--layer-weights kl needs the layer sensitivities, which this analysis did not "
                                      "measure. To resolve, analyze with --layer-weights kl (a sweep's base options).")
-            weights = analysis.sensitivity["curves"] if self.layer_weights == "kl" else None
+            weights = curves(analysis.sensitivity) if self.layer_weights == "kl" else None
             opts = [o for l in range(facts.num_layers) for o in keep_options(
                 l, facts.head_dim, facts.num_kv_heads, analysis.kept_quant_error.get(l, {}), pricing, weights)] \
                 if self.allow_keep else []

@@ -35,6 +35,7 @@ from .methods import Method, analyze_source, method_for
 from .progress import Reporter
 from .recipe import ConvertOptions
 from .resume import WorkDir
+from .sensitivity import fit_curve
 from .validate import validate_checkpoint
 
 
@@ -225,15 +226,12 @@ def validation_failure(validation: dict, max_kl: float) -> str | None:
     return failure
 
 
-def sensitivity_report(sensitivity: dict | None) -> dict:
+def sensitivity_report(probes: dict | None) -> dict:
     """Layer → key/value → its probes [(estimated error, KL)] and the curve (a, b) fitted to them; {} if none."""
-    if not sensitivity:
-        return {}
     out = {}
-    for layer, roles in sorted(sensitivity["probes"].items()):
-        fitted = dict(zip(("k", "v"), sensitivity["curves"][layer]))
+    for layer, roles in sorted((probes or {}).items()):
         out[str(layer)] = {name: {"probes": [[round(e, 6), round(kl, 6)] for e, kl in roles[role]],
-                                  "curve": [round(c, 6) for c in fitted[role]]}
+                                  "curve": [round(c, 6) for c in fit_curve(roles[role])]}
                            for role, name in (("k", "key"), ("v", "value"))}
     return out
 

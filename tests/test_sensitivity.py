@@ -10,7 +10,7 @@ from commonkv_convert.checkpoint.reader import open_model
 from commonkv_convert.methods import analyze_source
 from commonkv_convert.progress import Reporter
 from commonkv_convert.recipe import ConvertOptions
-from commonkv_convert.sensitivity import SCORED_STRIDE, SEQUENCES, fit_curve, probe_indices
+from commonkv_convert.sensitivity import SCORED_STRIDE, SEQUENCES, curves, fit_curve, probe_indices
 
 from .helpers import TINY_CALIB
 
@@ -23,8 +23,8 @@ def test_probes_are_the_kl_of_a_full_forward(tiny_model_dir):
         try:
             facts = analysis.facts
             tokens = analysis.data.tokens[-analysis.data.held_out:][:SEQUENCES]
-            probes = analysis.sensitivity["probes"]
-            assert set(probes) == set(analysis.sensitivity["curves"]) == set(range(facts.num_layers))
+            probes = analysis.sensitivity
+            assert set(probes) == set(curves(probes)) == set(range(facts.num_layers))
             layer = facts.num_layers - 2
             cand = analysis.candidates[(layer, 1)]
             for role, errors in (("k", cand.err_k[layer]), ("v", cand.err_v[layer])):
