@@ -113,6 +113,13 @@ def kwargs_to(kwargs: dict, device: torch.device | str) -> dict:
             for k, v in kwargs.items()}
 
 
+def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: int = 8) -> torch.Tensor:
+    """The layer's output on `hidden` [N, T, d], `batch_size` sequences per call (bounds the attention memory)."""
+    if hidden.shape[0] == 0:
+        return hidden
+    return torch.cat([layer(hidden[s:s + batch_size], **kwargs) for s in range(0, hidden.shape[0], batch_size)])
+
+
 def resolve_devices(spec: str = "cpu") -> list[torch.device]:
     """Devices for `--device`: cpu; cuda (every visible GPU, layers placed round-robin); cuda:N; auto (the
     GPUs if any, else the CPU)."""
@@ -254,7 +261,7 @@ def calibrate(
                                  for k, v in {**current, "input": x}.items()}
             if max_group > 1:
                 window.append(x)
-            hidden = torch.cat([layer(hidden[s:s + batch_size], **here) for s in range(0, n, batch_size)])
+            hidden = run_layer(layer, hidden, here, batch_size)
             del layer
             release_memory()
             bar.advance(f"layer {i}")

@@ -18,7 +18,7 @@ import torch
 from .analysis import Analysis, CalibrationData
 from .architectures import ArchFacts
 from .budget import FULL_BITS, Option, Pricing, allocate, candidate_options, keep_options, uniform
-from .calibrate import CalibrationResult, LayerStats
+from .calibrate import CalibrationResult, LayerStats, resolve_devices
 from .checkpoint.format import group_elements
 from .checkpoint.reader import SourceModel
 from .decode_cost import config_element_size, group_cost, rest_cost, shape_from_config
@@ -35,6 +35,7 @@ from .kvsharer import SharingPlan, shared_options
 from .progress import Reporter
 from .quant_error import latent_errors
 from .recipe import parse_bits
+from .refit import refit
 from .resume import CalibrationCache, CandidateStore, WorkDir
 from .sensitivity import curves, probe
 from .similarity import adjacent_pairs, latent_similarity
@@ -63,6 +64,8 @@ class CommonKV:
     context: int
     max_decode_cost: float | None
     layer_weights: str
+    refit: str
+    device: str
 
     def analyze(self, source: SourceModel, facts: ArchFacts, data: CalibrationData, work: WorkDir,
                 reporter: Reporter, devices: list[torch.device], *, keep_tokens: int = 0,
@@ -85,7 +88,8 @@ class CommonKV:
             window.append(stats)
             everything[stats.layer] = _summary(stats)
             live = {s.layer: s for s in window}
-            transforms = {l: transforms[l] if l in transforms else self._row_transform(source, facts, live[l])
+            transforms = {l: transforms[l] if l in transforms else
+                          self._row_transform(source, facts, l, live[l].gram["fit"], live[l].query_energy)
                           for l in live}  # only the window's: these dicts must not grow with the model
             weights = {l: weights[l] if l in weights else (transforms[l] @ _kv_weight(source, l)).to(dev)
                        for l in live}
@@ -130,19 +134,20 @@ class CommonKV:
             cand.quant_error = latent_errors(latent, cand.up, targets, ranks, facts.d_kv)
         return _to_device(cand, "cpu")
 
-    def _row_transform(self, source: SourceModel, facts: ArchFacts, stats: LayerStats) -> torch.Tensor:
-        """The balance transform of a layer's [W_k; W_v] rows (identity without --balance)."""
-        w = _kv_weight(source, stats.layer)
+    def _row_transform(self, source: SourceModel, facts: ArchFacts, layer: int, gram: torch.Tensor,
+                       query_energy: torch.Tensor | None) -> torch.Tensor:
+        """The balance transform of a layer's [W_k; W_v] rows (identity without --balance), from the Gram of its
+        attention inputs and its queries' energy per key channel (calibrate.query_energy)."""
+        w = _kv_weight(source, layer)
         if not self.balance:
             return torch.eye(w.shape[0], dtype=w.dtype)
         metric = key = None
         if self.value_metric == "output":
-            w_o = source.get_tensor(facts.layer_prefix(stats.layer) + "self_attn.o_proj.weight", torch.float64)
+            w_o = source.get_tensor(facts.layer_prefix(layer) + "self_attn.o_proj.weight", torch.float64)
             metric = value_output_metric(w_o, facts.num_kv_heads, facts.head_dim)
         if self.key_metric == "query":
-            key = key_score_metric(stats.query_energy)
-        return balance_transform(w[: facts.d_kv], w[facts.d_kv:], metric, stats.gram["fit"], self.value_weight,
-                                 key)
+            key = key_score_metric(query_energy)
+        return balance_transform(w[: facts.d_kv], w[facts.d_kv:], metric, gram, self.value_weight, key)
 
     def plan(self, analysis: Analysis) -> Analysis:
         """The budget stage: spans up to group_size at the allowed precisions, at most (1 − ratio) of the full
@@ -241,11 +246,24 @@ class CommonKV:
 
     def tensors(self, source: SourceModel, analysis: Analysis,
                 reporter: Reporter | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Each latent group's down-projection (once) and its layers' up-projections, read from the candidate
-        store one group at a time."""
+        """Each latent group's down-projection (once) and its layers' up-projections: the analysis's factors,
+        read from the candidate store one group at a time, or with --refit refitted now (before the writer
+        opens: it only writes)."""
+        refitted = None
+        if self.refit != "none":
+            facts = analysis.facts
+            refitted = refit(source, facts, analysis.data.tokens, analysis.plan, lambda l: _kv_weight(source, l),
+                             lambda l, gram, energy: self._row_transform(source, facts, l, gram, energy),
+                             sequential=self.refit == "sequential", reporter=reporter,
+                             device=resolve_devices(self.device)[0])
+        return self._group_tensors(source, analysis, refitted)
+
+    def _group_tensors(self, source: SourceModel, analysis: Analysis,
+                       refitted: dict | None) -> Iterator[tuple[str, torch.Tensor]]:
         for g, opt in enumerate(analysis.plan):
             if opt.mode != "keep":
-                down, ups = analysis.store.factors(analysis.candidates[(opt.start, opt.size)], opt.rank)
+                down, ups = refitted[g] if refitted is not None else \
+                    analysis.store.factors(analysis.candidates[(opt.start, opt.size)], opt.rank)
                 yield f"model.kv_groups.{g}.down.weight", down
                 for layer in opt.layers:
                     yield from up_projections(source, analysis.facts, layer, ups[layer])

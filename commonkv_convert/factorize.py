@@ -77,11 +77,15 @@ def factorize(
     ranks: torch.Tensor,
     *,
     whiten: bool = True,
+    anchor: int | None = None,
 ) -> Candidate:
     """Shared down-projection for `weights` (layer -> stacked [W_k; W_v], 2·d_kv × d) read from `predictor`.
 
     `fit` Grams determine the factors; `held_out` Grams (other calibration tokens) measure their error.
+    `anchor`: the layer whose own input the predictor stands for (default: the predictor itself); refit.py
+    passes a separate predictor index for the anchor's input as the compressed layers before it leave it.
     """
+    anchor = predictor if anchor is None else anchor
     layers = tuple(sorted(weights))
     r_max = int(ranks[-1])
     g_pp = fit(predictor, predictor)
@@ -90,7 +94,7 @@ def factorize(
     def cross(l: int) -> torch.Tensor:
         """X_l X_pᵀ, with the ridge on the predictor's own Gram: at full rank the refit is then W A⁻¹ exactly,
         also along directions the calibration data never visits."""
-        return fit(l, predictor) + ridge if l == predictor else fit(l, predictor)
+        return fit(l, predictor) + ridge if l == anchor else fit(l, predictor)
 
     g_pp = g_pp + ridge
     w_cross = {l: weights[l] @ cross(l) for l in layers}  # W_l C_lp, read by the SVD target and the refit

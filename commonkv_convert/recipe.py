@@ -61,6 +61,9 @@ class ConvertOptions:
     key_metric: str = option("plain", "Measure key error as the attention-score error it causes (query: weighted by "
                                       "the calibration queries' energy per channel) or as is (plain).", FACTORIZATION)
     value_weight: float = option(1.0, "Weight of value error relative to key error.", FACTORIZATION)
+    refit: str = option("none", "Once planned, refit each group's factors on all calibration tokens (pooled), also "
+                                "fed by the compressed layers before it (sequential), or not (none).", FACTORIZATION,
+                        sweep=True)
     merge: str = option("anchor", "How merged groups store old tokens: anchor (the first layer's latent, causal) or "
                                   "weighted (the CommonKV paper's calibrated weighted sum; per-layer sinks and recent "
                                   "window).", FACTORIZATION)
@@ -138,6 +141,7 @@ class ConvertOptions:
             raise UserInputError(f"key_metric {self.key_metric!r} is unknown. To resolve, pass query or plain.")
         if self.value_metric not in ("output", "plain"):
             raise UserInputError(f"value_metric {self.value_metric!r} is unknown. To resolve, pass output or plain.")
+        self._check_refit()
         self._check_sharing()
         self._check_base_model()
         # Imported here: both pull in torch, which `commonkv --version` and `--help` should not wait for.
@@ -147,6 +151,14 @@ class ConvertOptions:
         parse_size(self.max_shard_size)
         if self.calib is not None:
             check_file(Path(self.calib))
+
+    def _check_refit(self) -> None:
+        modes = ("none", "pooled", "sequential")  # refit.py
+        if self.refit not in modes:
+            raise UserInputError(f"--refit {self.refit!r} is unknown. To resolve, pass one of {', '.join(modes)}.")
+        if self.refit != "none" and (self.merge != "anchor" or self.method != "commonkv"):
+            raise UserInputError("--refit refits anchor-merged CommonKV groups only. To resolve, pass --refit none, "
+                                 "or use --merge anchor with --method commonkv.")
 
     def _check_base_model(self) -> None:
         from .checkpoint.card import is_hub_id

@@ -20,17 +20,17 @@ from __future__ import annotations
 import torch
 
 from .architectures import ArchFacts
-from .calibrate import base_config, embed, final_norm, kwargs_to, layer_kwargs, load_layer
+from .calibrate import base_config, embed, final_norm, kwargs_to, layer_kwargs, load_layer, run_layer
 from .checkpoint.reader import SourceModel
 from .factorize import Candidate
 from .memory import release_memory
 from .progress import Reporter
+from .refit import LatentKV
 from .resume import CandidateStore
 
 PROBE_ERRORS = (0.02, 0.2)  # estimated relative errors probed: about where plans at ratio 0.5 and 0.75 put layers
 SEQUENCES = 2  # held-out sequences run (each probe costs a pass of them through every later layer)
 SCORED_STRIDE = 2  # logits of every 2nd position are compared (the lm_head over a large vocabulary is costly)
-BATCH = 8  # sequences per layer call
 ROLES = ("k", "v")
 
 Curve = tuple[float, float]  # (a, b): predicted KL = a·e + b·e² at estimated error e
@@ -82,17 +82,17 @@ def probe(source: SourceModel, facts: ArchFacts, tokens: torch.Tensor, candidate
     with torch.inference_mode(), stage as bar:
         for i in range(facts.num_layers):
             layer = load_layer(source, facts, cfg, i).to(device)
-            outputs = [_run(layer, perturbed, inputs[i])]
+            outputs = [run_layer(layer, perturbed, inputs[i])]
             cand = candidates.get(i)
             if cand is not None:
                 for role in ROLES:
                     errors = (cand.err_k if role == "k" else cand.err_v)[i]
                     for idx in probe_indices(errors):
-                        with _reconstructed(layer.self_attn, facts, source, i, role, cand, store,
-                                            int(cand.ranks[idx])):
-                            outputs.append(_run(layer, clean, inputs[i]))
+                        down, ups = store.factors(cand, int(cand.ranks[idx]))
+                        with LatentKV(layer.self_attn, facts, ups[i], down, roles=(role,)):
+                            outputs.append(run_layer(layer, clean, inputs[i]))
                         streams.append((i, role, float(errors[idx])))
-            clean = _run(layer, clean, inputs[i])
+            clean = run_layer(layer, clean, inputs[i])
             perturbed = torch.cat(outputs)
             del layer
             release_memory()
@@ -107,12 +107,6 @@ def probe(source: SourceModel, facts: ArchFacts, tokens: torch.Tensor, candidate
     return out
 
 
-def _run(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    if hidden.shape[0] == 0:
-        return hidden
-    return torch.cat([layer(hidden[s:s + BATCH], **kwargs) for s in range(0, hidden.shape[0], BATCH)])
-
-
 def _logprobs(source: SourceModel, facts: ArchFacts, device: torch.device | str):
     """hidden [n, T, d] → log-probabilities of every SCORED_STRIDE-th position, as the source computes them."""
     norm = final_norm(source, facts).to(device)
@@ -122,28 +116,3 @@ def _logprobs(source: SourceModel, facts: ArchFacts, device: torch.device | str)
     def head(hidden: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(norm(hidden[:, ::SCORED_STRIDE]) @ weight.T, dim=-1)
     return head
-
-
-class _reconstructed:
-    """Within the block, the layer's `role` projection outputs its latent reconstruction B A x (+ its bias)
-    instead of W x: a forward hook adds x (B A − W)ᵀ to the rows of that role, fused q/k/v or not."""
-
-    def __init__(self, attn, facts: ArchFacts, source: SourceModel, layer: int, role: str, cand: Candidate,
-                 store: CandidateStore, rank: int) -> None:
-        down, ups = store.factors(cand, rank)
-        rows = slice(0, facts.d_kv) if role == "k" else slice(facts.d_kv, None)
-        weight = source.get_tensor(ArchFacts.kv_name(layer, role), torch.float64)
-        fused = facts.family.fused_qkv
-        self.module = getattr(attn, fused) if fused else getattr(attn, f"{role}_proj")
-        self.delta = (ups[layer][rows].double() @ down.double() - weight).float().to(self.module.weight.device)
-        self.rows = facts.qkv_rows(role) if fused else slice(None)
-
-    def __enter__(self) -> None:
-        def hook(module, args, output):
-            output = output.clone()
-            output[..., self.rows] += args[0] @ self.delta.T
-            return output
-        self.handle = self.module.register_forward_hook(hook)
-
-    def __exit__(self, *exc) -> None:
-        self.handle.remove()
