@@ -53,6 +53,12 @@ class CalibrationData:
     def validation_tokens(self) -> torch.Tensor:
         return self.tokens[self.tokens.shape[0] - self.held_out:][: self.validation]
 
+    @property
+    def refit_tokens(self) -> torch.Tensor:
+        """Every sequence but the validation rows, which must stay unseen for the post-write check (--refit)."""
+        first = self.tokens.shape[0] - self.held_out
+        return torch.cat([self.tokens[:first], self.tokens[first + self.validation:]])
+
 
 @dataclass
 class Analysis:

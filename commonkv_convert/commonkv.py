@@ -252,7 +252,7 @@ class CommonKV:
         refitted = None
         if self.refit != "none":
             facts = analysis.facts
-            refitted = refit(source, facts, analysis.data.tokens, analysis.plan, lambda l: _kv_weight(source, l),
+            refitted = refit(source, facts, analysis.data.refit_tokens, analysis.plan, lambda l: _kv_weight(source, l),
                              lambda l, gram, energy: self._row_transform(source, facts, l, gram, energy),
                              sequential=self.refit == "sequential", reporter=reporter,
                              device=resolve_devices(self.device)[0])

@@ -61,8 +61,9 @@ class ConvertOptions:
     key_metric: str = option("plain", "Measure key error as the attention-score error it causes (query: weighted by "
                                       "the calibration queries' energy per channel) or as is (plain).", FACTORIZATION)
     value_weight: float = option(1.0, "Weight of value error relative to key error.", FACTORIZATION)
-    refit: str = option("none", "Once planned, refit each group's factors on all calibration tokens (pooled), also "
-                                "fed by the compressed layers before it (sequential), or not (none).", FACTORIZATION,
+    refit: str = option("none", "Once planned, refit each group's factors on all calibration tokens but the "
+                                "validation rows (pooled), also fed by the compressed layers before it (sequential), "
+                                "or not (none).", FACTORIZATION,
                         sweep=True)
     merge: str = option("anchor", "How merged groups store old tokens: anchor (the first layer's latent, causal) or "
                                   "weighted (the CommonKV paper's calibrated weighted sum; per-layer sinks and recent "

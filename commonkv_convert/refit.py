@@ -3,7 +3,8 @@
 The analysis fits every candidate span on the fit split and measures it on the held-out split, because the
 planner needs honest errors to choose between them. Once the plan is chosen those tokens have done that job:
 
-- `pooled` refits each chosen group at its planned rank on all calibration tokens, fit and held-out together;
+- `pooled` refits each chosen group at its planned rank on all calibration tokens, fit and held-out together,
+  but the validation rows that the post-write check reads (CalibrationData.refit_tokens);
 - `sequential` also feeds each group what the converted model would: the residual stream with every earlier
   group's keys and values replaced by their (refitted) latent reconstructions. The targets stay the source's
   own keys and values on the source's stream, so a group's factors learn to undo the drift of the groups

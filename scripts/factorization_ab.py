@@ -35,6 +35,9 @@ VARIANTS: dict[str, dict] = {
     "query-keys": {"key_metric": "query", "layer_weights": "uniform"},  # key error as the score error it causes
     "kl-weights": {"key_metric": "plain", "layer_weights": "kl"},  # layers weighed by measured KL (sensitivity.py)
     "query+kl": {"key_metric": "query", "layer_weights": "kl"},
+    # the kl-weights plans with their factors refitted once planned (refit.py)
+    "kl+pooled": {"key_metric": "plain", "layer_weights": "kl", "refit": "pooled"},  # on all calibration tokens
+    "kl+sequential": {"key_metric": "plain", "layer_weights": "kl", "refit": "sequential"},  # fed by the compressed
 }
 PLANS: dict[str, dict] = {
     "latent@0.5": {"ratio": 0.5},

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from commonkv_convert.architectures import resolve, source_view
-from commonkv_convert.calibration_data import DEFAULT_CALIBRATION, read_texts, token_sequences
+from commonkv_convert.analysis import CalibrationData
 from commonkv_convert.checkpoint.reader import open_model
 from commonkv_convert.commonkv import _kv_weight
 from commonkv_convert.convert import convert
@@ -44,8 +44,8 @@ def test_sequential_refit_fits_the_converted_models_own_stream(tiny_model_dir, t
     options = ConvertOptions(**TINY_CALIB, **MERGED, refit="sequential")
     with open_model(str(tiny_model_dir)) as opened:
         source = source_view(opened)
-        tokens = token_sequences(read_texts(DEFAULT_CALIBRATION), source.tokenizer(), options.samples,
-                                 options.seq_len)
+        tokens = CalibrationData.load(None, source.tokenizer(), options.samples, options.seq_len,
+                                      options.held_out).refit_tokens
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
         converted = load_checkpoint(out, dtype=torch.float32)
         anchor = 2  # groups [0, 1] and [2, 3]
