@@ -2,6 +2,7 @@
 
     python scripts/factorization_ab.py                          # run what is missing, write docs/factorization.md
     python scripts/factorization_ab.py run --models smollm2 --variants plain-keys query-keys
+    python scripts/factorization_ab.py run --models qwen25 --variants kl+sequential --plans latent@0.5
     python scripts/factorization_ab.py report                   # the page from docs/factorization.json
 
 A variant is a set of analysis options (`VARIANTS`): they change calibration or factorization, so each needs
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from frontier import dispatch, measure, parser_for, predicted_loss
+from frontier import dispatch, measure, parser_for, predicted_loss, save
 
 from commonkv_convert.convert import convert_sweep
 from commonkv_convert.real_models import REAL_MODELS, cache_root, real_model_dir
@@ -46,17 +47,19 @@ PLANS: dict[str, dict] = {
 }
 
 
-def checkpoints(model: str, variants: list[str]) -> dict[str, Path]:
-    """"variant/plan" (and "full") → its checkpoint, converted where missing: one sweep per distinct analysis."""
+def checkpoints(model: str, variants: list[str], plans: list[str], done: set[str]) -> dict[str, Path]:
+    """"variant/plan" (and "full") → its checkpoint, converted where missing and not yet measured (`done`): one
+    sweep per distinct analysis."""
     root = cache_root() / f"factorization-{model}"
     sweep = ConvertOptions.sweep_fields()
     base = {"validate": False, "base_model": REAL_MODELS[model].hub_id}
     dirs, by_analysis = {}, {}
     for variant in variants:
         fixed = {k: v for k, v in VARIANTS[variant].items() if k not in sweep}
-        names = {f"{variant}/{plan}": {**fields, **VARIANTS[variant]} for plan, fields in PLANS.items()}
+        names = {f"{variant}/{plan}": {**PLANS[plan], **VARIANTS[variant]} for plan in plans}
         if variants.index(variant) == 0:
             names["full"] = {"ratio": 0.0, **VARIANTS[variant]}
+        names = {n: fields for n, fields in names.items() if n not in done}
         dirs.update({name: root / name for name in names})
         by_analysis.setdefault(tuple(sorted(fixed.items())), {}).update(names)
     for fixed, names in by_analysis.items():
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace, results: dict) -> None:
     torch.set_num_threads(args.threads)
     for model in args.models:
         done = results.setdefault(model, {})
-        for key, path in checkpoints(model, args.variants).items():
+        for key, path in checkpoints(model, args.variants, args.plans, set(done)).items():
             if key in done:
                 continue
             variant, plan = key.split("/") if "/" in key else ("", key)
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace, results: dict) -> None:
                      **measure(path, {}, 1.0, key)}
             entry["seconds"] = round(time.perf_counter() - start, 1)
             done[key] = entry
-            args.json.write_text(json.dumps(results, indent=1))
+            save(args.json, results, model)
             print(model, key, json.dumps({k: v for k, v in entry.items() if k != "needle_probes"}), flush=True)
 
 
@@ -114,6 +117,7 @@ def report(args: argparse.Namespace, results: dict) -> None:
 def main() -> None:
     parser = parser_for(__doc__, "factorization")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--plans", nargs="+", default=list(PLANS), choices=list(PLANS))
     dispatch(parser.parse_args(), run, report)
 
 

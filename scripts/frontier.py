@@ -163,7 +163,7 @@ def run(args: argparse.Namespace, results: dict) -> None:
                      "loss_kind": loss_kind(config), **measure(dirs[ckpt], options, keep, name)}
             entry["seconds"] = round(time.perf_counter() - start, 1)
             done[name] = entry
-            args.json.write_text(json.dumps(results, indent=1))
+            save(args.json, results, model)
             print(model, name, json.dumps({k: v for k, v in entry.items() if k != "needle_probes"}), flush=True)
 
 
@@ -265,6 +265,16 @@ def dispatch(args: argparse.Namespace, run, report) -> None:
         run(args, results)
     if args.verb in (None, "report"):
         report(args, results)
+
+
+def save(path: Path, results: dict, model: str) -> None:
+    """Write `results[model]` into the JSON at `path`, re-read first: runs for other models may be writing it."""
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    merged[model] = results[model]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(merged, indent=1))
+    tmp.replace(path)
+    results.update(merged)
 
 
 def main() -> None:
