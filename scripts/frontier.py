@@ -14,6 +14,7 @@ For each model, one analysis (`convert_sweep`: calibration and factorization onc
 - `quant`: the full cache quantized at run time (8, 4, 2 bits); `evict`: the full cache with SnapKV-style
   eviction at the same points;
 - extra planner variants (`--bits 16,8` …) so the loss ranking below spans at least 12 plans;
+- `plan-seq`: the plan with its factors refitted on the compressed model's own stream (`--refit sequential`);
 - `kvpress`: NVIDIA kvpress's presses, where `scripts/peer_kvpress.py run` has written
   docs/frontier_kvpress_MODEL.json (in its own venv: kvpress pins transformers < 5.3). It runs in float32 and
   is compared with its own full-cache row; its share removed is the share of tokens evicted.
@@ -68,6 +69,8 @@ def plans() -> dict[str, dict]:
         out[f"plan-8bit@{p:g}"] = {"ratio": p, "bits": "16,8", "context": CTX_PPL.ctx_len}
         out[f"plan-fast@{p:g}"] = {"ratio": p, **bits, "max_decode_cost": FAST[p]}
     out["plan@0.625"] = {"ratio": 0.625, **bits}
+    for p in POINTS[1:]:
+        out[f"plan-seq@{p:g}"] = {"ratio": p, **bits, "refit": "sequential"}
     return out
 
 
@@ -118,8 +121,10 @@ def predicted_loss(config: dict) -> float | None:
 def loss_kind(config: dict) -> str:
     """"predicted KL" where the planner weighed layers by their sensitivity (groups record est_loss), else
     "errors" (an unweighted sum): the two are not in the same units, so plans are ranked within a kind."""
-    groups = (config.get("commonkv") or {}).get("groups", [])
-    return "predicted KL" if any("est_loss" in g for g in groups) else "errors"
+    block = config.get("commonkv") or {}
+    if block.get("options", {}).get("refit", "none") != "none":
+        return "refitted"  # the loss estimated the factors before the refit: not ranked
+    return "predicted KL" if any("est_loss" in g for g in block.get("groups", [])) else "errors"
 
 
 def with_budget(options: dict, keep: float, context: int) -> dict:
