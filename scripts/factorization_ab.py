@@ -39,6 +39,10 @@ VARIANTS: dict[str, dict] = {
     # the kl-weights plans with their factors refitted once planned (refit.py)
     "kl+pooled": {"key_metric": "plain", "layer_weights": "kl", "refit": "pooled"},  # on all calibration tokens
     "kl+sequential": {"key_metric": "plain", "layer_weights": "kl", "refit": "sequential"},  # fed by the compressed
+    # the same number of calibration tokens in sequences as long as the evaluation's context (uniform weights:
+    # the sensitivity stage would cost as long again), without and with the sequential refit
+    "long-calib": {"samples": 8, "seq_len": 1024, "layer_weights": "uniform"},
+    "long-calib+sequential": {"samples": 8, "seq_len": 1024, "layer_weights": "uniform", "refit": "sequential"},
 }
 PLANS: dict[str, dict] = {
     "latent@0.5": {"ratio": 0.5},
@@ -67,8 +71,10 @@ def checkpoints(model: str, variants: list[str], plans: list[str], done: set[str
                    if not (dirs[n] / "config.json").is_file()}
         if missing:
             print(f"# {model} {dict(fixed)}: converting {len(missing)} plans (one analysis)", flush=True)
-            convert_sweep(str(real_model_dir(model)), ConvertOptions(**base, **dict(fixed)), missing, root,
-                          overwrite=True)
+            # the sensitivity stage runs only where a plan weighs layers by it (it costs about a calibration)
+            weights = "kl" if any(o.layer_weights == "kl" for o in missing.values()) else "uniform"
+            convert_sweep(str(real_model_dir(model)), ConvertOptions(**base, **dict(fixed), layer_weights=weights),
+                          missing, root, overwrite=True)
     return dirs
 
 
