@@ -39,9 +39,7 @@ VARIANTS: dict[str, dict] = {
     # the kl-weights plans with their factors refitted once planned (refit.py)
     "kl+pooled": {"key_metric": "plain", "layer_weights": "kl", "refit": "pooled"},  # on all calibration tokens
     "kl+sequential": {"key_metric": "plain", "layer_weights": "kl", "refit": "sequential"},  # fed by the compressed
-    # the same number of calibration tokens in sequences as long as the evaluation's context (uniform weights:
-    # the sensitivity stage would cost as long again), without and with the sequential refit
-    "long-calib": {"samples": 8, "seq_len": 1024, "layer_weights": "uniform"},
+},
     "long-calib+sequential": {"samples": 8, "seq_len": 1024, "layer_weights": "uniform", "refit": "sequential"},
 }
 PLANS: dict[str, dict] = {
