@@ -39,8 +39,6 @@ VARIANTS: dict[str, dict] = {
     # the kl-weights plans with their factors refitted once planned (refit.py)
     "kl+pooled": {"key_metric": "plain", "layer_weights": "kl", "refit": "pooled"},  # on all calibration tokens
     "kl+sequential": {"key_metric": "plain", "layer_weights": "kl", "refit": "sequential"},  # fed by the compressed
-},
-    "long-calib+sequential": {"samples": 8, "seq_len": 1024, "layer_weights": "uniform", "refit": "sequential"},
 }
 PLANS: dict[str, dict] = {
     "latent@0.5": {"ratio": 0.5},
