@@ -163,3 +163,49 @@ def test_dequantize_into_a_view_equals_the_plain_read(axis, width):
         assert torch.equal(whole[..., :64, :], plain) and whole[..., 64:, :].isnan().all()
         reference = (x - plain).abs().max()
         assert reference < 3 * (x.max() - x.min()) / (2 ** bits - 1)
+
+
+@pytest.mark.parametrize("which", ["merged", "keep", "shared"])
+def test_layers_sharing_a_workspace_read_what_fresh_memory_reads(merged_dirs, keep_dir, shared_dirs, which,
+                                                                  tmp_path):
+    """The quantized layers of a cache dequantize into one buffer per slot in turn (`Workspace`); each must attend
+    over exactly what it would read from memory of its own, a KVSharer source included: its keys and values are
+    read by a later layer after the layer between them has dequantized its own."""
+    import json
+
+    from commonkv_convert.runtime.modeling_commonkv import CommonKVCache
+
+    path = {"merged": merged_dirs["llama"], "keep": keep_dir, "shared": shared_dirs["llama"]}[which]
+    if which == "shared":  # layers 2 and 3 read layer 0's keys and values; layer 1 stores its own in between
+        path = shutil.copytree(path, tmp_path / "shared")
+        config = json.loads((path / "config.json").read_text())
+        assert config["commonkv"]["sharing"]["pairs"] == [[2, 1], [3, 1]]
+        config["commonkv"]["sharing"]["pairs"] = [[2, 0], [3, 0]]
+        (path / "config.json").write_text(json.dumps(config))
+    model = load_checkpoint(path, dtype=torch.float32, kv_cache=dict(bits=4, group=8, residual=5))
+    ids = _ids(2, 60)
+    shared, fresh = CommonKVCache(model.config), CommonKVCache(model.config)
+    for layer in fresh.layers:
+        for stream in getattr(layer, "streams", []):
+            stream.workspace = None
+    used = set()
+    with torch.inference_mode():
+        for start, end in [(0, 45), (45, 46), (46, 47), (47, 56), (56, 57)]:
+            got = model(ids[:, start:end], past_key_values=shared, use_cache=True).logits
+            want = model(ids[:, start:end], past_key_values=fresh, use_cache=True).logits
+            assert torch.equal(got, want), (start, (got - want).abs().max())
+            used |= {s.workspace[1] for layer in shared.layers for s in getattr(layer, "streams", []) if s.workspace}
+            assert not shared.workspace.buffers  # freed at the end of each forward
+    assert used == ({"latent"} if which == "merged" else {"keys", "values"})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("axis", ["token", "channel"])
+def test_a_16_bit_read_rounds_the_float32_read_once(dtype, axis):
+    """In a 16-bit model dtype, q·s + m is rounded once (as the float32 read, then cast), not once per operation."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 40) * torch.logspace(-2, 2, 40)
+    for bits in (8, 4, 2):
+        parts = quantize(x, bits, 32, axis)
+        got = dequantize(*parts, bits, 32, axis, 40, dtype)
+        assert got.dtype == dtype and torch.equal(got, dequantize(*parts, bits, 32, axis, 40, torch.float32).to(dtype))

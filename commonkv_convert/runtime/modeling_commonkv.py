@@ -41,11 +41,11 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 try:  # the checkpoint copy imports its sibling; the package imports the module in its own folder
     from .configuration_commonkv import WEIGHTED_DEFAULTS, CheckpointError, CommonKVConfig, KVCacheOptions, LayerRole
     from .eviction import keep_indices, window_scores
-    from .quantization import CompressedKVLayer, CompressedLatentLayer
+    from .quantization import CompressedKVLayer, CompressedLatentLayer, Workspace
 except ImportError:  # pragma: no cover - flat import when loaded as a plain module
     from configuration_commonkv import WEIGHTED_DEFAULTS, CheckpointError, CommonKVConfig, KVCacheOptions, LayerRole
     from eviction import keep_indices, window_scores
-    from quantization import CompressedKVLayer, CompressedLatentLayer
+    from quantization import CompressedKVLayer, CompressedLatentLayer, Workspace
 
 
 # transformers >= 5.2x names the cache argument `cache` (generate() passes it so) and deprecates
@@ -318,6 +318,7 @@ class CommonKVCache(Cache):
         self.scores: dict[int, torch.Tensor] | None = None  # storing layer → eviction scores, during a prefill
         self.padding: torch.Tensor | None = None
         self.rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # this forward's, see `key_rope`
+        self.workspace = Workspace()  # this forward's dequantized streams
         last_reader: dict[int, int] = {}  # KVSharer source layer → its last sharer
         for role in self.roles:
             if role.borrow >= 0:
@@ -339,8 +340,10 @@ class CommonKVCache(Cache):
         if not role.stores:
             return ReaderLayer(earlier[role.source], role.source)
         if o is not None:
-            return (CompressedLatentLayer(o.bits, o.group, o.residual, o.latent_axis) if role.latent
-                    else CompressedKVLayer(o.bits, o.group, o.residual))
+            if role.latent:
+                return CompressedLatentLayer(o.bits, o.group, o.residual, o.latent_axis, self.workspace)
+            lends = role.layer in self.handovers  # its keys/values are read after later layers have dequantized
+            return CompressedKVLayer(o.bits, o.group, o.residual, None if lends else self.workspace)
         return LatentLayer() if role.latent else DynamicLayer()
 
     # ---- around each forward: eviction scores during a long prefill, then evict, fold and quantize after it ----
@@ -372,6 +375,7 @@ class CommonKVCache(Cache):
             self._evict()
         self.scores = self.padding = None
         self.rope_tables = {}
+        self.workspace.clear()
         for layer in self.layers:
             if isinstance(layer, WeightedLayer):
                 layer.fold()  # after the whole forward: every layer attended with its own latents

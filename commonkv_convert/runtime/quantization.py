@@ -15,10 +15,13 @@ as q·s + m; m and s are float16. A group is
 Codes are packed 8/b per byte along the feature axis, so the bytes really drop. Tokens are quantized in whole
 blocks of g once more than `residual` recent ones are held, after the forward that added them (`compress`), so
 a prefill attends with exact values and the byte count depends on the token count only. Attention reads the
-dequantized stream (`full`), a transient the size of one layer's cache.
+dequantized stream (`full`), a transient the size of one layer's stream, which the layers of a cache share
+during a forward (`Workspace`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
@@ -45,6 +48,18 @@ def unpack(data: torch.Tensor, bits: int) -> torch.Tensor:
         return data
     mask = (1 << bits) - 1
     return torch.stack([(data >> (i * bits)) & mask for i in range(per)], dim=-1).flatten(-2)
+
+
+def _unpack_into(data: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tensor:
+    """`unpack` written straight into a float `out` [..., m·8/bits]: no code tensor of the stream's size is made."""
+    per = 8 // bits
+    if per == 1:
+        return out.copy_(data)
+    mask = (1 << bits) - 1
+    parts = out.unflatten(-1, (-1, per))
+    for i in range(per):
+        parts[..., i].copy_((data >> (i * bits)) & mask)
+    return out
 
 
 def _params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,30 +99,62 @@ def quantize(x: torch.Tensor, bits: int, group: int, axis: str) -> tuple[torch.T
 def dequantize(data: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int, group: int, axis: str,
                width: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """Packed codes → values [..., T, width] in `dtype`, written into `out` where given (a view of the stream's
-    whole sequence: a decode step reads every code back, so no temporary of the stream's size is made)."""
-    codes = unpack(data, bits)
-    if axis == "token":
-        codes = codes.unflatten(-1, (-1, group))  # [..., T, groups, g]
-        scale, shift, padded = step.float().unsqueeze(-1), lo.float().unsqueeze(-1), codes.shape[-2] * group > width
-    else:
-        codes = codes[..., :width].unflatten(-2, (-1, group))  # [..., T/g, g, n]
-        scale, shift, padded = step.float().unsqueeze(-2), lo.float().unsqueeze(-2), False
-    if padded:  # the last token group is wider than the stream: compute it whole, then cut
-        values = (codes * scale + shift).flatten(-2)[..., :width].to(dtype)
-        return values if out is None else out.copy_(values)
+    whole sequence: a decode step reads every code back, so no temporary of the stream's size is made).
+
+    The codes are converted into the output, then scaled and shifted in place. On a CPU that is 1.3–2× faster than
+    arithmetic on unpacked uint8 codes (one SmolLM2 layer's 8k-token stream, 2 threads: 0.9 → 0.5 ms at 8 bits per
+    channel, 1.9 → 1.1 ms at 4 bits per token)."""
     if out is None:
         out = torch.empty((*data.shape[:-1], width), dtype=dtype, device=data.device)  # data: [..., T, bytes]
-    view = out.unflatten(-1, (-1, group)) if axis == "token" else out.unflatten(-2, (-1, group))
-    torch.mul(codes, scale, out=view)  # uint8 × float32: computed in float32, stored in `dtype`
-    view.add_(shift)
+    n = data.shape[-1] * 8 // bits  # codes per token, padding of the last byte or token group included
+    whole = out if n == width else out.new_empty((*out.shape[:-1], n))
+    _unpack_into(data, bits, whole)
+    if axis == "token":  # [..., T, groups, g] against mins/steps [..., T, groups, 1]
+        view, lo, step = whole.unflatten(-1, (-1, group)), lo.unsqueeze(-1), step.unsqueeze(-1)
+    else:  # [..., T/g, g, width] against mins/steps [..., T/g, 1, width]; padded codes stay unscaled
+        view, lo, step = whole[..., :width].unflatten(-2, (-1, group)), lo.unsqueeze(-2), step.unsqueeze(-2)
+    if axis == "token" and dtype == torch.float32:  # addcmul is slower with a per-row step, and float32 loses nothing
+        view.mul_(step).add_(lo)
+    else:  # one rounding to a 16-bit dtype, not two
+        torch.addcmul(lo, view, step, out=view)
+    if whole is not out:
+        out.copy_(whole[..., :width])
     return out
+
+
+class Workspace:
+    """One buffer per slot ("keys", "values", "latent") that the quantized layers of one cache dequantize into
+    during a forward, freed at its end (`clear`).
+
+    A decode step reads every code back. Written into memory fresh from the allocator, that costs a page fault per
+    page on a CPU (one SmolLM2 layer's 8k-token stream at 8 bits per token: 3.7 ms into fresh memory, 0.9 ms into
+    a buffer already touched). The layers attend one after another, so they take turns on one buffer per slot: a
+    stream read from it is valid until the next layer reads the same slot. A KVSharer source, whose keys and values
+    later layers attend over, is given no workspace.
+    """
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, slot: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A tensor of `shape` with `like`'s dtype and device; its content is whatever the slot held."""
+        n = math.prod(shape)
+        buf = self.buffers.get(slot)
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self.buffers[slot] = like.new_empty(n)
+        return buf[:n].view(shape)
+
+    def clear(self) -> None:
+        self.buffers.clear()
 
 
 class TokenStream:
     """One cached stream [B, h, T, n]: quantized old tokens (none when bits is None) and recent ones."""
 
-    def __init__(self, bits: int | None, group: int, residual: int, axis: str):
+    def __init__(self, bits: int | None, group: int, residual: int, axis: str,
+                 workspace: tuple[Workspace, str] | None = None):
         self.bits, self.group, self.residual, self.axis = bits, group, residual, axis
+        self.workspace = workspace  # (the cache's workspace, this stream's slot) for `full`, or None: fresh memory
         self.clear()
 
     def clear(self) -> None:
@@ -127,7 +174,8 @@ class TokenStream:
         if not self.quantized:
             return self.recent
         recent, old = self.recent, self.quantized
-        out = recent.new_empty((*recent.shape[:-2], old + recent.shape[-2], recent.shape[-1]))
+        shape = (*recent.shape[:-2], old + recent.shape[-2], recent.shape[-1])
+        out = self.workspace[0].take(self.workspace[1], shape, recent) if self.workspace else recent.new_empty(shape)
         dequantize(self.data, self.lo, self.step, self.bits, self.group, self.axis, recent.shape[-1], recent.dtype,
                    out=out[..., :old, :])
         out[..., old:, :] = recent
@@ -239,8 +287,9 @@ class CompressedLatentLayer(_CompressedLayer):
 
     _layer_type = "commonkv_latent_compressed"
 
-    def __init__(self, bits: int | None = None, group: int = 32, residual: int = 32, axis: str = "channel", **kwargs):
-        super().__init__([TokenStream(bits, group, residual, axis)])
+    def __init__(self, bits: int | None = None, group: int = 32, residual: int = 32, axis: str = "channel",
+                 workspace: Workspace | None = None, **kwargs):
+        super().__init__([TokenStream(bits, group, residual, axis, workspace and (workspace, "latent"))])
 
     @property
     def latent(self) -> torch.Tensor | None:
@@ -259,8 +308,10 @@ class CompressedKVLayer(_CompressedLayer):
 
     _layer_type = "commonkv_kv_compressed"
 
-    def __init__(self, bits: int | None = None, group: int = 32, residual: int = 32, **kwargs):
-        super().__init__([TokenStream(bits, group, residual, "channel"), TokenStream(bits, group, residual, "token")])
+    def __init__(self, bits: int | None = None, group: int = 32, residual: int = 32,
+                 workspace: Workspace | None = None, **kwargs):
+        super().__init__([TokenStream(bits, group, residual, "channel", workspace and (workspace, "keys")),
+                          TokenStream(bits, group, residual, "token", workspace and (workspace, "values"))])
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -270,4 +321,5 @@ class CompressedKVLayer(_CompressedLayer):
         return self.streams[0].full(), self.streams[1].full()
 
 
-__all__ = ["CompressedKVLayer", "CompressedLatentLayer", "TokenStream", "quantize", "dequantize", "pack", "unpack"]
+__all__ = ["CompressedKVLayer", "CompressedLatentLayer", "TokenStream", "Workspace", "quantize", "dequantize", "pack",
+           "unpack"]
