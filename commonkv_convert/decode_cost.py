@@ -158,7 +158,7 @@ def _stored(elements: int, role: Role, element_size: int) -> list[Term]:
     if role.bits is None:
         return [Term("append", 0, 2 * elements * element_size, True)]  # torch.cat copies the whole cache
     return [Term("dequant", 2 * elements, elements * (role.bits / 8 + element_size), True),
-            Term("dequant", 0, 2 * elements * element_size, True)]  # cat of the dequantized part and the window
+            Term("dequant", 0, 2 * elements * element_size, True)]  # the in-place scale and shift
 
 
 def layer_terms(shape: Shape, role: Role, element_size: int) -> list[Term]:
