@@ -57,8 +57,10 @@ def _unpack_into(data: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tens
         return out.copy_(data)
     mask = (1 << bits) - 1
     parts = out.unflatten(-1, (-1, per))
-    for i in range(per):
+    parts[..., 0].copy_(data & mask)
+    for i in range(1, per - 1):
         parts[..., i].copy_((data >> (i * bits)) & mask)
+    parts[..., per - 1].copy_(data >> ((per - 1) * bits))  # the top code: nothing above it to mask off
     return out
 
 
