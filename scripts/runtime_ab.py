@@ -10,8 +10,12 @@ Changes, each undone by restoring what the runtime did before it:
   read the same positions (`CommonKVCache.key_rope`); before, every latent layer computed them.
 - `rope-apply`: `apply_rope` is one product and two in-place half-width updates; before, the textbook
   x·cos + rotate_half(x)·sin (five passes over the keys).
-- `latent-attention`: decode attends over the latent with `latent_attention`, which reads it once for all heads;
+- `latent-attention`: decode attends over the latent with `matmul_attention`, which reads it once for all heads;
   before, the attention function (SDPA) got the latent expanded as every KV head's values.
+- `decode-attention`: on a CPU, a kept layer's one-token decode step attends with `matmul_attention` too; before,
+  with the registered attention function (SDPA), as the source does.
+- `dequantize`: quantized streams convert their codes into a buffer that the layers of a forward share, then scale
+  and shift it in place; before, arithmetic on unpacked uint8 codes into memory fresh from the allocator.
 
 The source, the runtime and each undone variant are timed in turn, 3 rounds of 3 steps each on a random-filled
 cache (`speed_benchmark.fill_cache`); medians, and each as a ratio against the source measured in the same round.
@@ -34,6 +38,7 @@ import speed_benchmark as sb
 
 from commonkv_convert.real_models import cache_root
 from commonkv_convert.runtime import modeling_commonkv as ckv
+from commonkv_convert.runtime import quantization
 
 
 def per_layer_rope(self, layer_idx, rotary, x, layer_type):
@@ -46,6 +51,35 @@ def sdpa_over_expanded_latent(self, query, key, latent, attention_mask, **kwargs
               dropout=0.0, sliding_window=self.sliding_window, **kwargs)[0]
 
 
+def registered_attention(self, query, key, value, attention_mask, **kwargs):
+    fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.eager)
+    return fn(self, query, key, value, attention_mask, scaling=self.scaling, dropout=0.0,
+              sliding_window=self.sliding_window, **kwargs)[0]
+
+
+def uint8_dequantize(data, lo, step, bits, group, axis, width, dtype, out=None):
+    codes = quantization.unpack(data, bits)
+    if axis == "token":
+        codes = codes.unflatten(-1, (-1, group))
+        scale, shift, padded = step.float().unsqueeze(-1), lo.float().unsqueeze(-1), codes.shape[-2] * group > width
+    else:
+        codes = codes[..., :width].unflatten(-2, (-1, group))
+        scale, shift, padded = step.float().unsqueeze(-2), lo.float().unsqueeze(-2), False
+    if padded:
+        values = (codes * scale + shift).flatten(-2)[..., :width].to(dtype)
+        return values if out is None else out.copy_(values)
+    if out is None:
+        out = torch.empty((*data.shape[:-1], width), dtype=dtype, device=data.device)
+    view = out.unflatten(-1, (-1, group)) if axis == "token" else out.unflatten(-2, (-1, group))
+    torch.mul(codes, scale, out=view)
+    view.add_(shift)
+    return out
+
+
+def fresh_take(self, slot, shape, like):
+    return like.new_empty(shape)
+
+
 def textbook_rope(x, cos, sin):
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     rd = cos.shape[-1]
@@ -55,10 +89,12 @@ def textbook_rope(x, cos, sin):
     return rotated if rd == x.shape[-1] else torch.cat([rotated, x[..., rd:]], dim=-1)
 
 
-UNDO: dict[str, tuple[object, str, Callable]] = {
-    "rope": (ckv.CommonKVCache, "key_rope", per_layer_rope),
-    "latent-attention": (ckv.CommonKVAttention, "_attend_latent", sdpa_over_expanded_latent),
-    "rope-apply": (ckv, "apply_rope", textbook_rope),
+UNDO: dict[str, tuple[tuple[object, str, Callable], ...]] = {
+    "rope": ((ckv.CommonKVCache, "key_rope", per_layer_rope),),
+    "latent-attention": ((ckv.CommonKVAttention, "_attend_latent", sdpa_over_expanded_latent),),
+    "decode-attention": ((ckv.CommonKVAttention, "_attend", registered_attention),),
+    "rope-apply": ((ckv, "apply_rope", textbook_rope),),
+    "dequantize": ((quantization, "dequantize", uint8_dequantize), (quantization.Workspace, "take", fresh_take)),
 }
 
 
@@ -68,13 +104,14 @@ def undone(change: str | None):
     if change is None:
         yield
         return
-    owner, name, before = UNDO[change]
-    now = getattr(owner, name)
-    setattr(owner, name, before)
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in UNDO[change]]
+    for owner, name, before in UNDO[change]:
+        setattr(owner, name, before)
     try:
         yield
     finally:
-        setattr(owner, name, now)
+        for owner, name, now in saved:
+            setattr(owner, name, now)
 
 
 def main() -> None:

@@ -143,7 +143,7 @@ def timed_parts(model: PreTrainedModel) -> Iterator[dict[str, float]]:
                (quantization.CompressedLatentLayer, "update", "dequant"),
                (quantization.CompressedKVLayer, "update", "dequant"),
                (ckv.WeightedLayer, "update", "append"), (ckv, "rope_at", "rope"), (ckv, "apply_rope", "rope"),
-               (ckv, "latent_attention", "attention"), (ckv.CommonKVAttention, "_up_project_values", "projections")]
+               (ckv, "matmul_attention", "attention"), (ckv.CommonKVAttention, "_up_project_values", "projections")]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
     try:

@@ -62,6 +62,12 @@ def test_ratio_zero_checkpoint_generates_source_tokens(family, tiny_model_dirs, 
     prompt = _ids(1, 10, 4)
     kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=257)
     assert torch.equal(source.generate(prompt, **kwargs), converted.generate(prompt, **kwargs))
+    # decode on a CPU attends with `matmul_attention`, the source with SDPA: the logits agree in a padded batch too
+    ids, mask = left_padded([_ids(1, n, n)[0] for n in (5, 11, 8)])
+    kwargs |= dict(attention_mask=mask, max_new_tokens=6, output_scores=True, return_dict_in_generate=True)
+    want, got = source.generate(ids, **kwargs), converted.generate(ids, **kwargs)
+    assert torch.equal(want.sequences, got.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(want.scores, got.scores)) < 1e-4
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -93,16 +99,18 @@ def test_fused_value_path_equals_explicit(merged_dirs, impl):
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
-def test_latent_attention_equals_attention_over_expanded_values(mask_kind):
-    """The fused attention reads the latent once for all heads; it must equal the family's eager attention over
-    the latent as every KV head's values, with each kind of mask transformers hands over (decode and prefill)."""
+@pytest.mark.parametrize("values", ["latent", "per_head"])
+def test_matmul_attention_equals_eager_attention(mask_kind, values):
+    """The fused attention reads the latent once for all heads, and CPU decode reads kept layers' per-head values
+    the same way; both must equal the family's eager attention (over the latent as every KV head's values), with
+    each kind of mask transformers hands over (decode and prefill)."""
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
     torch.manual_seed(0)
     for q_len in (1, 5):
         b, heads, kv_heads, hd, tokens, r = 2, 6, 2, 8, 13, 11
         query, key = torch.randn(b, heads, q_len, hd), torch.randn(b, kv_heads, tokens, hd)
-        latent = torch.randn(b, 1, tokens, r)
+        latent = torch.randn(b, 1 if values == "latent" else kv_heads, tokens, r)
         causal = torch.ones(q_len, tokens, dtype=torch.bool).tril(tokens - q_len)
         allowed = causal.expand(b, 1, q_len, tokens).clone()
         allowed[0, ..., :3] = False  # a left-padded row
@@ -114,7 +122,7 @@ def test_latent_attention_equals_attention_over_expanded_values(mask_kind):
         module = type("M", (), {"num_key_value_groups": heads // kv_heads, "training": False})()
         expected = eager_attention_forward(module, query, key, latent.expand(-1, kv_heads, -1, -1), reference_mask,
                                            scaling=0.3)[0]
-        got = ckv.latent_attention(query, key, latent, mask, 0.3)
+        got = ckv.matmul_attention(query, key, latent, mask, 0.3)
         assert got.shape == (b, q_len, heads, r)
         assert torch.allclose(got, expected, atol=1e-5), (q_len, (got - expected).abs().max())
 
