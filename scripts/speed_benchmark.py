@@ -366,15 +366,19 @@ def write_markdown(results: dict, out: Path) -> None:
                              + " | ".join(f"{ms[p]:.1f}" for p in MEASURED_PARTS) + f" | {ms['step']:.1f} |")
         lines.append("")
     lines += ["## Targets (issue 14) and where the time goes", ""] + _targets(results) + [""]
-    lines += [("What would close the gap: the three parts that grow with the context in a latent layer are the key "
-               "rebuild (`k_up` over all T latents), RoPE over all T rebuilt keys, and attention with latent-wide "
-               "values; a full-cache layer pays only its attention and its append. Keeping keys without a rebuild "
-               "(raw or quantized keys, values as latents) removes the first two; the RoPE tables are the same for "
-               "every latent layer of a step and are recomputed per layer today. See issue 14's list."), ""]
+    lines += [("What is left: three parts of a latent layer's step grow with the context: the key rebuild (`k_up` "
+               "over all T latents), RoPE over the T rebuilt keys, and attention over latent-wide values. A kept layer "
+               "pays only its attention and its append (the source) or the read-back of its codes (quantized). So "
+               "the plans that decode about as fast as the source keep most layers as quantized K/V "
+               "(`--max-decode-cost`: plan-fast), where the read-back replaces the source's `torch.cat` append. "
+               "Latent layers whose keys are not rebuilt (quantized raw keys, latent values) are the option not "
+               "built yet; see issue 14's list."), ""]
     lines += [("Parts: **append**: the cache's own update (a `torch.cat` copy of everything held, for K/V and "
-              "latents alike); **rebuild**: `k_up` over all cached latents (and `v_up` where values are "
+              "latents alike); **dequant**: a quantized layer's update, which reads every code back into the "
+              "buffer the forward's layers share; **rebuild**: `k_up` over all cached latents (and `v_up` where values are "
               "rebuilt); **rope**: cos/sin at every cached position plus their application to every rebuilt key "
-              "(and the new query); **attention**: the attention function (SDPA); **projections**: the K/V-side "
+              "(and the new query); **attention**: the attention function (SDPA; a one-token step on a CPU: "
+              "`matmul_attention`); **projections**: the K/V-side "
               "matmuls of the new token (kept layers' `k_proj`/`v_proj`, a group's `down`, the fused `B_v`); **rest**: everything "
               "else in the step (q/o projections, MLP, norms, lm_head, Python overhead)."), ""]
     out.write_text("\n".join(lines))
