@@ -113,7 +113,11 @@ def kwargs_to(kwargs: dict, device: torch.device | str) -> dict:
             for k, v in kwargs.items()}
 
 
-def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: int = 8) -> torch.Tensor:
+LAYER_BATCH = 8  # sequences per decoder-layer call: bounds the attention memory of a calibration forward
+
+
+def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict,
+              batch_size: int = LAYER_BATCH) -> torch.Tensor:
     """The layer's output on `hidden` [N, T, d], `batch_size` sequences per call (bounds the attention memory)."""
     if hidden.shape[0] == 0:
         return hidden
@@ -198,7 +202,7 @@ def calibrate(
     max_group: int,
     held_out: int,
     validation: int,
-    batch_size: int = 8,
+    batch_size: int = LAYER_BATCH,
     reporter: Reporter | None = None,
     result: CalibrationResult | None = None,
     keep_tokens: int = 0,

@@ -23,7 +23,7 @@ import torch
 
 from .architectures import ArchFacts
 from .budget import Option
-from .calibrate import base_config, embed, kwargs_to, layer_kwargs, load_layer, query_energy, run_layer
+from .calibrate import LAYER_BATCH, base_config, embed, kwargs_to, layer_kwargs, load_layer, query_energy, run_layer
 from .checkpoint.reader import SourceModel
 from .factorize import factorize
 from .memory import release_memory
@@ -32,7 +32,6 @@ from .progress import Reporter
 Factors = tuple[torch.Tensor, dict[int, torch.Tensor]]  # (down [r, d], layer → up [2·d_kv, r])
 # (layer, X_l X_lᵀ on all tokens, its query energy) → the row transform the SVD measures [W_k; W_v] in
 RowTransform = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
-BATCH = 8  # sequences per layer call
 
 
 def refit(source: SourceModel, facts: ArchFacts, tokens: torch.Tensor, plan: list[Option],
@@ -53,8 +52,8 @@ def refit(source: SourceModel, facts: ArchFacts, tokens: torch.Tensor, plan: lis
             layers = {l: load_layer(source, facts, cfg, l).to(device) for l in opt.layers}
             if opt.mode == "keep":
                 for l, layer in layers.items():
-                    drift = run_layer(layer, drift, inputs[l], BATCH) if sequential else None
-                    clean = run_layer(layer, clean, inputs[l], BATCH)
+                    drift = run_layer(layer, drift, inputs[l]) if sequential else None
+                    clean = run_layer(layer, clean, inputs[l])
                     bar.advance(f"layer {l}")
             else:
                 anchor_input = facts.attention_input(layers[opt.start], drift if sequential else clean)
@@ -69,7 +68,7 @@ def refit(source: SourceModel, facts: ArchFacts, tokens: torch.Tensor, plan: lis
                     energy = query_energy(facts.query_outputs(layer.self_attn, x), facts, rotary_dim)
                     transforms[l] = row_transform(l, grams[l].cpu(), energy.cpu()).to(device)
                     weights[l] = transforms[l] @ weight(l).to(device)
-                    clean = run_layer(layer, clean, inputs[l], BATCH)
+                    clean = run_layer(layer, clean, inputs[l])
                 cand = factorize(weights, _PREDICTOR, _lookup(grams), _lookup(grams), torch.tensor([opt.rank]),
                                  anchor=opt.start)
                 ups = {l: torch.linalg.solve(transforms[l], b) for l, b in cand.up.items()}
@@ -103,9 +102,9 @@ def _run_latent(layer: torch.nn.Module, facts: ArchFacts, hidden: torch.Tensor, 
     override = LatentKV(layer.self_attn, facts, up)
     outputs = []
     with override:
-        for s in range(0, hidden.shape[0], BATCH):
-            override.latent = latent[s:s + BATCH]
-            outputs.append(layer(hidden[s:s + BATCH], **kwargs))
+        for s in range(0, hidden.shape[0]):
+            override.latent = latent[s:s + LAYER_BATCH]
+            outputs.append(layer(hidden[s:s + LAYER_BATCH], **kwargs))
     return torch.cat(outputs)
 
 
