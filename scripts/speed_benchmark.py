@@ -2,7 +2,7 @@
 
     python scripts/speed_benchmark.py            # SmolLM2-135M and Qwen2.5-Coder-0.5B, ratios 0.5 0.75 and the
                                                  # planner's plans at 0.5 (PLANNER),
-                                                 # batch 1 and 8, contexts 2048 and 8192 (13.5 min on 2 cores)
+                                                 # batch 1 and 8, contexts 2048 and 8192 (28 min on 2 cores)
     python scripts/speed_benchmark.py --quick    # smoke test: SmolLM2, ratio 0.5, batch 1, 256 tokens (~2 min)
 
 Writes OUT (default docs/speed.md) and OUT with .json (every number). The source model and each converted
