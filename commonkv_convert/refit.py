@@ -102,7 +102,7 @@ def _run_latent(layer: torch.nn.Module, facts: ArchFacts, hidden: torch.Tensor, 
     override = LatentKV(layer.self_attn, facts, up)
     outputs = []
     with override:
-        for s in range(0, hidden.shape[0]):
+        for s in range(0, hidden.shape[0], LAYER_BATCH):
             override.latent = latent[s:s + LAYER_BATCH]
             outputs.append(layer(hidden[s:s + LAYER_BATCH], **kwargs))
     return torch.cat(outputs)
