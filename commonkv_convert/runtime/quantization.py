@@ -128,9 +128,10 @@ class Workspace:
     """One buffer per slot ("keys", "values", "latent") that the quantized layers of one cache dequantize into
     during a forward, freed at its end (`clear`).
 
-    A decode step reads every code back. Written into memory fresh from the allocator, that costs a page fault per
-    page on a CPU (one SmolLM2 layer's 8k-token stream at 8 bits per token: 3.7 ms into fresh memory, 0.9 ms into
-    a buffer already touched). The layers attend one after another, so they take turns on one buffer per slot: a
+    A decode step reads every code back. Written into memory fresh from the allocator, a large stream costs a page
+    fault per page on a CPU (one SmolLM2 layer's 8k-token values at 8 bits, batch 8: 24 ms into fresh memory, 10 ms
+    into a buffer already touched; at batch 1 the allocator reuses its heap and the two are within 10%). The
+    layers attend one after another, so they take turns on one buffer per slot: a
     stream read from it is valid until the next layer reads the same slot. A KVSharer source, whose keys and values
     later layers attend over, is given no workspace.
     """
