@@ -10,9 +10,14 @@ from __future__ import annotations
 import importlib
 import inspect
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .checkpoint.format import group_elements
 from .errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from transformers.cache_utils import Cache
+    from transformers.utils import ModelOutput
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,12 @@ def _cache_kwarg() -> str:
 
 
 CACHE_KWARG = _cache_kwarg()
+
+
+def cache_of(output: ModelOutput) -> Cache | None:
+    """The cache a forward or `generate` returned, read under the installed release's name (the old
+    `past_key_values` property warns from 5.24 on)."""
+    return getattr(output, CACHE_KWARG)
 
 LAYER = "model.layers.{i}."
 ATTN = LAYER + "self_attn."

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .architectures import cache_of
 from .checkpoint.reader import read_model_config
 from .errors import UserInputError
 
@@ -71,6 +72,6 @@ def stream_generate(path: Path, prompt: str, *, max_new_tokens: int, device: str
     return {
         "new_tokens": int(new_tokens),
         "tokens_per_s": new_tokens / elapsed if elapsed > 0 else float("nan"),
-        "cache_bytes": output.past_key_values.nbytes(),
+        "cache_bytes": cache_of(output).nbytes(),
         "full_cache_bytes": model.config.full_kv_elements_per_token() * total * width,
     }

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .architectures import CACHE_KWARG, cache_of
 from .budget import Pricing
 from .calibrate import module_names, module_state
 from .checkpoint.reader import open_model
@@ -30,12 +31,12 @@ def validate_checkpoint(out_dir: Path, tokens: torch.Tensor, final_hidden: torch
         split = max(tokens.shape[1] - VALIDATION_LOGITS, 1)
         for i in range(tokens.shape[0]):  # one sequence at a time: logits are T × vocab floats
             first = model(tokens[i:i + 1, :split], use_cache=True, logits_to_keep=1)
-            out = model(tokens[i:i + 1, split:], past_key_values=first.past_key_values, use_cache=True)
+            out = model(tokens[i:i + 1, split:], **{CACHE_KWARG: cache_of(first)}, use_cache=True)
             del first
             if final_hidden is not None:
                 reference = model.lm_head(final_hidden[i:i + 1, split:])
                 metrics.append(compare_logits(reference, out.logits))
-            measured += out.past_key_values.nbytes()
+            measured += cache_of(out).nbytes()
             del out
             bar.advance()
     width = torch.empty(0, dtype=torch.float32).element_size()

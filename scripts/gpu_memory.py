@@ -41,6 +41,7 @@ import transformers
 import yaml
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from commonkv_convert.architectures import CACHE_KWARG, cache_of
 from commonkv_convert.convert import convert
 from commonkv_convert.recipe import ConvertOptions
 from commonkv_convert.runtime import load_checkpoint
@@ -192,7 +193,7 @@ def attention_kernels(model, ids: torch.Tensor) -> list[str]:
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         with phase("decode"):
-            model(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+            model(input_ids=ids[:, -1:], **{CACHE_KWARG: cache_of(out)}, use_cache=True)
         torch.cuda.synchronize()
     names = {e.key for e in prof.key_averages()}
     hints = ("fmha", "flash", "attention", "attn", "cudnn", "cutlass", "softmax")
@@ -248,8 +249,8 @@ def analytic_bytes(model, tokens: int, elt: int) -> int:
 def greedy_steps(model, token: torch.Tensor, cache, steps: int):
     with phase("decode"):
         for _ in range(steps):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=token, **{CACHE_KWARG: cache}, use_cache=True)
+            cache = cache_of(out)
             token = out.logits[:, -1:].argmax(-1)
     return token, cache
 
@@ -276,7 +277,7 @@ def measure_context(model, name: str, tokens: int, args, device: torch.device, w
         row["prefill_s"] = round(time.perf_counter() - t0, 4)
         row["prefill_tok_s"] = round(tokens / row["prefill_s"], 1)
         pk = peak(device)
-        cache = out.past_key_values
+        cache = cache_of(out)
         row["cache_bytes"] = cache_bytes(cache)
         row["cache_bytes_analytic"] = analytic_bytes(model, tokens, elt)
         row["cache_bytes_match"] = row["cache_bytes"] == row["cache_bytes_analytic"]
@@ -322,7 +323,7 @@ def fused_check(model, args, device: torch.device) -> dict:
             full = model(input_ids=ids).logits.float()
             out = model(input_ids=ids[:, :-1], use_cache=True)
             with phase(f"check-{tag}-decode"):
-                step = model(input_ids=ids[:, -1:], past_key_values=out.past_key_values,
+                step = model(input_ids=ids[:, -1:], **{CACHE_KWARG: cache_of(out)},
                              use_cache=True).logits.float()
         return full, step
 
@@ -374,7 +375,7 @@ def bench_model(name: str, loader, args, device: torch.device, value_path: str |
         warm = random_ids(min(256, args.check_tokens), model.config.vocab_size, device, seed=2)
         with torch.inference_mode():
             out = model(input_ids=warm, use_cache=True, logits_to_keep=1)
-            greedy_steps(model, out.logits[:, -1:].argmax(-1), out.past_key_values, 8)
+            greedy_steps(model, out.logits[:, -1:].argmax(-1), cache_of(out), 8)
         sync(device)
         del out
         if converted and value_path in (None, "fused"):

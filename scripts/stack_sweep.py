@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from commonkv_convert.architectures import CACHE_KWARG, cache_of
 from commonkv_convert.convert import convert
 from commonkv_convert.evaluate.ppl import compressed_context_ppl, tokenize_text
 from commonkv_convert.evaluate.runner import EvalSettings, run_eval
@@ -81,10 +82,11 @@ class PrefillBytes(torch.nn.Module):
     def generation_config(self):
         return self.inner.generation_config
 
-    def forward(self, input_ids=None, past_key_values=None, logits_to_keep=0, **kwargs):
-        out = self.inner(input_ids=input_ids, past_key_values=past_key_values, logits_to_keep=logits_to_keep, **kwargs)
-        if past_key_values is None:
-            self.bytes.append(out.past_key_values.nbytes())
+    def forward(self, input_ids=None, logits_to_keep=0, **kwargs):
+        prefill = kwargs.get(CACHE_KWARG) is None
+        out = self.inner(input_ids=input_ids, logits_to_keep=logits_to_keep, **kwargs)
+        if prefill:
+            self.bytes.append(cache_of(out).nbytes())
             self.prompts.append(input_ids.shape[1])
         return out
 
@@ -148,7 +150,7 @@ def run_axes(args, results: dict) -> None:
         model = load_checkpoint(path, dtype=torch.float32)
         ids = tokenize_text(AutoTokenizer.from_pretrained(path), essays_text(), 1024)
         with torch.inference_mode():
-            cache = model(ids, use_cache=True).past_key_values
+            cache = cache_of(model(ids, use_cache=True))
         for bits in (4, 2):
             for axis in ("channel", "token"):
                 errs = {"keys": [], "values": []}

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from commonkv_convert.evaluate.ppl import compressed_context_ppl, perplexity, tokenize_text
+from commonkv_convert.evaluate.resources import measure_memory, measure_speed
+from commonkv_convert.evaluate.retrieval import greedy_answer
 from commonkv_convert.evaluate.text import essays_text
 from commonkv_convert.testing import TINY_FAMILIES
 
@@ -48,6 +51,20 @@ def test_stride_and_max_windows(tiny_model_dir: Path) -> None:
     assert result["windows"] == 3 and result["tokens"] == 30
     assert result["nll"] == pytest.approx(_reference_nll(model, ids, [0, 25, 50], 20, 10), rel=1e-4)
     assert compressed_context_ppl(model, ids, 20, 10, stride=25, max_windows=3) == result  # deterministic
+
+
+def test_tasks_pass_the_cache_under_the_installed_name(tiny_model_dir: Path) -> None:
+    """transformers 5.24 renamed `past_key_values` to `cache` (the old name warns, and goes at 5.40): every task
+    that threads a cache through a stock model must call it without the deprecated name."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = _random_ids(40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        compressed_context_ppl(model, ids, 20, 10)
+        perplexity(model, ids, 20, new_cache=DynamicCache)
+        greedy_answer(model, ids, 3, question_at=30)
+        measure_speed(model, ids, 2, repeats=1)
+        measure_memory(model, ids, 1)
 
 
 def test_too_short_input_is_refused(tiny_model_dir: Path) -> None:

@@ -2,7 +2,7 @@
 
 The cache does the compressing: the model's own (a CommonKV checkpoint builds its latent cache), or one
 a baseline supplies through ``new_cache``; these functions prefill with ``use_cache=True`` and continue on
-whatever ``past_key_values`` the model returned.
+whatever cache the model returned.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
+
+from ..architectures import CACHE_KWARG, cache_of
 
 
 def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int) -> torch.Tensor:
@@ -78,10 +80,10 @@ def compressed_context_ppl(
     positions = torch.arange(context_len, size, device=device).unsqueeze(0)
     nll_sum = 0.0
     for s in starts:
-        prefill = model(input_ids=ids[:, s : s + context_len], past_key_values=new_cache(), use_cache=True,
+        prefill = model(input_ids=ids[:, s : s + context_len], **{CACHE_KWARG: new_cache()}, use_cache=True,
                         **keep_last)
         targets = ids[:, s + context_len : s + size]
-        out = model(input_ids=targets, past_key_values=prefill.past_key_values, position_ids=positions, use_cache=True)
+        out = model(input_ids=targets, **{CACHE_KWARG: cache_of(prefill)}, position_ids=positions, use_cache=True)
         logits = torch.cat([prefill.logits[:, -1:], out.logits[:, :-1]], dim=1)
         nll_sum += F.cross_entropy(logits[0].float(), targets[0], reduction="sum").item()
     return _summary(nll_sum, eval_len * len(starts), len(starts))
@@ -105,6 +107,6 @@ def perplexity(
     for s in starts:
         window = ids[:, s : s + seq_len]
         cache = new_cache()
-        logits = model(input_ids=window, past_key_values=cache, use_cache=cache is not None).logits
+        logits = model(input_ids=window, **{CACHE_KWARG: cache}, use_cache=cache is not None).logits
         nll_sum += F.cross_entropy(logits[0, :-1].float(), window[0, 1:], reduction="sum").item()
     return _summary(nll_sum, (seq_len - 1) * len(starts), len(starts))

@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
+from ..architectures import CACHE_KWARG, cache_of
 from ..memory import peak_rss_bytes, release_memory
 
 
@@ -44,10 +45,10 @@ def measure_memory(model: PreTrainedModel, ids: torch.Tensor, full_bytes_per_tok
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    out = model(input_ids=ids.to(device), past_key_values=new_cache(), use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids.to(device), **{CACHE_KWARG: new_cache()}, use_cache=True, logits_to_keep=1)
     _sync(device)
     tokens = ids.shape[1]
-    nbytes = cache_nbytes(out.past_key_values)
+    nbytes = cache_nbytes(cache_of(out))
     full = full_bytes_per_token * tokens
     row = {"context": tokens, "cache_bytes": nbytes, "full_cache_bytes": full,
            "removed": round(1.0 - nbytes / full, 6), "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1)}
@@ -66,14 +67,14 @@ def measure_speed(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int, re
     prefill_s = decode_s = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=new_cache(), use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, **{CACHE_KWARG: new_cache()}, use_cache=True, logits_to_keep=1)
         _sync(device)
         prefill_s = min(prefill_s, time.perf_counter() - start)
         token = out.logits[:, -1:].argmax(-1)
         start = time.perf_counter()
         for step in range(new_tokens):
             position = torch.tensor([[ids.shape[1] + step]], device=device)
-            out = model(input_ids=token, past_key_values=out.past_key_values, position_ids=position, use_cache=True)
+            out = model(input_ids=token, **{CACHE_KWARG: cache_of(out)}, position_ids=position, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
         _sync(device)
         decode_s = min(decode_s, time.perf_counter() - start)

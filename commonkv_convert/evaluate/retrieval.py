@@ -23,6 +23,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
+from ..architectures import CACHE_KWARG, cache_of
 from ..errors import UserInputError
 from .text import essays_text
 
@@ -144,11 +145,11 @@ def greedy_answer(model: PreTrainedModel, prompt: torch.Tensor, max_new_tokens: 
     after a prefill); the question follows in a second forward: eviction cannot know what will be asked."""
     ids = prompt.reshape(1, -1).to(model.device)
     if question_at is None:
-        out = model(input_ids=ids, past_key_values=new_cache(), use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, **{CACHE_KWARG: new_cache()}, use_cache=True, logits_to_keep=1)
     else:
-        context = model(input_ids=ids[:, :question_at], past_key_values=new_cache(), use_cache=True, logits_to_keep=1)
+        context = model(input_ids=ids[:, :question_at], **{CACHE_KWARG: new_cache()}, use_cache=True, logits_to_keep=1)
         position = torch.arange(question_at, ids.shape[1], device=model.device).unsqueeze(0)
-        out = model(input_ids=ids[:, question_at:], past_key_values=context.past_key_values, position_ids=position,
+        out = model(input_ids=ids[:, question_at:], **{CACHE_KWARG: cache_of(context)}, position_ids=position,
                     use_cache=True, logits_to_keep=1)
     tokens = [int(out.logits[0, -1].argmax())]
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
@@ -157,7 +158,7 @@ def greedy_answer(model: PreTrainedModel, prompt: torch.Tensor, max_new_tokens: 
         if tokens[-1] in stop:
             break
         position = torch.tensor([[ids.shape[1] + step]], device=model.device)
-        out = model(input_ids=torch.tensor([[tokens[-1]]], device=model.device), past_key_values=out.past_key_values,
+        out = model(input_ids=torch.tensor([[tokens[-1]]], device=model.device), **{CACHE_KWARG: cache_of(out)},
                     position_ids=position, use_cache=True)
         tokens.append(int(out.logits[0, -1].argmax()))
     return tokens

@@ -3,7 +3,7 @@
 A target is a CommonKV checkpoint (loaded with the package runtime, optionally with run-time cache options
 such as quantization or eviction), a stock Hugging Face model (the full-cache reference), or a stock model
 with a baseline cache (`--baseline average`). Tasks only ever call `target.model(...)` with
-`past_key_values=target.new_cache()`, so all three are measured by the same code.
+`target.new_cache()` as its cache, so all three are measured by the same code.
 """
 
 from __future__ import annotations
