@@ -197,16 +197,23 @@ def machine_rates(seconds: float = 1.0) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------------------
 # The planner's plans timed beside the default ones (`ratio R`): precision in the plan, and within a predicted
 # decode step (`scripts/frontier.py` measures their quality at equal bytes)
-PLANNER = {"plan": {"bits": "16,8,4,2", "context": 2048}, "plan-fast": {"bits": "16,8,4,2", "context": 2048,
-                                                                       "max_decode_cost": 1.25}}
+PLANNER = {"plan": {"bits": "16,8,4,2", "context": 2048}, "plan-fast": {"bits": "16,8,4,2", "context": 2048}}
+# plan-fast's --max-decode-cost per model, chosen by measurement (`scripts/runtime_ab.py --undo decode-attention`
+# on each plan, batch 1). Qwen: 1.05 (the fastest plan is predicted at 1.02) decodes at 0.94-1.01x / 1.08-1.16x the
+# source at 2k / 8k, where 1.25 gave 0.77x / 0.83x. SmolLM2: no plan is predicted under 1.08, and the 1.1 plan
+# (9 layers at 16 bits, 7 at 2) measured 0.93x / 0.90x against 1.25's 0.94x / 1.13x: decode_cost underprices
+# 2-bit unpacking and the 16-bit layers' append.
+FAST_LIMIT = {"smollm2": 1.25, "qwen25": 1.05}
 
 
-def plan_fields(ratios: list[float], planner: bool) -> dict[str, dict]:
+def plan_fields(model: str, ratios: list[float], planner: bool) -> dict[str, dict]:
     """Name → ConvertOptions fields of every checkpoint timed: the default conversion at each ratio, and with
     `planner` the planner's plans at the lowest ratio."""
     out = {f"ratio {r:g}": {"ratio": r} for r in ratios}
     if planner:
-        out |= {f"{name} {min(ratios):g}": {"ratio": min(ratios), **fields} for name, fields in PLANNER.items()}
+        limits = {"plan-fast": {"max_decode_cost": FAST_LIMIT[model]}}
+        out |= {f"{name} {min(ratios):g}": {"ratio": min(ratios), **fields, **limits.get(name, {})}
+                for name, fields in PLANNER.items()}
     return out
 
 
@@ -220,14 +227,23 @@ def checkpoint_dirs(model: str, plans: dict[str, dict], log: Callable[[str], obj
     source = real_model_dir(model, log=log)
     name = REAL_MODELS[model]
     dirs = {p: cache_root() / f"{name.subdir}-commonkv-{p.replace(' ', '-')}".replace("-ratio-", "-") for p in plans}
-    missing = {dirs[p].name: ConvertOptions(**fields, base_model=name.hub_id) for p, fields in plans.items()
-               if not is_current(dirs[p])}
+    wanted = {p: ConvertOptions(**fields, base_model=name.hub_id) for p, fields in plans.items()}
+    missing = {dirs[p].name: options for p, options in wanted.items()
+               if not (is_current(dirs[p]) and _same_recipe(dirs[p], options))}
     if missing:
         log(f"# converting {source} at {', '.join(missing)} (one analysis) ...")
         start = time.perf_counter()
         convert_sweep(str(source), ConvertOptions(base_model=name.hub_id), missing, cache_root(), overwrite=True)
         log(f"# converted in {time.perf_counter() - start:.0f} s")
     return dirs
+
+
+def _same_recipe(checkpoint: Path, options) -> bool:
+    """Whether a cached checkpoint was converted with `options`, so that editing PLANNER reconverts it."""
+    from commonkv_convert.checkpoint.format import RECIPE_FILE
+    from commonkv_convert.recipe import ConvertOptions
+
+    return ConvertOptions.from_yaml(checkpoint / RECIPE_FILE) == options
 
 
 def ctx_ppl(path: Path, windows: int) -> float:
@@ -270,8 +286,8 @@ def run(args: argparse.Namespace) -> dict:
     for name in args.models:
         source = real_model_dir(name, log=print)
         extra = {k: Path(v) for k, v in (e.split("=", 1) for e in args.extra)}  # already converted: time them too
-        paths = {"source": source, **checkpoint_dirs(name, plan_fields(args.ratios, not (args.quick or extra))),
-                 **extra}
+        fields = plan_fields(name, args.ratios, not (args.quick or extra))
+        paths = {"source": source, **checkpoint_dirs(name, fields), **extra}
         configs = {k: json.loads((p / "config.json").read_text()) for k, p in paths.items()}
         entry = {"hub_id": REAL_MODELS[name].hub_id, "paths": {k: str(p) for k, p in paths.items()}, "plans": {},
                  "speed": [], "breakdown": []}
@@ -281,6 +297,7 @@ def run(args: argparse.Namespace) -> dict:
             block = configs[key].get("commonkv")
             entry["plans"][key] = {
                 "ctx_ppl": ppl, "removed": block["ratio"]["achieved"] if block else 0.0,
+                "options": " ".join(f"--{k.replace('_', '-')} {v}" for k, v in fields.get(key, {}).items()),
                 "groups": [f"{g['mode']}{len(g['layers'])}" + (f"@{g['rank']}" if g.get("rank") else "")
                            for g in block["groups"]] if block else [],
             }
@@ -346,10 +363,12 @@ def write_markdown(results: dict, out: Path) -> None:
     for entry in results["models"].values():
         plans = entry["plans"]
         lines += [f"## {entry['hub_id']}", "",
-                  "| plan | cache removed | ctx-ppl | groups (mode + layers per group) |", "|---|---|---|---|"]
+                  "| plan | `commonkv convert` options | cache removed | ctx-ppl | groups (mode + layers per group) |",
+                  "|---|---|---|---|---|"]
         for key, p in plans.items():
             groups = _compact(p["groups"]) if p["groups"] else "full cache"
-            lines.append(f"| {key} | {p['removed']:.1%} | {p['ctx_ppl']:.2f} | {groups} |")
+            options = f"`{p['options']}`" if p.get("options") else ""
+            lines.append(f"| {key} | {options} | {p['removed']:.1%} | {p['ctx_ppl']:.2f} | {groups} |")
         lines += ["", "| plan | batch | context | source tok/s | checkpoint tok/s | **speed vs source** | predicted |",
                   "|---|---|---|---|---|---|---|"]
         for r in entry["speed"]:
