@@ -37,6 +37,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from commonkv_convert.architectures import CACHE_KWARG
 from commonkv_convert.decode_cost import (
     PARTS,
     full_roles,
@@ -82,12 +83,11 @@ def fill_cache(model: PreTrainedModel, batch: int, tokens: int) -> Cache:
 def decode_steps(model: PreTrainedModel, cache: Cache, batch: int, steps: int) -> list[float]:
     """Seconds of each of `steps` one-token decode steps on `cache` (random token ids: the cost is the same)."""
     gen = torch.Generator().manual_seed(1)
-    cache_arg = ckv._cache_arg(type(model).forward)  # `cache` on transformers >= 5.2x, else past_key_values
     times = []
     for _ in range(steps):
         ids = torch.randint(0, model.config.vocab_size, (batch, 1), generator=gen)
         start = time.perf_counter()
-        model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+        model(input_ids=ids, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})
         times.append(time.perf_counter() - start)
     return times
 
@@ -201,8 +201,8 @@ PLANNER = {"plan": {"bits": "16,8,4,2", "context": 2048}, "plan-fast": {"bits": 
 # plan-fast's --max-decode-cost per model, chosen by measurement (`scripts/runtime_ab.py --undo decode-attention`
 # on each plan, batch 1). Qwen: 1.05 (the fastest plan is predicted at 1.02) decodes at 0.94-1.01x / 1.08-1.16x the
 # source at 2k / 8k, where 1.25 gave 0.77x / 0.83x. SmolLM2: no plan is predicted under 1.08, and the 1.1 plan
-# (9 layers at 16 bits, 7 at 2) measured 0.93x / 0.90x against 1.25's 0.94x / 1.13x: decode_cost underprices
-# 2-bit unpacking and the 16-bit layers' append.
+# (9 layers at 16 bits, 7 at 2) measured 0.93x / 0.90x against 1.25's 0.94x / 1.13x. decode_cost ranks them the other
+# way: it prices a 16-bit layer's append as a plain copy, where `torch.cat` into fresh memory is ~3x slower.
 FAST_LIMIT = {"smollm2": 1.25, "qwen25": 1.05}
 
 
