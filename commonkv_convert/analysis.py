@@ -87,6 +87,8 @@ class Analysis:
     element_size: int = 4  # bytes per element of the source's dtype: what its cache holds unquantized
     # layer → role → [(estimated error, KL)] (sensitivity.probe; the planner fits its curves); None: not measured
     sensitivity: dict[int, dict[str, list[tuple[float, float]]]] | None = None
+    # layer → the factorization of its values alone (factors in `store`): what a `latent_values` option stores
+    value_candidates: dict[int, Candidate] = field(default_factory=dict)
 
     @property
     def calibration(self) -> dict:

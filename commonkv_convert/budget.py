@@ -62,6 +62,12 @@ class Pricing:
     def kept(self, bits: int, head_dim: int, kv_heads: int) -> float:
         return self._price(bits, head_dim, kv_heads, ("channel", "token"))  # keys per channel, values per token
 
+    def latent_values(self, bits: int, rank: int, head_dim: int, kv_heads: int) -> float:
+        """Per element of a `latent_values` layer's keys (per channel) and value latent together."""
+        d_kv = head_dim * kv_heads
+        keys = self._price(bits, head_dim, kv_heads, ("channel",))
+        return (keys * d_kv + self.latent(bits, rank) * rank) / (d_kv + rank)
+
     def _price(self, bits: int, width: int, heads: int, axes: tuple[str, ...]) -> float:
         if bits >= FULL_BITS:
             return float(FULL_BITS)
@@ -101,6 +107,27 @@ def candidate_options(cand: Candidate, weights: Weights | None = None, pricing: 
                       for l in layers}
             out.append(Option(layers[0], len(layers), mode, rank, cost, weighted_loss(errors, weights), errors, bits,
                               pricing.latent(bits, rank)))
+    return out
+
+
+def latent_values_options(cand: Candidate, kept_error: dict[int, tuple[float, float]], head_dim: int,
+                          kv_heads: int, pricing: Pricing = Pricing(), weights: Weights | None = None) -> list[Option]:
+    """A layer that keeps its keys and stores a latent of its values (`cand`: its values-only factorization), at
+    every rank and allowed precision: the key error is a kept layer's at that precision (kept_error: bits → its
+    measured (key, value) error), the value error the latent's truncation plus quantization error."""
+    (layer,) = cand.layers
+    out = []
+    for idx, rank in enumerate(cand.ranks.tolist()):
+        for bits in pricing.bits:
+            if bits < FULL_BITS and (bits not in kept_error or cand.quant_error is None):
+                continue
+            key = kept_error[bits][0] if bits < FULL_BITS else 0.0
+            value = float(cand.err_v[layer][idx]) + (float(cand.quant_error[layer][QUANT_BITS.index(bits), 1, idx])
+                                                     if bits < FULL_BITS else 0.0)
+            out.append(Option(layer, 1, "latent_values", rank,
+                              group_elements("latent_values", 1, rank, head_dim * kv_heads),
+                              weighted_loss({layer: (key, value)}, weights), {layer: (key, value)}, bits,
+                              pricing.latent_values(bits, rank, head_dim, kv_heads)))
     return out
 
 

@@ -17,7 +17,16 @@ import torch
 
 from .analysis import Analysis, CalibrationData
 from .architectures import ArchFacts
-from .budget import FULL_BITS, Option, Pricing, allocate, candidate_options, keep_options, uniform
+from .budget import (
+    FULL_BITS,
+    Option,
+    Pricing,
+    allocate,
+    candidate_options,
+    keep_options,
+    latent_values_options,
+    uniform,
+)
 from .calibrate import CalibrationResult, LayerStats, resolve_devices
 from .checkpoint.format import group_elements
 from .checkpoint.reader import SourceModel
@@ -63,6 +72,7 @@ class CommonKV:
     bits: str
     context: int
     max_decode_cost: float | None
+    latent_values: bool
     layer_weights: str
     refit: str
     device: str
@@ -76,7 +86,7 @@ class CommonKV:
             raise UserInputError(f"--group-size {self.group_size} exceeds the model's {facts.num_layers} layers. "
                                  f"To resolve, pass a value from 1 to {facts.num_layers}.")
         cache, store = CalibrationCache(work, self.group_size), CandidateStore(work)
-        candidates, group_sim = store.restore(cache.start)
+        candidates, group_sim, value_candidates = store.restore(cache.start)
         everything = cache.finished()
         window: deque[LayerStats] = deque(cache.window(), maxlen=self.group_size)  # Grams stay on disk (lazy)
         transforms: dict[int, torch.Tensor] = {}
@@ -101,6 +111,9 @@ class CommonKV:
                 if size > 1:
                     group_sim[(first, size)] = latent_similarity(cand, live)
                 candidates[(first, size)] = store.put(_undo_transform(cand, transforms), group_sim.get((first, size)))
+            # the values alone, for --latent-values (cheap: one layer's d_kv rows); always, so a sweep may turn it on
+            values = self._factorize_span(stats.layer, 1, weights, live, facts, dev, values_only=True)
+            value_candidates[stats.layer] = store.put(_undo_transform(values, transforms), values_only=True)
         sensitivity = None
         if self.layer_weights == "kl":  # the one stage whose cost grows with layers²: only when the plan uses it
             per_layer = {l: candidates[(l, 1)] for l in range(facts.num_layers) if (l, 1) in candidates}
@@ -109,16 +122,20 @@ class CommonKV:
                             adjacent_pairs(everything, {s: v for (s, n), v in group_sim.items() if n == 2}),
                             group_sim, {l: s.samples for l, s in everything.items() if s.samples}, sharing,
                             {l: s.quant_error for l, s in everything.items()}, shape_from_config(source.config),
-                            config_element_size(source.config), sensitivity)
+                            config_element_size(source.config), sensitivity, value_candidates)
         return self.plan(analysis)
 
-    def _factorize_span(self, first: int, size: int, weights: dict[int, torch.Tensor],
-                        live: dict[int, LayerStats], facts: ArchFacts, dev: torch.device) -> Candidate | None:
+    def _factorize_span(self, first: int, size: int, weights: dict[int, torch.Tensor], live: dict[int, LayerStats],
+                        facts: ArchFacts, dev: torch.device, *, values_only: bool = False) -> Candidate | None:
         """Factors of layers first..first+size-1 at every rank of the grid, or None when no latent of the span
-        is narrower than keeping it."""
+        is narrower than keeping it. `values_only`: a latent of the values alone (a `latent_values` layer keeps
+        its keys), up to their full width: its key rows are zero, so the fit and the errors are the values'."""
         full = group_elements("keep", size, 0, facts.d_kv)
         # a per-layer latent as wide as K and V together only pays when keeping is not allowed
         limit = min(full if (size == 1 and not self.allow_keep) else full - self.rank_step, facts.hidden_size)
+        if values_only:
+            weights = {l: torch.cat([torch.zeros_like(w[:facts.d_kv]), w[facts.d_kv:]]) for l, w in weights.items()}
+            limit = min(facts.d_kv, facts.hidden_size)
         if limit < 1:
             return None
         ranks = rank_grid(limit, self.rank_step) if limit >= self.rank_step else torch.tensor([limit])
@@ -170,6 +187,12 @@ class CommonKV:
                 if self.allow_keep else []
             for cand in candidates.values():
                 opts.extend(candidate_options(cand, weights, pricing))
+            sharing = analysis.sharing.pairs if analysis.sharing else {}
+            if self.latent_values:  # not for a KVSharer source: its sharers attend over its rebuilt keys and values
+                for l, cand in analysis.value_candidates.items():
+                    if l not in sharing.values():
+                        opts.extend(latent_values_options(cand, analysis.kept_quant_error.get(l, {}), facts.head_dim,
+                                                          facts.num_kv_heads, pricing, weights))
             sharers = analysis.sharing.sharers if analysis.sharing else set()
             opts = shared_options(opts, sharers) if sharers else opts
             plan = allocate(opts, facts.num_layers, budget) if self.max_decode_cost is None else \
@@ -240,9 +263,10 @@ class CommonKV:
         return group
 
     def skipped(self, analysis: Analysis) -> set[str]:
-        """Source tensors the checkpoint leaves out: the k/v projections of every layer with a latent."""
-        replaced = {l for opt in analysis.plan if opt.mode != "keep" for l in opt.layers}
-        return {ArchFacts.kv_name(l, w, p) for l in replaced for w in "kv" for p in ("weight", "bias")}
+        """Source tensors the checkpoint leaves out: the projections a layer's latent replaces (k and v; a
+        latent_values layer keeps its k_proj)."""
+        return {ArchFacts.kv_name(l, w, p) for opt in analysis.plan if opt.mode != "keep" for l in opt.layers
+                for w in _replaced(opt.mode) for p in ("weight", "bias")}
 
     def tensors(self, source: SourceModel, analysis: Analysis,
                 reporter: Reporter | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -262,18 +286,27 @@ class CommonKV:
                        refitted: dict | None) -> Iterator[tuple[str, torch.Tensor]]:
         for g, opt in enumerate(analysis.plan):
             if opt.mode != "keep":
-                down, ups = refitted[g] if refitted is not None else \
-                    analysis.store.factors(analysis.candidates[(opt.start, opt.size)], opt.rank)
+                cand = analysis.value_candidates[opt.start] if opt.mode == "latent_values" else \
+                    analysis.candidates[(opt.start, opt.size)]
+                down, ups = refitted[g] if refitted is not None else analysis.store.factors(cand, opt.rank)
                 yield f"model.kv_groups.{g}.down.weight", down
                 for layer in opt.layers:
-                    yield from up_projections(source, analysis.facts, layer, ups[layer])
+                    yield from up_projections(source, analysis.facts, layer, ups[layer], _replaced(opt.mode))
 
 
-def up_projections(source: SourceModel, facts: ArchFacts, layer: int,
-                   up: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """A layer's k_up/v_up weights (from its [B_k; B_v]) and biases (the source's own, zero without)."""
+def _replaced(mode: str) -> str:
+    """Which of a latent layer's projections its latent replaces: "kv", or "v" where it keeps its keys."""
+    return "v" if mode == "latent_values" else "kv"
+
+
+def up_projections(source: SourceModel, facts: ArchFacts, layer: int, up: torch.Tensor,
+                   which_ones: str = "kv") -> Iterator[tuple[str, torch.Tensor]]:
+    """A layer's k_up/v_up weights (from its [B_k; B_v]) and biases (the source's own, zero without), of the
+    projections in `which_ones`."""
     prefix = facts.layer_prefix(layer) + "self_attn."
     for which, rows in (("k", slice(0, facts.d_kv)), ("v", slice(facts.d_kv, None))):
+        if which not in which_ones:
+            continue
         bias_name = ArchFacts.kv_name(layer, which, "bias")
         bias = source.get_tensor(bias_name) if source.has_tensor(bias_name) else torch.zeros(facts.d_kv)
         yield f"{prefix}{which}_up.weight", up[rows].contiguous()

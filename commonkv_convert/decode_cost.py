@@ -15,6 +15,8 @@ rd rotary dim, e bytes per element):
   tables cos/sin at T positions (`rope_at`, in fp32, once for the batch) and `apply_rope` (x·cos + rotate_half(x)·sin:
   ≈ 10·d_kv element reads/writes); attention does q kᵀ (H·hd MACs, reads d_kv·e) and, fused, p·C over the latent
   (H·r MACs, reads h·r·e: each KV head streams the expanded latent), then B_v once per step (H·hd·r MACs);
+- a `latent_values` layer appends (or, quantized, reads back) its keys as a kept layer does and its value latent
+  as a latent layer does; it rebuilds nothing: q kᵀ over its cached keys, then the fused p·C and B_v as above;
 - a layer that lends its rebuilt K/V to a KVSharer sharer (`lends`) also rebuilds all values (r·d_kv MACs) and
   attends over them explicitly (H·hd MACs);
 - a KVSharer sharer attends over its source's K/V (`BorrowLayer`: attention only) or, for a latent source with
@@ -91,7 +93,7 @@ class Role:
     """What one decoder layer does at a decode step (derived from the plan by `layer_roles`)."""
 
     layer: int
-    kind: str  # keep | latent | borrow
+    kind: str  # keep | latent | latent_values | borrow
     rank: int = 0
     stores: bool = True  # appends to its own cache entry (a keep layer, a latent anchor, every weighted layer)
     weighted: bool = False  # concatenates sinks + merged + recent every step
@@ -112,6 +114,8 @@ def layer_roles(layers: int, groups: list[dict], sharing: dict | None = None) ->
         bits = groups[r.group].get("bits") if r.stores else None
         if r.borrow >= 0:
             out.append(Role(r.layer, "borrow", stores=False))
+        elif r.value_latent:
+            out.append(Role(r.layer, "latent_values", r.rank, bits=bits))
         elif not r.latent:
             out.append(Role(r.layer, "keep", bits=bits))
         else:
@@ -124,8 +128,8 @@ def group_roles(group: dict) -> list[Role]:
     """The decode roles of one group of a plan without KVSharer sharing, read as `layer_roles` reads a whole plan
     (a merged group's first layer stores the latent, the others read it): what the planner prices an option at."""
     layers, mode, bits = group["layers"], group["mode"], group.get("bits")
-    if mode == "keep":
-        return [Role(l, "keep", bits=bits) for l in layers]
+    if mode in ("keep", "latent_values"):
+        return [Role(l, mode, int(group.get("rank", 0)), bits=bits) for l in layers]
     weighted = mode == "merged" and group.get("merge", "anchor") == "weighted"
     return [Role(l, "latent", int(group["rank"]), stores=mode == "per_layer" or weighted or l == layers[0],
                  weighted=weighted, bits=bits if mode == "per_layer" or l == layers[0] else None) for l in layers]
@@ -172,6 +176,14 @@ def layer_terms(shape: Shape, role: Role, element_size: int) -> list[Term]:
                 Term("projections", 2 * d * d_kv, 0, False),
                 Term("projections", 0, 2 * d * d_kv * e, False, per_sequence=False)]
     r, rd = role.rank, shape.rd
+    fused = [Term("attention", heads * r, shape.kv_heads * r * e, True),  # p·C over the latent, B_v once per step
+             Term("projections", heads * hd * r, 0, False),
+             Term("projections", 0, r * d_kv * e, False, per_sequence=False)]
+    if role.kind == "latent_values":
+        return [*_stored(d_kv, role, e), *_stored(r, role, e),
+                Term("attention", heads * hd, d_kv * e, True), *fused,  # q kᵀ over the cached keys
+                Term("projections", d * (d_kv + r), 0, False),  # k_proj and the down-projection
+                Term("projections", 0, d * (d_kv + r) * e, False, per_sequence=False)]
     terms = [
         Term("rebuild", r * d_kv, (r + d_kv) * e + (6 * d_kv * e if shape.qk_norm else 0), True),
         Term("rope", rd / 2 + 2 * rd * TRIG_MACS, 10.5 * rd * ROPE_TABLE_BYTES, True, per_sequence=False),
@@ -186,10 +198,8 @@ def layer_terms(shape: Shape, role: Role, element_size: int) -> list[Term]:
     if role.lends:  # explicit values: rebuilt for every token, attended with p·V
         terms += [Term("rebuild", r * d_kv, (r + d_kv) * e, True), Term("attention", heads * hd, d_kv * e, True),
                   Term("projections", 0, r * d_kv * e, False, per_sequence=False)]
-    else:  # fused: p·C over the latent, then B_v per KV head once per step
-        terms += [Term("attention", heads * r, shape.kv_heads * r * e, True),
-                  Term("projections", heads * hd * r, 0, False),
-                  Term("projections", 0, r * d_kv * e, False, per_sequence=False)]
+    else:
+        terms += fused
     return terms
 
 

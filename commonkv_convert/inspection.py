@@ -62,6 +62,8 @@ def _price(group: dict, pricing: Pricing, facts) -> float:
     bits = group.get("bits", FULL_BITS)
     if group["mode"] == "keep":
         return pricing.kept(bits, facts.head_dim, facts.num_kv_heads)
+    if group["mode"] == "latent_values":
+        return pricing.latent_values(bits, group["rank"], facts.head_dim, facts.num_kv_heads)
     return pricing.latent(bits, group["rank"] or 0)
 
 

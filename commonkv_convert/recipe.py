@@ -39,6 +39,11 @@ class ConvertOptions:
                                                  "(commonkv_convert/decode_cost.py: one sequence at --context tokens, "
                                                  "2-core CPU balance), e.g. 1.0: the best plan within both budgets.",
                                            BUDGET, sweep=True)
+    latent_values: bool = option(False, "Also let the planner keep a layer's keys (at the group's precision) and store "
+                                        "only a latent of its values, attended in latent space: no key is rebuilt "
+                                        "at a decode step, at head_dim·kv_heads + rank elements per token. Pairs "
+                                        "with --max-decode-cost and --bits.", BUDGET,
+                                 "--latent-values/--no-latent-values", sweep=True)
     layer_weights: str = option("kl", "How the planner weighs each layer's estimated K/V errors: kl (by their measured "
                                       "effect on the output, the KL divergence of the next-token distribution on "
                                       "held-out tokens with that layer alone compressed) or uniform.", BUDGET,
@@ -136,6 +141,9 @@ class ConvertOptions:
                                  "To resolve, pass sink ≥ 0, window ≥ 0 and block ≥ 1 (defaults 4, 32, 16).")
         if not self.value_weight > 0:
             raise UserInputError(f"value_weight {self.value_weight} must be positive. To resolve, pass e.g. 1.0.")
+        if self.latent_values and self.refit != "none":
+            raise UserInputError("--latent-values cannot be combined with --refit yet (the refit rebuilds keys from the "
+                                 "latent). To resolve, pass --refit none or drop --latent-values.")
         if self.layer_weights not in ("kl", "uniform"):
             raise UserInputError(f"layer_weights {self.layer_weights!r} is unknown. To resolve, pass kl or uniform.")
         if self.key_metric not in ("query", "plain"):

@@ -6,6 +6,7 @@
       grams/{layer}.safetensors    Grams of the layers a later span may still read (dropped after)
       layers/{layer}.pt            per-layer scalars (similarities, token counts)
       candidates/{first}-{size}.pt factors and held-out errors of every candidate span
+      candidates/{layer}-1-values.pt  the same of each layer's values alone (latent_values options)
       out/                         the checkpoint being written, renamed to OUT when complete
 
 Rerunning the same command after a crash (even kill -9) continues from the last finished layer or shard
@@ -278,6 +279,9 @@ class CalibrationCache:
         return read_tensor(self.work.root / f"act/{kind}-{layer}.safetensors", kind)
 
 
+VALUES_SUFFIX = "-values"  # a stored layer's values-only candidate: candidates/{layer}-1-values.pt
+
+
 class CandidateStore:
     """Factors of every candidate span live on disk until the plan picks a few: memory stays O(window).
 
@@ -287,8 +291,8 @@ class CandidateStore:
     def __init__(self, work: WorkDir) -> None:
         self._work = work
 
-    def put(self, cand: Candidate, similarity: float | None = None) -> Candidate:
-        rel = f"candidates/{cand.layers[0]}-{len(cand.layers)}.pt"
+    def put(self, cand: Candidate, similarity: float | None = None, *, values_only: bool = False) -> Candidate:
+        rel = f"candidates/{cand.layers[0]}-{len(cand.layers)}{VALUES_SUFFIX if values_only else ''}.pt"
         saved = {"down": cand.down.float(), "up": {l: b.float() for l, b in cand.up.items()},
                  "meta": {"layers": list(cand.layers), "predictor": cand.predictor, "ranks": cand.ranks,
                           "err_k": cand.err_k, "err_v": cand.err_v, "quant_error": cand.quant_error,
@@ -302,23 +306,32 @@ class CandidateStore:
         cand.path = self._work.root / rel
         return cand
 
-    def restore(self, layers_done: int) -> tuple[dict[tuple[int, int], Candidate], dict[tuple[int, int], float]]:
-        """Candidates of spans ending before `layers_done`, in the order they were made, and their similarities."""
-        keys = [tuple(map(int, f.stem.split("-"))) for f in (self._work.root / "candidates").glob("*-*.pt")]
+    def restore(self, layers_done: int) -> tuple[dict[tuple[int, int], Candidate], dict[tuple[int, int], float],
+                                                 dict[int, Candidate]]:
+        """Candidates of spans ending before `layers_done`, in the order they were made, their similarities, and
+        the values-only candidates of those layers."""
+        root = self._work.root / "candidates"
+        keys = [tuple(map(int, f.stem.split("-"))) for f in root.glob("*-*.pt") if not f.stem.endswith(VALUES_SUFFIX)]
         keys = sorted((k for k in keys if k[0] + k[1] <= layers_done), key=lambda k: (k[0] + k[1], k[1]))
         candidates, similarity = {}, {}
         for first, size in keys:
-            path = self._work.root / f"candidates/{first}-{size}.pt"
-            meta = torch.load(path, weights_only=True)["meta"]
-            weighted = "merge_weights" in meta
-            cls = WeightedCandidate if weighted else Candidate
-            extra = {"merge_weights": meta["merge_weights"]} if weighted else {}
-            candidates[(first, size)] = cls(tuple(meta["layers"]), meta["predictor"], None, {}, meta["ranks"],
-                                            meta["err_k"], meta["err_v"], path=path,
-                                            quant_error=meta.get("quant_error"), **extra)
+            path = root / f"{first}-{size}.pt"
+            candidates[(first, size)], meta = self._restore(path)
             if meta["similarity"] is not None:
                 similarity[(first, size)] = meta["similarity"]
-        return candidates, similarity
+        values = {layer: self._restore(root / f"{layer}-1{VALUES_SUFFIX}.pt")[0] for layer in range(layers_done)
+                  if (root / f"{layer}-1{VALUES_SUFFIX}.pt").is_file()}
+        return candidates, similarity, values
+
+    @staticmethod
+    def _restore(path: Path) -> tuple[Candidate, dict]:
+        """A stored candidate without its factors (read again by `factors` when the plan picks it), and its meta."""
+        meta = torch.load(path, weights_only=True)["meta"]
+        weighted = "merge_weights" in meta
+        cls = WeightedCandidate if weighted else Candidate
+        extra = {"merge_weights": meta["merge_weights"]} if weighted else {}
+        return cls(tuple(meta["layers"]), meta["predictor"], None, {}, meta["ranks"], meta["err_k"], meta["err_v"],
+                   path=path, quant_error=meta.get("quant_error"), **extra), meta
 
     @staticmethod
     def factors(cand: Candidate, rank: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:

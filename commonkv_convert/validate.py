@@ -59,18 +59,20 @@ def validate_checkpoint(out_dir: Path, tokens: torch.Tensor, final_hidden: torch
 
 def filled_cache(config, batch: int, tokens: int, make: Callable[..., torch.Tensor]):
     """A runtime cache (`CommonKVCache`) holding `tokens` tokens per sequence, as a prefill would leave it: each
-    storing layer gets `make(*shape)` as its latent [B, 1, T, r] or its K/V [B, h, T, hd], then `finish()`
-    folds and quantizes as after a real forward. Its bytes do not depend on the content."""
+    storing layer gets `make(*shape)` as its latent [B, 1, T, r], its K/V [B, h, T, hd] or its keys and value
+    latent, then `finish()` folds and quantizes as after a real forward. Its bytes do not depend on the content."""
     from .runtime.modeling_commonkv import CommonKVCache
 
     cache = CommonKVCache(config)
     for layer, role in zip(cache.layers, cache.roles):
         if not role.stores or role.borrow >= 0:
             continue
+        shape = (batch, config.num_key_value_heads, tokens, config.head_dim)
         if role.latent:
             layer.update(make(batch, 1, tokens, role.rank))
+        elif role.value_latent:  # its keys and its value latent
+            layer.update(make(*shape), make(batch, 1, tokens, role.rank))
         else:
-            shape = (batch, config.num_key_value_heads, tokens, config.head_dim)
             layer.update(make(*shape), make(*shape))
     cache.finish()
     return cache

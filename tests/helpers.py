@@ -45,14 +45,16 @@ def check_checkpoint(path: Path) -> dict:
     assert card.startswith("---\n") and "kv-cache-compression" in card and "library_name: transformers" in card
     shapes = checkpoint_tensors(path)
     for name, _ in shapes.items():
-        assert "k_proj" not in name or _layer_mode(config, name) == "keep", name
+        assert "k_proj" not in name or _layer_mode(config, name) in ("keep", "latent_values"), name
+        assert "v_proj" not in name or _layer_mode(config, name) == "keep", name
     for g, group in enumerate(config["commonkv"]["groups"]):
         if group["mode"] == "keep":
             assert f"model.kv_groups.{g}.down.weight" not in shapes
             continue
         assert shapes[f"model.kv_groups.{g}.down.weight"] == (group["rank"], config["hidden_size"])
+        up = "v_up" if group["mode"] == "latent_values" else "k_up"  # latent_values layers keep their k_proj
         for layer in group["layers"]:
-            assert shapes[f"model.layers.{layer}.self_attn.k_up.weight"][1] == group["rank"]
+            assert shapes[f"model.layers.{layer}.self_attn.{up}.weight"][1] == group["rank"]
     for file in path.glob("*.safetensors"):
         with safe_open(str(file), "pt") as f:
             for name in f.keys():

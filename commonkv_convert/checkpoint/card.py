@@ -29,7 +29,7 @@ KV-cache-compressed version of {{ source }} made with [commonkv](https://pypi.or
 
 - KV cache removed: **{{ achieved_pct }}** of the full cache per token (requested {{ requested_pct }}),
   {{ elements }} cache elements per token instead of {{ full_elements }}.
-- Groups: {{ n_merged }} merged, {{ n_per_layer }} per-layer latent, {{ n_keep }} unchanged layers.
+- Groups: {{ n_merged }} merged, {{ n_per_layer }} per-layer latent, {% if n_latent_values %}{{ n_latent_values }} with raw keys and a value latent, {% endif %}{{ n_keep }} unchanged layers.
 
 ## Load
 
@@ -96,6 +96,7 @@ def render_card(config_block: dict, source: str, name: str, command: str, full_e
         full_elements=full_elements,
         n_merged=sum(g["mode"] == "merged" for g in groups),
         n_per_layer=sum(g["mode"] == "per_layer" for g in groups),
+        n_latent_values=sum(g["mode"] == "latent_values" for g in groups),
         n_keep=sum(len(g["layers"]) for g in groups if g["mode"] == "keep"),
         load=_section("load", _load_snippet(name, base_model)),
         evaluation=_section("eval", evaluation_markdown(evaluation)),

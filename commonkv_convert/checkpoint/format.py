@@ -33,7 +33,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 def block_version(groups: list[dict], has_sharing: bool) -> int:
     """format_version a block is written with: the oldest that can describe it (2 adds the sharing map, 3 a group's
-    `bits`), so a runtime that predates a feature refuses the checkpoint instead of ignoring the feature."""
+    `bits`, 4 the `latent_values` mode), so a runtime that predates a feature refuses the checkpoint instead of
+    ignoring the feature or calling it damaged."""
+    if any(g["mode"] == "latent_values" for g in groups):
+        return 4
     return 3 if any("bits" in g for g in groups) else 2 if has_sharing else 1
 
 

@@ -19,12 +19,15 @@ from transformers import AutoConfig, PretrainedConfig
 from .cache_options import GROUP_BITS, POSITION_BYTES, KVCacheOptions
 
 # 2 adds the optional `sharing` map (KVSharer), 3 a group's `bits` (a runtime that read up to 2 would cache such a
-# group unquantized, not as planned); the converter writes the oldest version that describes a plan
-FORMAT_VERSION = 3
+# group unquantized, not as planned), 4 the `latent_values` mode; the converter writes the oldest version that
+# describes a plan
+FORMAT_VERSION = 4
 # The transformers releases this runtime's test suite ran on (oldest, newest); the converter records them in the
 # block, and loading under a release outside them warns once. Keep in step with pyproject.toml and .ci/run.
 TESTED_TRANSFORMERS = ("5.23.0", "5.24.0")
-MODES = ("keep", "per_layer", "merged")
+# keep: K and V as they are; per_layer / merged: keys and values rebuilt from a latent (its own / its group's);
+# latent_values: keys as they are, values as a per-layer latent attended in latent space (no key rebuild per step)
+MODES = ("keep", "per_layer", "merged", "latent_values")
 MERGE_MODES = ("anchor", "weighted")
 SHARING_PATHS = ("refit", "source")  # how a sharer reads a latent source: own refit up-projections, or the source's
 WEIGHTED_DEFAULTS = {"sink": 4, "window": 32, "block": 16}  # S, W, K of a weighted group
@@ -36,10 +39,13 @@ _RENAMED = {"kv_window", "kv_evict_scope"}  # flat names before kv_cache was one
 
 def group_elements(mode: str, layers: int, rank: int, d_kv: int) -> int:
     """Cache elements one group of `layers` layers stores per token: K and V of each (`keep`, d_kv = KV heads ×
-    head dim), a latent of each (`per_layer`) or one latent for all (`merged`). The one per-token formula:
-    the planner, the config, inspect, validation, eval and the card all count with it."""
+    head dim), a latent of each (`per_layer`), one latent for all (`merged`) or the keys and a value latent of
+    each (`latent_values`). The one per-token formula: the planner, the config, inspect, validation, eval and the
+    card all count with it."""
     if mode == "keep":
         return 2 * d_kv * layers
+    if mode == "latent_values":
+        return (d_kv + rank) * layers
     return rank if mode == "merged" else rank * layers
 
 
@@ -52,7 +58,7 @@ class LayerRole:
     """What one decoder layer stores in the cache and where its keys/values come from."""
 
     layer: int
-    mode: str  # keep | per_layer | merged, or shared (a KVSharer layer reading a latent source's latent)
+    mode: str  # one of MODES, or shared (a KVSharer layer reading a latent source's latent)
     group: int  # index into commonkv["groups"]
     rank: int  # latent width r (0 for keep)
     source: int  # layer whose cache entry this layer reads (itself unless a non-anchor merged layer or a sharer)
@@ -65,7 +71,13 @@ class LayerRole:
 
     @property
     def latent(self) -> bool:
-        return self.mode != "keep"
+        """Its keys and values are rebuilt from a latent (`latent_values` layers keep their keys: not latent)."""
+        return self.mode not in ("keep", "latent_values")
+
+    @property
+    def value_latent(self) -> bool:
+        """It caches its keys as they are and a latent its values are attended in."""
+        return self.mode == "latent_values"
 
 
 class CommonKVConfig(PretrainedConfig):
@@ -157,6 +169,7 @@ class CommonKVConfig(PretrainedConfig):
             ok = (isinstance(layers, list) and layers and all(isinstance(i, int) for i in layers) and mode in MODES
                   and (mode == "keep" or isinstance(rank, int) and rank > 0)
                   and (mode != "merged" or merge in MERGE_MODES)
+                  and (mode != "latent_values" or len(layers) == 1)
                   and (merge != "weighted" or mode != "merged" or len(group.get("weights", [])) == len(layers)))
             if not ok:
                 raise CheckpointError(f"commonkv.groups[{g}] is malformed ({str(group)[:80]}). {fix}")
@@ -224,9 +237,11 @@ class CommonKVConfig(PretrainedConfig):
         for s, j in pairs.items():
             src, own = roles[j], roles[s]
             if (not 0 <= j < s < len(roles) or j in pairs or s in pairs.values() or own.mode != "keep"
-                    or len(groups[own.group]["layers"]) != 1 or src.merge == "weighted" or path not in SHARING_PATHS):
+                    or len(groups[own.group]["layers"]) != 1 or src.merge == "weighted" or src.value_latent
+                    or path not in SHARING_PATHS):
                 raise ValueError(f"commonkv.sharing pair [{s}, {j}] is invalid (a sharer must be a later kept layer "
-                                 "alone in its group and read a non-sharing, non-weighted layer); the config is corrupt.")
+                                 "alone in its group and read a non-sharing, non-weighted, non-latent_values layer); "
+                                 "the config is corrupt.")
             if src.latent and path == "refit":
                 roles[s] = LayerRole(s, "shared", src.group, src.rank, src.source)
             else:
@@ -316,6 +331,9 @@ class CommonKVConfig(PretrainedConfig):
             if role.latent:
                 total += o.stream_bytes(held, role.rank, 1, o.latent_axis, element_size)
                 total += o.budget * POSITION_BYTES if held < tokens else 0
+            elif role.value_latent:
+                total += o.stream_bytes(held, self.head_dim, self.num_key_value_heads, "channel", element_size)
+                total += o.stream_bytes(held, role.rank, 1, o.latent_axis, element_size)
             else:
                 total += o.stream_bytes(held, self.head_dim, self.num_key_value_heads, "channel", element_size)
                 total += o.stream_bytes(held, self.head_dim, self.num_key_value_heads, "token", element_size)

@@ -16,7 +16,9 @@ In an `anchor` merged group only the anchor (first layer) stores its latent; the
 allocate nothing. In a `weighted` merged group (the CommonKV paper's merge) every layer keeps its own latents
 for the first S tokens (sinks) and the most recent ones, and older tokens are stored once for the group as
 the calibrated weighted sum Σ_l w_l c^l (see `WeightedLayer`). The merge mode is fixed at conversion time:
-the two modes use different factors. What a layer stores and where it reads from is its cache layer's business
+the two modes use different factors. A `latent_values` layer keeps its keys as the family computes them (so
+nothing is rebuilt per step) and stores a latent of its values only, attended over as above. What a layer stores
+and where it reads from is its cache layer's business
 (`LatentLayer`, `ReaderLayer`, `WeightedLayer`, `BorrowLayer`, the quantized/evicted layers of `quantization.py`).
 
 Positions: keys are rotated at their cache slot index and queries at theirs, so scores depend only on slot
@@ -342,9 +344,11 @@ class CommonKVCache(Cache):
         if o is not None:
             if role.latent:
                 return CompressedLatentLayer(o.bits, o.group, o.residual, o.latent_axis, self.workspace)
+            if role.value_latent:  # keys per channel, the value latent as a latent layer stores one
+                return CompressedKVLayer(o.bits, o.group, o.residual, self.workspace, value_axis=o.latent_axis)
             lends = role.layer in self.handovers  # its keys/values are read after later layers have dequantized
             return CompressedKVLayer(o.bits, o.group, o.residual, None if lends else self.workspace)
-        return LatentLayer() if role.latent else DynamicLayer()
+        return LatentLayer() if role.latent else DynamicLayer()  # DynamicLayer: keys, and values or a value latent
 
     # ---- around each forward: eviction scores during a long prefill, then evict, fold and quantize after it ----
     def begin(self, q_len: int, attention_mask: torch.Tensor | None) -> None:
@@ -507,7 +511,8 @@ class CommonKVAttention(nn.Module):
     function are the family's own (taken over from the attention module it replaces).
 
     Submodules by role: `k_up`/`v_up` (latent layers: B_k, B_v with the source biases), `k_proj`/`v_proj` (kept
-    layers), neither (KVSharer layers that attend over their source's keys and values).
+    layers), `k_proj`/`v_up` (latent_values layers), neither (KVSharer layers that attend over their source's keys
+    and values).
     """
 
     def __init__(self, config: CommonKVConfig, role: LayerRole, family: nn.Module, model: nn.Module,
@@ -532,6 +537,9 @@ class CommonKVAttention(nn.Module):
         self.k_norm = getattr(family, "k_norm", None) if role.borrow < 0 else None
         if role.latent:
             self.k_up, self.v_up = nn.Linear(role.rank, d_kv, bias=True), nn.Linear(role.rank, d_kv, bias=True)
+        elif role.value_latent:
+            self.k_proj = family.k_proj if hasattr(family, "k_proj") else nn.Linear(d, d_kv, bias=bias)
+            self.v_up = nn.Linear(role.rank, d_kv, bias=True)
         elif role.stores:
             self.k_proj = family.k_proj if hasattr(family, "k_proj") else nn.Linear(d, d_kv, bias=bias)
             self.v_proj = family.v_proj if hasattr(family, "v_proj") else nn.Linear(d, d_kv, bias=bias)
@@ -555,6 +563,8 @@ class CommonKVAttention(nn.Module):
         query = apply_rope(self._heads(self.q_proj(hidden_states), self.q_norm), *position_embeddings)
         if self.role.latent:
             key, value, fused = self._latent_kv(hidden_states, cache)
+        elif self.role.value_latent:
+            key, value, fused = self._latent_values_kv(hidden_states, position_embeddings, cache)
         else:
             key, value, fused = self._kept_kv(hidden_states, position_embeddings, cache)
         cache.attending(self.layer_idx, query, key, value, self.scaling)
@@ -588,6 +598,17 @@ class CommonKVAttention(nn.Module):
         cos, sin = cache.key_rope(self.layer_idx, self.model.rotary_emb, latent, self.layer_type)
         key = apply_rope(self._heads(self.k_up(latent.squeeze(1)), self.k_norm), cos, sin)
         if self._use_fused(x.shape[1], latent.shape[-1]) and not self.lends:
+            return key, latent, True
+        return key, self._heads(self.v_up(latent.squeeze(1)), None), False
+
+    def _latent_values_kv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: CommonKVCache):
+        """Keys as the family computes them, cached rotated (no rebuild at later steps); the value latent
+        c = A_g x cached beside them and attended over as a latent layer's (or its values rebuilt where that is
+        cheaper: a long prefill)."""
+        key = apply_rope(self._heads(self.k_proj(x), self.k_norm), *rope)
+        latent = self.model.kv_groups[str(self.role.group)].down(x).unsqueeze(1)  # [B, 1, t, r]
+        key, latent = cache.update(key, latent, self.layer_idx)
+        if self._use_fused(x.shape[1], latent.shape[-1]):
             return key, latent, True
         return key, self._heads(self.v_up(latent.squeeze(1)), None), False
 

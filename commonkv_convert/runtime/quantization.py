@@ -307,14 +307,15 @@ class CompressedLatentLayer(_CompressedLayer):
 
 
 class CompressedKVLayer(_CompressedLayer):
-    """Keys and values `[B, h, T, hd]` of a kept layer: keys quantized per channel, values per token (KIVI)."""
+    """Keys `[B, h, T, hd]` quantized per channel and values `[B, h, T, hd]` per token (KIVI), or, for a
+    `latent_values` layer, its value latent `[B, 1, T, r]` along `value_axis` as a latent layer stores one."""
 
     _layer_type = "commonkv_kv_compressed"
 
     def __init__(self, bits: int | None = None, group: int = 32, residual: int = 32,
-                 workspace: Workspace | None = None, **kwargs):
+                 workspace: Workspace | None = None, value_axis: str = "token", **kwargs):
         super().__init__([TokenStream(bits, group, residual, "channel", workspace and (workspace, "keys")),
-                          TokenStream(bits, group, residual, "token", workspace and (workspace, "values"))])
+                          TokenStream(bits, group, residual, value_axis, workspace and (workspace, "values"))])
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
