@@ -197,7 +197,8 @@ def machine_rates(seconds: float = 1.0) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------------------
 # The planner's plans timed beside the default ones (`ratio R`): precision in the plan, and within a predicted
 # decode step (`scripts/frontier.py` measures their quality at equal bytes)
-PLANNER = {"plan": {"bits": "16,8,4,2", "context": 2048}, "plan-fast": {"bits": "16,8,4,2", "context": 2048}}
+PLANNER = {"plan": {"bits": "16,8,4,2", "context": 2048}, "plan-fast": {"bits": "16,8,4,2", "context": 2048},
+           "plan-fast-lv": {"bits": "16,8,4,2", "context": 2048, "latent_values": True}}
 # plan-fast's --max-decode-cost per model, chosen by measurement (`scripts/runtime_ab.py --undo decode-attention`
 # on each plan, batch 1). Qwen: 1.05 (the fastest plan is predicted at 1.02) decodes at 0.94-1.01x / 1.08-1.16x the
 # source at 2k / 8k, where 1.25 gave 0.77x / 0.83x. SmolLM2: no plan is predicted under 1.08, and the 1.1 plan
@@ -211,7 +212,7 @@ def plan_fields(model: str, ratios: list[float], planner: bool) -> dict[str, dic
     `planner` the planner's plans at the lowest ratio."""
     out = {f"ratio {r:g}": {"ratio": r} for r in ratios}
     if planner:
-        limits = {"plan-fast": {"max_decode_cost": FAST_LIMIT[model]}}
+        limits = {p: {"max_decode_cost": FAST_LIMIT[model]} for p in ("plan-fast", "plan-fast-lv")}
         out |= {f"{name} {min(ratios):g}": {"ratio": min(ratios), **fields, **limits.get(name, {})}
                 for name, fields in PLANNER.items()}
     return out
@@ -390,8 +391,9 @@ def write_markdown(results: dict, out: Path) -> None:
                "pays only its attention and its append (the source) or the read-back of its codes (quantized). So "
                "the plans that decode about as fast as the source keep most layers as quantized K/V "
                "(`--max-decode-cost`: plan-fast), where the read-back replaces the source's `torch.cat` append. "
-               "Latent layers whose keys are not rebuilt (quantized raw keys, latent values) are the option not "
-               "built yet; see issue 14's list."), ""]
+               "With `--latent-values` (plan-fast-lv) a layer may instead keep its keys and store a latent of its "
+               "values only: it rebuilds nothing, so it decodes like a kept layer at a cost in bytes between a kept "
+               "layer's and a latent's."), ""]
     lines += [("Parts: **append**: the cache's own update (a `torch.cat` copy of everything held, for K/V and "
               "latents alike); **dequant**: a quantized layer's update, which reads every code back into the "
               "buffer the forward's layers share; **rebuild**: `k_up` over all cached latents (and `v_up` where values are "
