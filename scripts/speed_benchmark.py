@@ -298,7 +298,8 @@ def run(args: argparse.Namespace) -> dict:
             block = configs[key].get("commonkv")
             entry["plans"][key] = {
                 "ctx_ppl": ppl, "removed": block["ratio"]["achieved"] if block else 0.0,
-                "options": " ".join(f"--{k.replace('_', '-')} {v}" for k, v in fields.get(key, {}).items()),
+                "options": " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                                    for k, v in fields.get(key, {}).items()),
                 "groups": [f"{g['mode']}{len(g['layers'])}" + (f"@{g['rank']}" if g.get("rank") else "")
                            for g in block["groups"]] if block else [],
             }
