@@ -29,7 +29,7 @@ from .checkpoint.format import (
 )
 from .checkpoint.reader import SourceModel, open_model
 from .checkpoint.writer import CheckpointWriter
-from .errors import UserInputError, ValidationError
+from .errors import PlanError, UserInputError, ValidationError
 from .memory import peak_rss_bytes, release_memory
 from .methods import Method, analyze_source, method_for
 from .progress import Reporter
@@ -72,9 +72,12 @@ def convert(model: str, out_dir: Path | None, options: ConvertOptions, *, report
 
 
 def convert_sweep(model: str, options: ConvertOptions, variants: dict[str, ConvertOptions], out_root: Path, *,
-                  reporter: Reporter | None = None, overwrite: bool = False) -> dict[str, ConversionResult]:
+                  reporter: Reporter | None = None, overwrite: bool = False,
+                  plan_errors: dict[str, PlanError] | None = None) -> dict[str, ConversionResult]:
     """Calibrate and factorize `model` once with `options`, then write one checkpoint per variant under
-    out_root/NAME. Variants may differ from `options` only in its sweep fields (group_size no larger)."""
+    out_root/NAME. Variants may differ from `options` only in its sweep fields (group_size no larger). With
+    `plan_errors`, a variant no plan meets (a speed limit, say) is recorded there and skipped, so the others
+    keep the one analysis they share."""
     reporter = reporter or Reporter()
     sweepable = ConvertOptions.sweep_fields()
     for name, variant in variants.items():
@@ -92,8 +95,15 @@ def convert_sweep(model: str, options: ConvertOptions, variants: dict[str, Conve
         try:
             for name, variant in variants.items():
                 start = time.perf_counter()
-                results[name] = _write_validated(source, method_for(variant).plan(analysis), out_root / name, variant,
-                                                 overwrite, "", reporter, start)
+                try:
+                    planned = method_for(variant).plan(analysis)
+                except PlanError as err:
+                    if plan_errors is None:
+                        raise
+                    plan_errors[name] = err
+                    continue
+                results[name] = _write_validated(source, planned, out_root / name, variant, overwrite, "", reporter,
+                                                 start)
         finally:
             analysis.store.close()
     return results

@@ -8,8 +8,9 @@ For each model, one analysis (`convert_sweep`: calibration and factorization onc
 - `plan`: the planner over rank, merging and precision (`--bits 16,8,4,2`), at 50, 75, 87.5 and 93.75% of the
   bytes of the full cache at 16 bits removed; `plan+evict`: the 50% plan with eviction on top to reach the
   same points;
-- `plan-fast`: the planner within `--max-decode-cost 1.0` (a predicted decode step no slower than the full
-  cache's): what the speed constraint costs in quality;
+- `plan-fast`: the planner within `--max-decode-cost` (at 0.5 the per-model limit `scripts/speed_benchmark.py`
+  times, 1.5 at 0.75): what the speed constraint costs in quality; `plan-fast-lv`: the same with
+  `--latent-values`;
 - `latent`: CommonKV's latent alone (`--bits 16`); `lowrank`: per-layer low rank alone (`--group-size 1`);
 - `quant`: the full cache quantized at run time (8, 4, 2 bits); `evict`: the full cache with SnapKV-style
   eviction at the same points;
@@ -37,10 +38,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed_benchmark import FAST_LIMIT
 from stack_sweep import PrefillBytes
 
 from commonkv_convert.convert import convert_sweep
-from commonkv_convert.errors import PlanError
 from commonkv_convert.evaluate.runner import EvalSettings, run_eval
 from commonkv_convert.evaluate.targets import load_target
 from commonkv_convert.real_models import REAL_MODELS, cache_root, real_model_dir
@@ -51,12 +52,12 @@ POINTS = (0.5, 0.75, 0.875, 0.9375)  # fraction of the 16-bit full cache's bytes
 CTX_PPL = EvalSettings(ctx_len=1024, eval_len=128, windows=4)
 NEEDLE = EvalSettings(contexts=(2048,), depths=(0.1, 0.3, 0.5, 0.7, 0.9), ask_after=True)
 OBSERVE = 32  # eviction's observation window (KVCacheOptions.observe), always kept
-# --max-decode-cost of the plan-fast plans: at 0.5, no plan is predicted as fast as the full cache (the fastest,
-# every layer kept at 8 or 4 bits, pays for reading its codes back: 1.05 on SmolLM2)
-FAST = {0.5: 1.25, 0.75: 1.5}
+# --max-decode-cost of the plan-fast plans at 0.75 (at 0.5: speed_benchmark's FAST_LIMIT, the per-model limit
+# whose plan measured as fast as the full cache)
+FAST_AT_075 = 1.5
 
 
-def plans() -> dict[str, dict]:
+def plans(model: str) -> dict[str, dict]:
     """Checkpoint name → the ConvertOptions fields it varies (all sweep fields of one analysis). Quantized groups
     are priced at the context ctx-ppl caches (--context), so `removed` there is the ratio the plan states."""
     bits = {"bits": "16,8,4,2", "context": CTX_PPL.ctx_len}
@@ -65,18 +66,20 @@ def plans() -> dict[str, dict]:
         out[f"plan@{p:g}"] = {"ratio": p, **bits}
         out[f"latent@{p:g}"] = {"ratio": p}
         out[f"lowrank@{p:g}"] = {"ratio": p, "group_size": 1}
+    fast = {0.5: FAST_LIMIT[model], 0.75: FAST_AT_075}
     for p in (0.5, 0.75):
         out[f"plan-8bit@{p:g}"] = {"ratio": p, "bits": "16,8", "context": CTX_PPL.ctx_len}
-        out[f"plan-fast@{p:g}"] = {"ratio": p, **bits, "max_decode_cost": FAST[p]}
+        out[f"plan-fast@{p:g}"] = {"ratio": p, **bits, "max_decode_cost": fast[p]}
+    out["plan-fast-lv@0.5"] = {**out["plan-fast@0.5"], "latent_values": True}
     out["plan@0.625"] = {"ratio": 0.625, **bits}
     for p in POINTS[1:]:
         out[f"plan-seq@{p:g}"] = {"ratio": p, **bits, "refit": "sequential"}
     return out
 
 
-def runs() -> dict[str, tuple[str, dict, float]]:
+def runs(model: str) -> dict[str, tuple[str, dict, float]]:
     """Configuration → (checkpoint, run-time kv_cache options, share of context tokens kept by eviction)."""
-    out = {name: (name, {}, 1.0) for name in plans()}
+    out = {name: (name, {}, 1.0) for name in plans(model)}
     for bits in (8, 4, 2):
         out[f"quant{bits}"] = ("full", {"bits": bits}, 1.0)
     for p in POINTS:
@@ -90,20 +93,16 @@ def checkpoints(model: str, needed: set[str]) -> dict[str, Path]:
     """The model's checkpoint of each `needed` plan, converted in one sweep where missing."""
     source = real_model_dir(model)
     root = cache_root() / f"frontier-{model}"
-    dirs = {name: root / name for name in plans() if name in needed}
+    dirs = {name: root / name for name in plans(model) if name in needed}
     missing = {n: ConvertOptions(**fields, validate=False, base_model=REAL_MODELS[model].hub_id)
-               for n, fields in plans().items() if n in dirs and not (dirs[n] / "config.json").is_file()}
-    base = ConvertOptions(validate=False, base_model=REAL_MODELS[model].hub_id)
-    sure = {n: o for n, o in missing.items() if o.max_decode_cost is None}
-    if sure:
-        print(f"# {model}: converting {len(sure)} plans (one analysis)", flush=True)
-        convert_sweep(str(source), base, sure, root, overwrite=True)
-    for name in set(missing) - set(sure):  # a speed limit may have no plan: each alone, its failure recorded
-        try:
-            convert_sweep(str(source), base, {name: missing[name]}, root, overwrite=True)
-        except PlanError as err:
+               for n, fields in plans(model).items() if n in dirs and not (dirs[n] / "config.json").is_file()}
+    if missing:
+        print(f"# {model}: converting {len(missing)} plans (one analysis)", flush=True)
+        failed: dict[str, Exception] = {}  # a speed limit may have no plan: its failure is printed
+        convert_sweep(str(source), ConvertOptions(validate=False, base_model=REAL_MODELS[model].hub_id), missing,
+                      root, overwrite=True, plan_errors=failed)
+        for name, err in failed.items():
             print(f"# {model} {name}: {err}", flush=True)
-            dirs.pop(name)
     return {n: d for n, d in dirs.items() if (d / "config.json").is_file()}
 
 
@@ -155,8 +154,9 @@ def run(args: argparse.Namespace, results: dict) -> None:
     torch.set_num_threads(args.threads)
     for model in args.models:
         done = results.setdefault(model, {})
-        order = args.only or list(runs())  # --only also sets the order
-        todo = {n: runs()[n] for n in order if n in runs() and n not in done}
+        configurations = runs(model)
+        order = args.only or list(configurations)  # --only also sets the order
+        todo = {n: configurations[n] for n in order if n in configurations and n not in done}
         dirs = checkpoints(model, {ckpt for ckpt, _, _ in todo.values()})
         for name, (ckpt, options, keep) in todo.items():
             if ckpt not in dirs:  # a plan that does not exist (a speed limit no plan meets)

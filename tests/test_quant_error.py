@@ -137,3 +137,23 @@ def test_max_decode_cost_trades_quality_for_a_faster_step(tiny_model_dir, tmp_pa
     with pytest.raises(PlanError, match="--max-decode-cost"):
         convert_tiny(tiny_model_dir, tmp_path / "never", ratio=0.6, bits="16", context=256, validate=False,
                      max_decode_cost=0.01)
+
+
+def test_sweep_records_a_variant_no_plan_meets(tiny_model_dir, tmp_path):
+    """A sweep with `plan_errors` skips the variant whose speed limit no plan meets and still writes the others
+    from the one analysis; without it, the PlanError stops the sweep."""
+    from commonkv_convert.convert import convert_sweep
+    from commonkv_convert.errors import PlanError
+
+    from .helpers import TINY_CALIB
+
+    base = ConvertOptions(**TINY_CALIB, validate=False)
+    variants = {name: ConvertOptions(**TINY_CALIB, validate=False, ratio=0.6, bits="16", context=256, **limit)
+                for name, limit in (("never", {"max_decode_cost": 0.01}), ("free", {}))}
+    failed: dict[str, PlanError] = {}
+    written = convert_sweep(str(tiny_model_dir), base, variants, tmp_path, plan_errors=failed)
+    assert set(written) == {"free"} and (tmp_path / "free" / "config.json").is_file()
+    assert set(failed) == {"never"} and "--max-decode-cost" in str(failed["never"])
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(PlanError, match="--max-decode-cost"):
+        convert_sweep(str(tiny_model_dir), base, variants, tmp_path / "strict")
