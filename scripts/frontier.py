@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed_benchmark import FAST_LIMIT
+from speed_benchmark import FAST_LIMIT, same_recipe
 from stack_sweep import PrefillBytes
 
 from commonkv_convert.convert import convert_sweep
@@ -94,8 +94,10 @@ def checkpoints(model: str, needed: set[str]) -> dict[str, Path]:
     source = real_model_dir(model)
     root = cache_root() / f"frontier-{model}"
     dirs = {name: root / name for name in plans(model) if name in needed}
-    missing = {n: ConvertOptions(**fields, validate=False, base_model=REAL_MODELS[model].hub_id)
-               for n, fields in plans(model).items() if n in dirs and not (dirs[n] / "config.json").is_file()}
+    wanted = {n: ConvertOptions(**fields, validate=False, base_model=REAL_MODELS[model].hub_id)
+              for n, fields in plans(model).items() if n in dirs}
+    missing = {n: o for n, o in wanted.items()  # a cached plan converted with other options is converted again
+               if not ((dirs[n] / "config.json").is_file() and same_recipe(dirs[n], o))}
     if missing:
         print(f"# {model}: converting {len(missing)} plans (one analysis)", flush=True)
         failed: dict[str, Exception] = {}  # a speed limit may have no plan: its failure is printed

@@ -230,7 +230,7 @@ def checkpoint_dirs(model: str, plans: dict[str, dict], log: Callable[[str], obj
     dirs = {p: cache_root() / f"{name.subdir}-commonkv-{p.replace(' ', '-')}".replace("-ratio-", "-") for p in plans}
     wanted = {p: ConvertOptions(**fields, base_model=name.hub_id) for p, fields in plans.items()}
     missing = {dirs[p].name: options for p, options in wanted.items()
-               if not (is_current(dirs[p]) and _same_recipe(dirs[p], options))}
+               if not (is_current(dirs[p]) and same_recipe(dirs[p], options))}
     if missing:
         log(f"# converting {source} at {', '.join(missing)} (one analysis) ...")
         start = time.perf_counter()
@@ -239,7 +239,7 @@ def checkpoint_dirs(model: str, plans: dict[str, dict], log: Callable[[str], obj
     return dirs
 
 
-def _same_recipe(checkpoint: Path, options) -> bool:
+def same_recipe(checkpoint: Path, options) -> bool:
     """Whether a cached checkpoint was converted with `options`, so that editing PLANNER reconverts it."""
     from commonkv_convert.checkpoint.format import RECIPE_FILE
     from commonkv_convert.recipe import ConvertOptions
