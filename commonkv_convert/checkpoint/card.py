@@ -29,7 +29,7 @@ KV-cache-compressed version of {{ source }} made with [commonkv](https://pypi.or
 
 - KV cache removed: **{{ achieved_pct }}** of the full cache per token (requested {{ requested_pct }}),
   {{ elements }} cache elements per token instead of {{ full_elements }}.
-- Groups: {{ n_merged }} merged, {{ n_per_layer }} per-layer latent, {% if n_latent_values %}{{ n_latent_values }} with raw keys and a value latent, {% endif %}{{ n_keep }} unchanged layers.
+- Groups: {{ n_merged }} merged, {{ n_per_layer }} per-layer latent, {% if n_latent_values %}{{ n_latent_values }} with raw keys and a value latent, {% endif %}{{ n_keep }} layers caching their own keys and values (no latent).
 
 ## Load
 
