@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,11 +74,13 @@ def convert(model: str, out_dir: Path | None, options: ConvertOptions, *, report
 
 def convert_sweep(model: str, options: ConvertOptions, variants: dict[str, ConvertOptions], out_root: Path, *,
                   reporter: Reporter | None = None, overwrite: bool = False,
-                  plan_errors: dict[str, PlanError] | None = None) -> dict[str, ConversionResult]:
+                  plan_errors: dict[str, PlanError] | None = None,
+                  on_written: Callable[[str, ConversionResult], None] | None = None) -> dict[str, ConversionResult]:
     """Calibrate and factorize `model` once with `options`, then write one checkpoint per variant under
     out_root/NAME. Variants may differ from `options` only in its sweep fields (group_size no larger). With
     `plan_errors`, a variant no plan meets (a speed limit, say) is recorded there and skipped, so the others
-    keep the one analysis they share."""
+    keep the one analysis they share. `on_written` gets each checkpoint as soon as it is written, so a caller
+    can use and remove it before the next one takes its disk (each holds a full copy of the other weights)."""
     reporter = reporter or Reporter()
     sweepable = ConvertOptions.sweep_fields()
     for name, variant in variants.items():
@@ -104,6 +107,8 @@ def convert_sweep(model: str, options: ConvertOptions, variants: dict[str, Conve
                     continue
                 results[name] = _write_validated(source, planned, out_root / name, variant, overwrite, "", reporter,
                                                  start)
+                if on_written is not None:
+                    on_written(name, results[name])
         finally:
             analysis.store.close()
     return results

@@ -4,6 +4,8 @@
     python scripts/frontier.py run --models smollm2  # one model (smollm2, qwen25)
     python scripts/frontier.py report                # the page from docs/frontier.json
 
+Each checkpoint is removed once measured (`--keep` keeps them under the cache root, frontier-MODEL/).
+
 For each model, one analysis (`convert_sweep`: calibration and factorization once) writes every plan:
 - `plan`: the planner over rank, merging and precision (`--bits 16,8,4,2`), at 50, 75, 87.5 and 93.75% of the
   bytes of the full cache at 16 bits removed; `plan+evict`: the 50% plan with eviction on top to reach the
@@ -31,8 +33,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -89,23 +93,24 @@ def runs(model: str) -> dict[str, tuple[str, dict, float]]:
     return out
 
 
-def checkpoints(model: str, needed: set[str]) -> dict[str, Path]:
-    """The model's checkpoint of each `needed` plan, converted in one sweep where missing."""
+def checkpoints(model: str, needed: set[str], use: Callable[[str, Path], None]) -> None:
+    """Hand `use` the model's checkpoint of each `needed` plan: cached ones first, then the missing ones, each as
+    soon as the one analysis they share has written it (so `use` may remove it before the next takes disk)."""
     source = real_model_dir(model)
     root = cache_root() / f"frontier-{model}"
-    dirs = {name: root / name for name in plans(model) if name in needed}
     wanted = {n: ConvertOptions(**fields, validate=False, base_model=REAL_MODELS[model].hub_id)
-              for n, fields in plans(model).items() if n in dirs}
+              for n, fields in plans(model).items() if n in needed}
     missing = {n: o for n, o in wanted.items()  # a cached plan converted with other options is converted again
-               if not ((dirs[n] / "config.json").is_file() and same_recipe(dirs[n], o))}
+               if not ((root / n / "config.json").is_file() and same_recipe(root / n, o))}
+    for name in set(wanted) - set(missing):
+        use(name, root / name)
     if missing:
         print(f"# {model}: converting {len(missing)} plans (one analysis)", flush=True)
         failed: dict[str, Exception] = {}  # a speed limit may have no plan: its failure is printed
         convert_sweep(str(source), ConvertOptions(validate=False, base_model=REAL_MODELS[model].hub_id), missing,
-                      root, overwrite=True, plan_errors=failed)
+                      root, overwrite=True, plan_errors=failed, on_written=lambda n, result: use(n, result.out_dir))
         for name, err in failed.items():
             print(f"# {model} {name}: {err}", flush=True)
-    return {n: d for n, d in dirs.items() if (d / "config.json").is_file()}
 
 
 def predicted_loss(config: dict) -> float | None:
@@ -159,19 +164,23 @@ def run(args: argparse.Namespace, results: dict) -> None:
         configurations = runs(model)
         order = args.only or list(configurations)  # --only also sets the order
         todo = {n: configurations[n] for n in order if n in configurations and n not in done}
-        dirs = checkpoints(model, {ckpt for ckpt, _, _ in todo.values()})
-        for name, (ckpt, options, keep) in todo.items():
-            if ckpt not in dirs:  # a plan that does not exist (a speed limit no plan meets)
-                continue
-            start = time.perf_counter()
-            config = json.loads((dirs[ckpt] / "config.json").read_text())
-            entry = {"checkpoint": ckpt, "kv_cache": options, "keep": keep,
-                     "loss": predicted_loss(config) if keep >= 1 and not options else None,
-                     "loss_kind": loss_kind(config), **measure(dirs[ckpt], options, keep, name)}
-            entry["seconds"] = round(time.perf_counter() - start, 1)
-            done[name] = entry
-            save(args.json, results, model)
-            print(model, name, json.dumps({k: v for k, v in entry.items() if k != "needle_probes"}), flush=True)
+
+        def use(ckpt: str, path: Path) -> None:
+            """Measure every configuration that reads this checkpoint, then (without --keep) remove it."""
+            config = json.loads((path / "config.json").read_text())
+            for name, (_, options, keep) in ((n, c) for n, c in todo.items() if c[0] == ckpt):
+                start = time.perf_counter()
+                entry = {"checkpoint": ckpt, "kv_cache": options, "keep": keep,
+                         "loss": predicted_loss(config) if keep >= 1 and not options else None,
+                         "loss_kind": loss_kind(config), **measure(path, options, keep, name)}
+                entry["seconds"] = round(time.perf_counter() - start, 1)
+                done[name] = entry
+                save(args.json, results, model)
+                print(model, name, json.dumps({k: v for k, v in entry.items() if k != "needle_probes"}), flush=True)
+            if not args.keep:
+                shutil.rmtree(path)
+
+        checkpoints(model, {ckpt for ckpt, _, _ in todo.values()}, use)
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -329,6 +338,8 @@ def save(path: Path, results: dict, model: str) -> None:
 def main() -> None:
     parser = parser_for(__doc__, "frontier")
     parser.add_argument("--only", nargs="+", help="configurations to run (default: all that are missing)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep each checkpoint once measured (each holds a full copy of the model's weights)")
     dispatch(parser.parse_args(), run, report)
 
 

@@ -141,7 +141,8 @@ def test_max_decode_cost_trades_quality_for_a_faster_step(tiny_model_dir, tmp_pa
 
 def test_sweep_records_a_variant_no_plan_meets(tiny_model_dir, tmp_path):
     """A sweep with `plan_errors` skips the variant whose speed limit no plan meets and still writes the others
-    from the one analysis; without it, the PlanError stops the sweep."""
+    from the one analysis, each handed to `on_written` as soon as it is complete; without `plan_errors`, the
+    PlanError stops the sweep."""
     from commonkv_convert.convert import convert_sweep
     from commonkv_convert.errors import PlanError
 
@@ -151,8 +152,11 @@ def test_sweep_records_a_variant_no_plan_meets(tiny_model_dir, tmp_path):
     variants = {name: ConvertOptions(**TINY_CALIB, validate=False, ratio=0.6, bits="16", context=256, **limit)
                 for name, limit in (("never", {"max_decode_cost": 0.01}), ("free", {}))}
     failed: dict[str, PlanError] = {}
-    written = convert_sweep(str(tiny_model_dir), base, variants, tmp_path, plan_errors=failed)
+    seen: list[tuple[str, bool]] = []
+    written = convert_sweep(str(tiny_model_dir), base, variants, tmp_path, plan_errors=failed,
+                            on_written=lambda n, r: seen.append((n, (r.out_dir / "commonkv_report.json").is_file())))
     assert set(written) == {"free"} and (tmp_path / "free" / "config.json").is_file()
+    assert seen == [("free", True)]
     assert set(failed) == {"never"} and "--max-decode-cost" in str(failed["never"])
     assert not (tmp_path / "never").exists()
     with pytest.raises(PlanError, match="--max-decode-cost"):
