@@ -225,8 +225,8 @@ def report(args: argparse.Namespace, results: dict) -> None:
                          f"{r['needle']:g}/{r['probes']} | |")
         lines += verdicts(entries, rows)
         for kind in ("errors", "predicted KL"):
-            ranked = [(e["loss"], e["ctx_ppl"]) for e in entries.values()
-                      if e.get("loss") is not None and e.get("loss_kind", "errors") == kind]
+            ranked = [(e["loss"], e["ctx_ppl"]) for name, e in entries.items()  # the full cache's 0 is in any units
+                      if e.get("loss") is not None and (e.get("loss_kind", "errors") == kind or name == "full")]
             if len(ranked) >= 3:
                 rho = spearman([r[0] for r in ranked], [r[1] for r in ranked])
                 lines += ["", f"Planner loss ({kind}) against measured ctx-ppl over {len(ranked)} plans: "
