@@ -5,6 +5,8 @@
     python scripts/factorization_ab.py run --models qwen25 --variants kl+sequential --plans latent@0.5
     python scripts/factorization_ab.py report                   # the page from docs/factorization.json
 
+Each checkpoint is removed once measured (`--keep` keeps them under the cache root, factorization-MODEL/).
+
 A variant is a set of analysis options (`VARIANTS`): they change calibration or factorization, so each needs
 its own analysis (`convert_sweep`), from which the latent-only plans of `PLANS` are written (16-bit latents, no
 quantization: the latent's own quality). Each plan is measured with scripts/frontier.py's protocol (bf16,
@@ -16,14 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from frontier import dispatch, measure, parser_for, predicted_loss, save
+from speed_benchmark import same_recipe
 
 from commonkv_convert.convert import convert_sweep
 from commonkv_convert.real_models import REAL_MODELS, cache_root, real_model_dir
@@ -47,40 +52,42 @@ PLANS: dict[str, dict] = {
 }
 
 
-def checkpoints(model: str, variants: list[str], plans: list[str], done: set[str]) -> dict[str, Path]:
-    """"variant/plan" (and "full") → its checkpoint, converted where missing and not yet measured (`done`): one
-    sweep per distinct analysis."""
+def checkpoints(model: str, variants: list[str], plans: list[str], done: set[str],
+                use: Callable[[str, Path], None]) -> None:
+    """Hand `use` the checkpoint of each "variant/plan" (and "full") not yet measured (`done`): cached ones first
+    (converted with the same options), the others as soon as written, one sweep per distinct analysis."""
     root = cache_root() / f"factorization-{model}"
     sweep = ConvertOptions.sweep_fields()
     base = {"validate": False, "base_model": REAL_MODELS[model].hub_id}
-    dirs, by_analysis = {}, {}
+    by_analysis: dict[tuple, dict[str, dict]] = {}
     for variant in variants:
         fixed = {k: v for k, v in VARIANTS[variant].items() if k not in sweep}
         names = {f"{variant}/{plan}": {**PLANS[plan], **VARIANTS[variant]} for plan in plans}
         if variants.index(variant) == 0:
             names["full"] = {"ratio": 0.0, **VARIANTS[variant]}
         names = {n: fields for n, fields in names.items() if n not in done}
-        dirs.update({name: root / name for name in names})
         by_analysis.setdefault(tuple(sorted(fixed.items())), {}).update(names)
     for fixed, names in by_analysis.items():
-        missing = {n: ConvertOptions(**base, **fields) for n, fields in names.items()
-                   if not (dirs[n] / "config.json").is_file()}
+        wanted = {n: ConvertOptions(**base, **fields) for n, fields in names.items()}
+        missing = {n: o for n, o in wanted.items()
+                   if not ((root / n / "config.json").is_file() and same_recipe(root / n, o))}
+        for name in set(wanted) - set(missing):
+            use(name, root / name)
         if missing:
             print(f"# {model} {dict(fixed)}: converting {len(missing)} plans (one analysis)", flush=True)
             # the sensitivity stage runs only where a plan weighs layers by it (it costs about a calibration)
             weights = "kl" if any(o.layer_weights == "kl" for o in missing.values()) else "uniform"
             convert_sweep(str(real_model_dir(model)), ConvertOptions(**base, **dict(fixed), layer_weights=weights),
-                          missing, root, overwrite=True)
-    return dirs
+                          missing, root, overwrite=True, on_written=lambda n, result: use(n, result.out_dir))
 
 
 def run(args: argparse.Namespace, results: dict) -> None:
     torch.set_num_threads(args.threads)
     for model in args.models:
         done = results.setdefault(model, {})
-        for key, path in checkpoints(model, args.variants, args.plans, set(done)).items():
-            if key in done:
-                continue
+
+        def use(key: str, path: Path) -> None:
+            """Measure one checkpoint, then (without --keep) remove it."""
             variant, plan = key.split("/") if "/" in key else ("", key)
             start = time.perf_counter()
             entry = {"variant": variant, "plan": plan, "options": VARIANTS.get(variant, {}),
@@ -90,6 +97,10 @@ def run(args: argparse.Namespace, results: dict) -> None:
             done[key] = entry
             save(args.json, results, model)
             print(model, key, json.dumps({k: v for k, v in entry.items() if k != "needle_probes"}), flush=True)
+            if not args.keep:
+                shutil.rmtree(path)
+
+        checkpoints(model, args.variants, args.plans, set(done), use)
 
 
 def report(args: argparse.Namespace, results: dict) -> None:

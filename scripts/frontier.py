@@ -313,6 +313,8 @@ def parser_for(doc: str, name: str) -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, default=Path(f"docs/{name}.json"))
     parser.add_argument("--out", type=Path, default=Path(f"docs/{name}.md"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--keep", action="store_true",
+                        help="keep each checkpoint once measured (each holds a full copy of the model's weights)")
     return parser
 
 
@@ -338,8 +340,6 @@ def save(path: Path, results: dict, model: str) -> None:
 def main() -> None:
     parser = parser_for(__doc__, "frontier")
     parser.add_argument("--only", nargs="+", help="configurations to run (default: all that are missing)")
-    parser.add_argument("--keep", action="store_true",
-                        help="keep each checkpoint once measured (each holds a full copy of the model's weights)")
     dispatch(parser.parse_args(), run, report)
 
 
