@@ -1,0 +1,60 @@
+"""scripts/frontier.py's verdicts: which planner rows another method dominates at equal memory, and the targets."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def frontier():
+    sys.path.insert(0, str(REPO / "scripts"))  # frontier imports its sibling scripts
+    try:
+        spec = importlib.util.spec_from_file_location("frontier", REPO / "scripts" / "frontier.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+
+
+def _row(removed: float, ppl: float, needle: float) -> dict:
+    return {"removed": removed, "ctx_ppl": ppl, "needle": needle, "needle_probes": [1.0] * 5}
+
+
+def _verdict(lines: list[str], name: str) -> list[str]:
+    row = next(line for line in lines if line.startswith(f"| {name} |"))
+    return [cell.strip() for cell in row.strip("|").split("|")]
+
+
+def test_a_planner_row_is_dominated_only_by_another_method_at_equal_or_fewer_bytes(frontier):
+    entries = {
+        "full": _row(0.0, 20.0, 1.0),
+        "plan@0.5": _row(0.501, 20.1, 1.0),  # +0.5%: within +1%, every needle
+        "plan-8bit@0.5": _row(0.501, 19.0, 1.0),  # better than plan@0.5, which it does not dominate
+        "evict@0.5": _row(0.5, 19.9, 0.4),  # better ctx-ppl, fewer needles: no dominance
+        "quant4": _row(0.666, 20.05, 1.0),  # more bytes removed, better ctx-ppl, same needles: dominates
+        "plan@0.75": _row(0.75, 20.2, 1.0),
+        "quant2": _row(0.787, 20.1, 0.8),
+        "plan@0.875": _row(0.875, 22.0, 1.0),  # +10%: misses +8%
+    }
+    peers = [{"press": "full", "removed": 0.0, "ctx_ppl": 30.0, "needle": 5, "probes": 5},
+             {"press": "snapkv", "removed": 0.875, "ctx_ppl": 30.3, "needle": 5, "probes": 5}]  # +1% of its own
+    lines = frontier.verdicts(entries, peers)
+    assert _verdict(lines, "plan@0.5")[4:] == ["met", "quant4"]
+    assert _verdict(lines, "plan-8bit@0.5")[4:] == ["met", "not dominated"]
+    assert _verdict(lines, "plan@0.75")[4:] == ["met", "not dominated"]
+    assert _verdict(lines, "plan@0.875")[2:] == ["+10.0%", "5/5", "missed", "kvpress snapkv@0.875"]
+    assert not any(line.startswith("| quant4 |") for line in lines)  # only planner rows are judged
+
+
+def test_plan_fast_at_half_uses_the_speed_benchmarks_limit_per_model(frontier):
+    for model, limit in frontier.FAST_LIMIT.items():
+        plans = frontier.plans(model)
+        assert plans["plan-fast@0.5"]["max_decode_cost"] == limit
+        assert plans["plan-fast-lv@0.5"] == {**plans["plan-fast@0.5"], "latent_values": True}
