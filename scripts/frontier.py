@@ -279,27 +279,39 @@ def verdicts(entries: dict, peers: list[dict]) -> list[str]:
 
 
 def plot(results: dict, path: Path) -> None:
+    """Bytes kept against ctx-ppl (relative to each method's own full cache) and needle, one row per model; the
+    earlier sections (a key with a comma, such as plans before a default changed) stay in the tables only."""
     from commonkv_convert.plots import require_matplotlib
 
     plt = require_matplotlib()
-    fig, axes = plt.subplots(len(results), 2, figsize=(11, 4 * len(results)), squeeze=False)
-    for row, (model, entries) in enumerate(results.items()):
-        groups: dict[str, list[tuple[float, dict]]] = {}
+    models = [m for m in results if "," not in m]
+    fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.5 * len(models)), squeeze=False)
+    colors = plt.get_cmap("tab20").colors
+    for row, model in enumerate(models):
+        entries, groups = results[model], {}
+        full = entries.get("full", {}).get("ctx_ppl")
         for name, e in entries.items():
-            groups.setdefault(family(name), []).append((e["removed"], e))
-        for col, (metric, label) in enumerate((("ctx_ppl", "ctx-ppl (lower is better)"),
-                                               ("needle", "needle accuracy"))):
+            groups.setdefault(family(name), []).append((e["removed"], e["ctx_ppl"] / full, e["needle"]))
+        peers = path.parent / f"frontier_kvpress_{model}.json"
+        rows = json.loads(peers.read_text())["results"] if peers.is_file() else []
+        own = next((r["ctx_ppl"] for r in rows if r["press"] == "full"), None)
+        for r in rows:
+            if r["press"] != "full" and own:
+                groups.setdefault(f"kvpress {r['press']}", []).append(
+                    (r["removed"], r["ctx_ppl"] / own, r["needle"] / r["probes"]))
+        for col, label in enumerate(("ctx-ppl / full cache's (lower is better)", "needle accuracy")):
             ax = axes[row][col]
-            for fam, points in sorted(groups.items()):
-                points.sort(key=lambda p: p[0])
-                ax.plot([100 * (1 - p[0]) for p in points], [p[1][metric] for p in points], marker="o", label=fam)
+            for i, (fam, points) in enumerate(sorted(groups.items())):
+                points.sort()
+                ax.plot([100 * (1 - p[0]) for p in points], [p[1 + col] for p in points], marker="os^v"[i % 4],
+                        color=colors[i % len(colors)], label=fam)
             ax.set_xlabel("% of the 16-bit full cache's bytes kept")
             ax.set_ylabel(label)
             ax.set_title(f"{model}: {label}")
-            if metric == "ctx_ppl":
+            if col == 0:
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
-        axes[row][0].legend(fontsize=7)
+        axes[row][0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
