@@ -20,14 +20,13 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from frontier import dispatch, measure, parser_for, predicted_loss, save
+from frontier import dispatch, measure, parser_for, predicted_loss, record
 from speed_benchmark import same_recipe
 
 from commonkv_convert.convert import convert_sweep
@@ -89,14 +88,10 @@ def run(args: argparse.Namespace, results: dict) -> None:
         def use(key: str, path: Path) -> None:
             """Measure one checkpoint, then (without --keep) remove it."""
             variant, plan = key.split("/") if "/" in key else ("", key)
-            start = time.perf_counter()
-            entry = {"variant": variant, "plan": plan, "options": VARIANTS.get(variant, {}),
-                     "loss": predicted_loss(json.loads((path / "config.json").read_text())),
-                     **measure(path, {}, 1.0, key)}
-            entry["seconds"] = round(time.perf_counter() - start, 1)
-            done[key] = entry
-            save(args.json, results, model)
-            print(model, key, json.dumps({k: v for k, v in entry.items() if k != "needle_probes"}), flush=True)
+            record(args, results, model, key, lambda: {
+                "variant": variant, "plan": plan, "options": VARIANTS.get(variant, {}),
+                "loss": predicted_loss(json.loads((path / "config.json").read_text())),
+                **measure(path, {}, 1.0, key)})
             if not args.keep:
                 shutil.rmtree(path)
 

@@ -169,18 +169,25 @@ def run(args: argparse.Namespace, results: dict) -> None:
             """Measure every configuration that reads this checkpoint, then (without --keep) remove it."""
             config = json.loads((path / "config.json").read_text())
             for name, (_, options, keep) in ((n, c) for n, c in todo.items() if c[0] == ckpt):
-                start = time.perf_counter()
-                entry = {"checkpoint": ckpt, "kv_cache": options, "keep": keep,
-                         "loss": predicted_loss(config) if keep >= 1 and not options else None,
-                         "loss_kind": loss_kind(config), **measure(path, options, keep, name)}
-                entry["seconds"] = round(time.perf_counter() - start, 1)
-                done[name] = entry
-                save(args.json, results, model)
-                print(model, name, json.dumps({k: v for k, v in entry.items() if k != "needle_probes"}), flush=True)
+                record(args, results, model, name, lambda: {
+                    "checkpoint": ckpt, "kv_cache": options, "keep": keep,
+                    "loss": predicted_loss(config) if keep >= 1 and not options else None,
+                    "loss_kind": loss_kind(config), **measure(path, options, keep, name)})
             if not args.keep:
                 shutil.rmtree(path)
 
         checkpoints(model, {ckpt for ckpt, _, _ in todo.values()}, use)
+
+
+def record(args: argparse.Namespace, results: dict, model: str, name: str, measured: Callable[[], dict]) -> None:
+    """Time `measured()`, store it as results[model][name] in the JSON at once (a long run keeps every figure it
+    reached), and print it."""
+    start = time.perf_counter()
+    entry = measured()
+    entry["seconds"] = round(time.perf_counter() - start, 1)
+    results.setdefault(model, {})[name] = entry
+    save(args.json, results, model)
+    print(model, name, json.dumps({k: v for k, v in entry.items() if k != "needle_probes"}), flush=True)
 
 
 def spearman(a: list[float], b: list[float]) -> float:

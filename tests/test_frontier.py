@@ -58,3 +58,18 @@ def test_plan_fast_at_half_uses_the_speed_benchmarks_limit_per_model(frontier):
         plans = frontier.plans(model)
         assert plans["plan-fast@0.5"]["max_decode_cost"] == limit
         assert plans["plan-fast-lv@0.5"] == {**plans["plan-fast@0.5"], "latent_values": True}
+
+
+def test_record_saves_each_figure_at_once_beside_other_models(frontier, tmp_path):
+    """A long run keeps what it measured: every entry lands in the JSON as soon as it exists, and a run of one
+    model never drops another's rows."""
+    import argparse
+    import json
+
+    path = tmp_path / "frontier.json"
+    path.write_text(json.dumps({"qwen25": {"full": {"ctx_ppl": 31.0}}}))
+    results: dict = {}
+    frontier.record(argparse.Namespace(json=path), results, "smollm2", "quant4", lambda: {"ctx_ppl": 22.0})
+    saved = json.loads(path.read_text())
+    assert saved["qwen25"] == {"full": {"ctx_ppl": 31.0}}
+    assert saved["smollm2"]["quant4"]["ctx_ppl"] == 22.0 and saved["smollm2"]["quant4"]["seconds"] >= 0
