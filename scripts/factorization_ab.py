@@ -26,11 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from frontier import dispatch, measure, parser_for, predicted_loss, record
-from speed_benchmark import same_recipe
+from frontier import dispatch, measure, parser_for, predicted_loss, record, reuse_or_convert
 
-from commonkv_convert.convert import convert_sweep
-from commonkv_convert.real_models import REAL_MODELS, cache_root, real_model_dir
+from commonkv_convert.real_models import REAL_MODELS, cache_root
 from commonkv_convert.recipe import ConvertOptions
 
 # variant → the options it sets (everything else at the defaults). Variants that differ only in sweep fields
@@ -68,16 +66,9 @@ def checkpoints(model: str, variants: list[str], plans: list[str], done: set[str
         by_analysis.setdefault(tuple(sorted(fixed.items())), {}).update(names)
     for fixed, names in by_analysis.items():
         wanted = {n: ConvertOptions(**base, **fields) for n, fields in names.items()}
-        missing = {n: o for n, o in wanted.items()
-                   if not ((root / n / "config.json").is_file() and same_recipe(root / n, o))}
-        for name in set(wanted) - set(missing):
-            use(name, root / name)
-        if missing:
-            print(f"# {model} {dict(fixed)}: converting {len(missing)} plans (one analysis)", flush=True)
-            # the sensitivity stage runs only where a plan weighs layers by it (it costs about a calibration)
-            weights = "kl" if any(o.layer_weights == "kl" for o in missing.values()) else "uniform"
-            convert_sweep(str(real_model_dir(model)), ConvertOptions(**base, **dict(fixed), layer_weights=weights),
-                          missing, root, overwrite=True, on_written=lambda n, result: use(n, result.out_dir))
+        # the sensitivity stage runs only where a plan weighs layers by it (it costs about a calibration)
+        weights = "kl" if any(o.layer_weights == "kl" for o in wanted.values()) else "uniform"
+        reuse_or_convert(model, ConvertOptions(**base, **dict(fixed), layer_weights=weights), wanted, root, use)
 
 
 def run(args: argparse.Namespace, results: dict) -> None:

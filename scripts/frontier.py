@@ -46,6 +46,7 @@ from speed_benchmark import FAST_LIMIT, same_recipe
 from stack_sweep import PrefillBytes
 
 from commonkv_convert.convert import convert_sweep
+from commonkv_convert.errors import PlanError
 from commonkv_convert.evaluate.runner import EvalSettings, run_eval
 from commonkv_convert.evaluate.targets import load_target
 from commonkv_convert.real_models import REAL_MODELS, cache_root, real_model_dir
@@ -96,21 +97,27 @@ def runs(model: str) -> dict[str, tuple[str, dict, float]]:
 def checkpoints(model: str, needed: set[str], use: Callable[[str, Path], None]) -> None:
     """Hand `use` the model's checkpoint of each `needed` plan: cached ones first, then the missing ones, each as
     soon as the one analysis they share has written it (so `use` may remove it before the next takes disk)."""
-    source = real_model_dir(model)
-    root = cache_root() / f"frontier-{model}"
     wanted = {n: ConvertOptions(**fields, validate=False, base_model=REAL_MODELS[model].hub_id)
               for n, fields in plans(model).items() if n in needed}
+    failed: dict[str, PlanError] = {}  # a speed limit may have no plan: its failure is printed
+    reuse_or_convert(model, ConvertOptions(validate=False, base_model=REAL_MODELS[model].hub_id), wanted,
+                     cache_root() / f"frontier-{model}", use, plan_errors=failed)
+    for name, err in failed.items():
+        print(f"# {model} {name}: {err}", flush=True)
+
+
+def reuse_or_convert(model: str, base: ConvertOptions, wanted: dict[str, ConvertOptions], root: Path,
+                     use: Callable[[str, Path], None], plan_errors: dict[str, PlanError] | None = None) -> None:
+    """Hand `use` root/NAME for each wanted checkpoint: a cached one converted with the same options at once,
+    the others as the one analysis (`base`) writes them (`convert_sweep`; `plan_errors` as there)."""
     missing = {n: o for n, o in wanted.items()  # a cached plan converted with other options is converted again
                if not ((root / n / "config.json").is_file() and same_recipe(root / n, o))}
     for name in set(wanted) - set(missing):
         use(name, root / name)
     if missing:
-        print(f"# {model}: converting {len(missing)} plans (one analysis)", flush=True)
-        failed: dict[str, Exception] = {}  # a speed limit may have no plan: its failure is printed
-        convert_sweep(str(source), ConvertOptions(validate=False, base_model=REAL_MODELS[model].hub_id), missing,
-                      root, overwrite=True, plan_errors=failed, on_written=lambda n, result: use(n, result.out_dir))
-        for name, err in failed.items():
-            print(f"# {model} {name}: {err}", flush=True)
+        print(f"# {model} {base.key_metric} keys: converting {len(missing)} plans (one analysis)", flush=True)
+        convert_sweep(str(real_model_dir(model)), base, missing, root, overwrite=True, plan_errors=plan_errors,
+                      on_written=lambda n, result: use(n, result.out_dir))
 
 
 def predicted_loss(config: dict) -> float | None:
