@@ -18,6 +18,8 @@ For each model, one analysis (`convert_sweep`: calibration and factorization onc
   eviction at the same points;
 - extra planner variants (`--bits 16,8` …) so the loss ranking below spans at least 12 plans;
 - `plan-seq`: the plan with its factors refitted on the compressed model's own stream (`--refit sequential`);
+- `plan-query`, `latent-query`: the plan and the latent alone from a second analysis whose key error is the
+  attention-score error it causes (`--key-metric query`); its predicted KL is ranked with the others';
 - `kvpress`: NVIDIA kvpress's presses, where `scripts/peer_kvpress.py run` has written
   docs/frontier_kvpress_MODEL.json (in its own venv: kvpress pins transformers < 5.3). It runs in float32 and
   is compared with its own full-cache row; its share removed is the share of tokens evicted.
@@ -79,6 +81,10 @@ def plans(model: str) -> dict[str, dict]:
     out["plan@0.625"] = {"ratio": 0.625, **bits}
     for p in POINTS[1:]:
         out[f"plan-seq@{p:g}"] = {"ratio": p, **bits, "refit": "sequential"}
+    for p in POINTS:  # a second analysis: key error measured as the attention-score error (--key-metric query)
+        out[f"plan-query@{p:g}"] = {"ratio": p, **bits, "key_metric": "query"}
+    for p in POINTS[:2]:
+        out[f"latent-query@{p:g}"] = {"ratio": p, "key_metric": "query"}
     return out
 
 
@@ -97,11 +103,16 @@ def runs(model: str) -> dict[str, tuple[str, dict, float]]:
 def checkpoints(model: str, needed: set[str], use: Callable[[str, Path], None]) -> None:
     """Hand `use` the model's checkpoint of each `needed` plan: cached ones first, then the missing ones, each as
     soon as the one analysis they share has written it (so `use` may remove it before the next takes disk)."""
-    wanted = {n: ConvertOptions(**fields, validate=False, base_model=REAL_MODELS[model].hub_id)
-              for n, fields in plans(model).items() if n in needed}
+    hub = REAL_MODELS[model].hub_id
+    by_metric: dict[str, dict[str, ConvertOptions]] = {}  # the key metric is an analysis field: one sweep each
+    for n, fields in plans(model).items():
+        if n in needed:
+            options = ConvertOptions(**fields, validate=False, base_model=hub)
+            by_metric.setdefault(options.key_metric, {})[n] = options
     failed: dict[str, PlanError] = {}  # a speed limit may have no plan: its failure is printed
-    reuse_or_convert(model, ConvertOptions(validate=False, base_model=REAL_MODELS[model].hub_id), wanted,
-                     cache_root() / f"frontier-{model}", use, plan_errors=failed)
+    for metric, wanted in by_metric.items():
+        reuse_or_convert(model, ConvertOptions(validate=False, base_model=hub, key_metric=metric), wanted,
+                         cache_root() / f"frontier-{model}", use, plan_errors=failed)
     for name, err in failed.items():
         print(f"# {model} {name}: {err}", flush=True)
 
@@ -253,7 +264,7 @@ def report(args: argparse.Namespace, results: dict) -> None:
 
 # the issue's targets on the essays: bytes removed → largest ctx-ppl rise against the full cache (needle: the full's)
 TARGETS = {0.5: 0.01, 0.75: 0.03, 0.875: 0.08}
-PLANNER_ROWS = ("plan", "plan-seq", "plan-fast", "plan-fast-lv", "plan-8bit")
+PLANNER_ROWS = ("plan", "plan-seq", "plan-fast", "plan-fast-lv", "plan-8bit", "plan-query")
 SAME_BYTES = 0.002  # a row removing this much less still counts as equal memory (plans land on 50.1% for 50%)
 
 

@@ -73,3 +73,15 @@ def test_record_saves_each_figure_at_once_beside_other_models(frontier, tmp_path
     saved = json.loads(path.read_text())
     assert saved["qwen25"] == {"full": {"ctx_ppl": 31.0}}
     assert saved["smollm2"]["quant4"]["ctx_ppl"] == 22.0 and saved["smollm2"]["quant4"]["seconds"] >= 0
+
+
+def test_each_key_metric_gets_its_own_analysis(frontier, monkeypatch):
+    """The key metric is an analysis field: the plans of each metric go to one sweep whose base options have it,
+    so no sweep is asked for a variant its analysis cannot plan."""
+    calls = []
+    monkeypatch.setattr(frontier, "reuse_or_convert",
+                        lambda model, base, wanted, root, use, plan_errors: calls.append((base, wanted)))
+    frontier.checkpoints("smollm2", {"plan@0.5", "plan-query@0.5", "latent-query@0.75", "full"}, lambda n, p: None)
+    assert {base.key_metric: sorted(wanted) for base, wanted in calls} == {
+        "plain": ["full", "plan@0.5"], "query": ["latent-query@0.75", "plan-query@0.5"]}
+    assert all(o.key_metric == base.key_metric for base, wanted in calls for o in wanted.values())
