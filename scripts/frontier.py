@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed_benchmark import FAST_LIMIT, same_recipe
+from speed_benchmark import FAST_LIMIT
 from stack_sweep import PrefillBytes
 
 from commonkv_convert.convert import convert_sweep
@@ -52,7 +52,7 @@ from commonkv_convert.errors import PlanError
 from commonkv_convert.evaluate.runner import EvalSettings, run_eval
 from commonkv_convert.evaluate.targets import load_target
 from commonkv_convert.real_models import REAL_MODELS, cache_root, real_model_dir
-from commonkv_convert.recipe import ConvertOptions
+from commonkv_convert.recipe import ConvertOptions, written_with
 
 DTYPE = torch.bfloat16
 POINTS = (0.5, 0.75, 0.875, 0.9375)  # fraction of the 16-bit full cache's bytes removed
@@ -122,7 +122,7 @@ def reuse_or_convert(model: str, base: ConvertOptions, wanted: dict[str, Convert
     """Hand `use` root/NAME for each wanted checkpoint: a cached one converted with the same options at once,
     the others as the one analysis (`base`) writes them (`convert_sweep`; `plan_errors` as there)."""
     missing = {n: o for n, o in wanted.items()  # a cached plan converted with other options is converted again
-               if not ((root / n / "config.json").is_file() and same_recipe(root / n, o))}
+               if not ((root / n / "config.json").is_file() and written_with(root / n, o))}
     for name in set(wanted) - set(missing):
         use(name, root / name)
     if missing:

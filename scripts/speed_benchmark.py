@@ -230,21 +230,13 @@ def checkpoint_dirs(model: str, plans: dict[str, dict], log: Callable[[str], obj
     dirs = {p: cache_root() / f"{name.subdir}-commonkv-{p.replace(' ', '-')}".replace("-ratio-", "-") for p in plans}
     wanted = {p: ConvertOptions(**fields, base_model=name.hub_id) for p, fields in plans.items()}
     missing = {dirs[p].name: options for p, options in wanted.items()
-               if not (is_current(dirs[p]) and same_recipe(dirs[p], options))}
+               if not is_current(dirs[p], options)}
     if missing:
         log(f"# converting {source} at {', '.join(missing)} (one analysis) ...")
         start = time.perf_counter()
         convert_sweep(str(source), ConvertOptions(base_model=name.hub_id), missing, cache_root(), overwrite=True)
         log(f"# converted in {time.perf_counter() - start:.0f} s")
     return dirs
-
-
-def same_recipe(checkpoint: Path, options) -> bool:
-    """Whether a cached checkpoint was converted with `options`, so that editing PLANNER reconverts it."""
-    from commonkv_convert.checkpoint.format import RECIPE_FILE
-    from commonkv_convert.recipe import ConvertOptions
-
-    return ConvertOptions.from_yaml(checkpoint / RECIPE_FILE) == options
 
 
 def ctx_ppl(path: Path, windows: int) -> float:

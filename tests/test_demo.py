@@ -6,6 +6,7 @@ paths run the real command with the package hidden from the import system.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import shutil
@@ -16,8 +17,8 @@ from huggingface_hub import ModelCard
 from typer.testing import CliRunner
 
 from commonkv_convert.cli import app
-from commonkv_convert.checkpoint.format import CARD_FILE, REPORT_FILE, RUNTIME_FILES
-from commonkv_convert.demo import SETTINGS, is_current
+from commonkv_convert.checkpoint.format import CARD_FILE, RECIPE_FILE, REPORT_FILE, RUNTIME_FILES
+from commonkv_convert.demo import OPTIONS, SETTINGS, is_current
 from commonkv_convert.smollm2 import HUB_ID
 
 from .helpers import check_checkpoint
@@ -42,14 +43,18 @@ def test_demo_checkpoint_is_complete_names_its_base_and_is_reused(demo_run: dict
     checkpoint = Path(demo_run["checkpoint"])
     check_checkpoint(checkpoint)
     assert ModelCard.load(checkpoint / CARD_FILE).data.base_model == HUB_ID
-    assert is_current(checkpoint)
+    assert is_current(checkpoint, OPTIONS)
+    assert not is_current(checkpoint, dataclasses.replace(OPTIONS, ratio=0.75))  # another recipe: converted again
     stale = tmp_path / "stale"
     stale.mkdir()
-    for name in (REPORT_FILE, *RUNTIME_FILES):
+    for name in (REPORT_FILE, RECIPE_FILE, *RUNTIME_FILES):
         shutil.copy(checkpoint / name, stale / name)
-    assert is_current(stale)
+    assert is_current(stale, OPTIONS)
     (stale / RUNTIME_FILES[-1]).write_text("# an older runtime\n")
-    assert not is_current(stale)  # written with another runtime: converted again
+    assert not is_current(stale, OPTIONS)  # written with another runtime: converted again
+    shutil.copy(checkpoint / RUNTIME_FILES[-1], stale / RUNTIME_FILES[-1])
+    (stale / RECIPE_FILE).unlink()
+    assert not is_current(stale, OPTIONS)  # no recipe to compare: converted again
 
 
 @pytest.mark.parametrize(("hidden", "code", "needle"), [
