@@ -278,7 +278,7 @@ class CommonKV:
             facts = analysis.facts
             refitted = refit(source, facts, analysis.data.refit_tokens, analysis.plan, lambda l: _kv_weight(source, l),
                              lambda l, gram, energy: self._row_transform(source, facts, l, gram, energy),
-                             sequential=self.refit == "sequential", reporter=reporter,
+                             mode=self.refit, reporter=reporter,
                              device=resolve_devices(self.device)[0])
         return self._group_tensors(source, analysis, refitted)
 

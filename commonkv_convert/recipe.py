@@ -68,7 +68,8 @@ class ConvertOptions:
     value_weight: float = option(1.0, "Weight of value error relative to key error.", FACTORIZATION)
     refit: str = option("none", "Once planned, refit each group's factors on all calibration tokens but the "
                                 "validation rows (pooled), also fed by the compressed layers before it (sequential), "
-                                "or not (none).", FACTORIZATION,
+                                "with targets from that same compressed stream (symmetric), or not (none).",
+                        FACTORIZATION,
                         sweep=True)
     merge: str = option("anchor", "How merged groups store old tokens: anchor (the first layer's latent, causal) or "
                                   "weighted (the CommonKV paper's calibrated weighted sum; per-layer sinks and recent "
@@ -162,7 +163,7 @@ class ConvertOptions:
             check_file(Path(self.calib))
 
     def _check_refit(self) -> None:
-        modes = ("none", "pooled", "sequential")  # refit.py
+        modes = ("none", "pooled", "sequential", "symmetric")  # refit.py
         if self.refit not in modes:
             raise UserInputError(f"--refit {self.refit!r} is unknown. To resolve, pass one of {', '.join(modes)}.")
         if self.refit != "none" and (self.merge != "anchor" or self.method != "commonkv"):

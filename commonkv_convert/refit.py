@@ -1,4 +1,4 @@
-"""Refit the planned groups' factors once the plan is fixed (`--refit pooled | sequential`).
+"""Refit the planned groups' factors once the plan is fixed (`--refit pooled | sequential | symmetric`).
 
 The analysis fits every candidate span on the fit split and measures it on the held-out split, because the
 planner needs honest errors to choose between them. Once the plan is chosen those tokens have done that job:
@@ -9,7 +9,11 @@ planner needs honest errors to choose between them. Once the plan is chosen thos
   group's keys and values replaced by their (refitted) latent reconstructions. The targets stay the source's
   own keys and values on the source's stream, so a group's factors learn to undo the drift of the groups
   before it as well as to compress their own layers: min Σ_l ‖W_l X_l − B_l A X̃_p‖², X̃_p the anchor's input
-  on the compressed stream (the asymmetric form of GPTQ-style error-propagating calibration).
+  on the compressed stream (the asymmetric form of GPTQ-style error-propagating calibration);
+- `symmetric` feeds the same compressed stream but takes the targets from it too: min Σ_l ‖W_l X̃_l − B_l A X̃_p‖²,
+  X̃_l each layer's input on the compressed stream (the group's later layers see it through the source's own
+  attention: their latent is what is being fitted). A group then only compresses what it will really be fed,
+  and does not try to undo the earlier groups' error with its own rank.
 
 Like calibrate.py this runs layer by layer, one group's source layers in memory at a time. Quantization is not
 simulated on the compressed stream: the drift it follows is that of truncation and merging.
@@ -35,9 +39,10 @@ RowTransform = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def refit(source: SourceModel, facts: ArchFacts, tokens: torch.Tensor, plan: list[Option],
-          weight: Callable[[int], torch.Tensor], row_transform: RowTransform, *, sequential: bool,
+          weight: Callable[[int], torch.Tensor], row_transform: RowTransform, *, mode: str,
           reporter: Reporter | None = None, device: torch.device | str = "cpu") -> dict[int, Factors]:
-    """Group index in `plan` → its factors refitted at its planned rank on all of `tokens` [N, T].
+    """Group index in `plan` → its factors refitted at its planned rank on all of `tokens` [N, T], by `mode`
+    (pooled, sequential or symmetric).
 
     `weight(l)`: the source's [W_k; W_v] of layer l (2·d_kv × d, float64)."""
     reporter = reporter or Reporter()
@@ -45,7 +50,8 @@ def refit(source: SourceModel, facts: ArchFacts, tokens: torch.Tensor, plan: lis
     inputs = [kwargs_to(kwargs, device) for kwargs in layer_kwargs(cfg, facts, tokens.shape[1])]
     rotary_dim = inputs[0]["position_embeddings"][0].shape[-1]
     clean = embed(source, facts, tokens).to(device)
-    drift = clean  # the compressed model's stream (with `sequential`)
+    sequential = mode in ("sequential", "symmetric")
+    drift = clean  # the compressed model's stream (sequential modes)
     out: dict[int, Factors] = {}
     with torch.inference_mode(), reporter.stage("Refitting", facts.num_layers) as bar:
         for g, opt in enumerate(plan):
@@ -60,8 +66,9 @@ def refit(source: SourceModel, facts: ArchFacts, tokens: torch.Tensor, plan: lis
                 flat_p = anchor_input.flatten(0, 1).double()
                 grams = {_PREDICTOR: flat_p.T @ flat_p}
                 weights, transforms = {}, {}
-                for l, layer in layers.items():  # the source's stream first: the targets and their Grams
-                    x = facts.attention_input(layer, clean)
+                own = drift if mode == "symmetric" else None  # the compressed stream through the source's layers
+                for l, layer in layers.items():  # the targets' stream first, and its Grams
+                    x = facts.attention_input(layer, clean if own is None else own)
                     flat = x.flatten(0, 1).double()
                     grams[l] = flat.T @ flat
                     grams[(l, _PREDICTOR)] = flat.T @ flat_p
@@ -69,6 +76,8 @@ def refit(source: SourceModel, facts: ArchFacts, tokens: torch.Tensor, plan: lis
                     transforms[l] = row_transform(l, grams[l].cpu(), energy.cpu()).to(device)
                     weights[l] = transforms[l] @ weight(l).to(device)
                     clean = run_layer(layer, clean, inputs[l])
+                    if own is not None and l < opt.layers[-1]:
+                        own = run_layer(layer, own, inputs[l])
                 cand = factorize(weights, _PREDICTOR, _lookup(grams), _lookup(grams), torch.tensor([opt.rank]),
                                  anchor=opt.start)
                 ups = {l: torch.linalg.solve(transforms[l], b) for l, b in cand.up.items()}

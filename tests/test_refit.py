@@ -87,10 +87,11 @@ def _layer_input(model, layer: int, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def test_refit_changes_factors_and_validation_kl(tiny_model_dirs, tmp_path):
-    """Pooled and sequential refits write other factors than the analysis's; the first group sees the same
-    inputs under both, the later one does not. The validation KL of each is reported (and printed)."""
+    """Pooled, sequential and symmetric refits write other factors than the analysis's; the first group sees the
+    same inputs and targets under all three, the later one does not, and the sequential modes differ there by
+    their targets. The validation KL of each is reported (and printed)."""
     kls, tensors = {}, {}
-    for mode in ("none", "pooled", "sequential"):  # 4 held-out rows, 2 of them validation: pooled fits 2 more
+    for mode in ("none", "pooled", "sequential", "symmetric"):  # 4 held-out rows, 2 validation: pooled fits 2 more
         out = convert_tiny(tiny_model_dirs["llama"], tmp_path / mode, **{**MERGED, "validate": True}, refit=mode,
                            held_out=0.5)
         kls[mode] = json.loads((out / "commonkv_report.json").read_text())["validation"][
@@ -104,6 +105,12 @@ def test_refit_changes_factors_and_validation_kl(tiny_model_dirs, tmp_path):
     assert not torch.allclose(product("none", 0, 0), product("pooled", 0, 0))
     assert torch.allclose(product("pooled", 0, 0), product("sequential", 0, 0), atol=1e-5)
     assert not torch.allclose(product("pooled", 1, 2), product("sequential", 1, 2), atol=1e-5)
+    assert torch.allclose(product("pooled", 0, 1), product("symmetric", 0, 1), atol=1e-5)
+    for other in ("pooled", "sequential"):
+        # layer 3: the anchor's rank reaches the hidden size here (asserted below), so layer 2 is W itself when
+        # its targets and inputs are one stream; the later layer's targets are where symmetric differs
+        assert not torch.allclose(product(other, 1, 3), product("symmetric", 1, 3), atol=1e-5)
+    assert tensors["symmetric"]["model.kv_groups.1.down.weight"].shape[0] == 64  # the tiny models' hidden size
 
 
 @pytest.mark.parametrize("other", [{"merge": "weighted"}, {"method": "commonkv+kvsharer", "share_layers": 1}])
