@@ -41,6 +41,8 @@ VARIANTS: dict[str, dict] = {
     # the kl-weights plans with their factors refitted once planned (refit.py)
     "kl+pooled": {"key_metric": "plain", "layer_weights": "kl", "refit": "pooled"},  # on all calibration tokens
     "kl+sequential": {"key_metric": "plain", "layer_weights": "kl", "refit": "sequential"},  # fed by the compressed
+    "kl+symmetric": {"key_metric": "plain", "layer_weights": "kl", "refit": "symmetric"},  # targets from it too
+    "query+kl+symmetric": {"key_metric": "query", "layer_weights": "kl", "refit": "symmetric"},
 }
 PLANS: dict[str, dict] = {
     "latent@0.5": {"ratio": 0.5},
