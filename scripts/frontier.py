@@ -21,6 +21,7 @@ For each model, one analysis (`convert_sweep`: calibration and factorization onc
   `plan-sym`: the same with the targets also taken from that stream (`--refit symmetric`);
 - `plan-query`, `latent-query`: the plan and the latent alone from a second analysis whose key error is the
   attention-score error it causes (`--key-metric query`); its predicted KL is ranked with the others';
+  `plan-query-sym`: those plans with `--refit symmetric`;
 - `kvpress`: NVIDIA kvpress's presses, where `scripts/peer_kvpress.py run` has written
   docs/frontier_kvpress_MODEL.json (in its own venv: kvpress pins transformers < 5.3). It runs in float32 and
   is compared with its own full-cache row; its share removed is the share of tokens evicted.
@@ -85,6 +86,8 @@ def plans(model: str) -> dict[str, dict]:
         out[f"plan-sym@{p:g}"] = {"ratio": p, **bits, "refit": "symmetric"}
     for p in POINTS:  # a second analysis: key error measured as the attention-score error (--key-metric query)
         out[f"plan-query@{p:g}"] = {"ratio": p, **bits, "key_metric": "query"}
+    for p in POINTS[1:]:
+        out[f"plan-query-sym@{p:g}"] = {**out[f"plan-query@{p:g}"], "refit": "symmetric"}
     for p in POINTS[:2]:
         out[f"latent-query@{p:g}"] = {"ratio": p, "key_metric": "query"}
     return out
@@ -266,7 +269,8 @@ def report(args: argparse.Namespace, results: dict) -> None:
 
 # the issue's targets on the essays: bytes removed → largest ctx-ppl rise against the full cache (needle: the full's)
 TARGETS = {0.5: 0.01, 0.75: 0.03, 0.875: 0.08}
-PLANNER_ROWS = ("plan", "plan-seq", "plan-sym", "plan-fast", "plan-fast-lv", "plan-8bit", "plan-query")
+PLANNER_ROWS = ("plan", "plan-seq", "plan-sym", "plan-fast", "plan-fast-lv", "plan-8bit", "plan-query",
+                "plan-query-sym")
 SAME_BYTES = 0.002  # a row removing this much less still counts as equal memory (plans land on 50.1% for 50%)
 
 
