@@ -148,7 +148,7 @@ class ConvertOptions:
         if self.layer_weights not in ("kl", "uniform"):
             raise UserInputError(f"layer_weights {self.layer_weights!r} is unknown. To resolve, pass kl or uniform.")
         if self.key_metric not in ("query", "plain"):
-            raise UserInputError(f"key_metric {self.key_metric!r} is unknown. To resolve, pass query or plain.")
+            raise UserInputError(f"--key-metric {self.key_metric!r} is unknown. To resolve, pass query or plain.")
         if self.value_metric not in ("output", "plain"):
             raise UserInputError(f"value_metric {self.value_metric!r} is unknown. To resolve, pass output or plain.")
         self._check_refit()

@@ -108,16 +108,17 @@ def runs(model: str) -> dict[str, tuple[str, dict, float]]:
 def checkpoints(model: str, needed: set[str], use: Callable[[str, Path], None]) -> None:
     """Hand `use` the model's checkpoint of each `needed` plan: cached ones first, then the missing ones, each as
     soon as the one analysis they share has written it (so `use` may remove it before the next takes disk)."""
-    hub = REAL_MODELS[model].hub_id
-    by_metric: dict[str, dict[str, ConvertOptions]] = {}  # the key metric is an analysis field: one sweep each
+    base = {"validate": False, "base_model": REAL_MODELS[model].hub_id}
+    sweep = ConvertOptions.sweep_fields()
+    by_analysis: dict[tuple, dict[str, ConvertOptions]] = {}  # plans differing in analysis fields: one sweep each
     for n, fields in plans(model).items():
         if n in needed:
-            options = ConvertOptions(**fields, validate=False, base_model=hub)
-            by_metric.setdefault(options.key_metric, {})[n] = options
+            fixed = tuple(sorted((k, v) for k, v in fields.items() if k not in sweep))
+            by_analysis.setdefault(fixed, {})[n] = ConvertOptions(**base, **fields)
     failed: dict[str, PlanError] = {}  # a speed limit may have no plan: its failure is printed
-    for metric, wanted in by_metric.items():
-        reuse_or_convert(model, ConvertOptions(validate=False, base_model=hub, key_metric=metric), wanted,
-                         cache_root() / f"frontier-{model}", use, plan_errors=failed)
+    for fixed, wanted in by_analysis.items():
+        reuse_or_convert(model, ConvertOptions(**base, **dict(fixed)), wanted, cache_root() / f"frontier-{model}",
+                         use, plan_errors=failed)
     for name, err in failed.items():
         print(f"# {model} {name}: {err}", flush=True)
 
