@@ -24,7 +24,7 @@ from .cache_options import GROUP_BITS, POSITION_BYTES, KVCacheOptions
 FORMAT_VERSION = 4
 # The transformers releases this runtime's test suite ran on (oldest, newest); the converter records them in the
 # block, and loading under a release outside them warns once. Keep in step with pyproject.toml and .ci/run.
-TESTED_TRANSFORMERS = ("5.23.0", "5.24.0")
+TESTED_TRANSFORMERS = ("5.23.0", "5.25.0")
 # keep: K and V as they are; per_layer / merged: keys and values rebuilt from a latent (its own / its group's);
 # latent_values: keys as they are, values as a per-layer latent attended in latent space (no key rebuild per step)
 MODES = ("keep", "per_layer", "merged", "latent_values")
