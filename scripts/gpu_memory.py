@@ -5,18 +5,22 @@ What it does (a benchmark driver, not a test):
 
 1. builds a random-init 4-layer Llama with Llama-3-8B shapes (hidden 4096, 32 heads, 8 KV heads, head_dim 128,
    intermediate 14336, vocab 128256, rope_theta 500000) as bf16 safetensors plus the byte tokenizer;
-2. converts it with commonkv at ratio 0.5 twice: the default allocator (group_size 2) and `allocator="uniform"`
-   (every pair of layers merged into one latent);
-3. for the base model (transformers, DynamicCache) and each converted model (`load_checkpoint`): prefill batch 1
-   with 8192 and 32768 random tokens (`logits_to_keep=1`), records the cache bytes (measured and analytic), the
-   peak allocated memory during prefill and then the greedy decode speed of 128 tokens; before that it checks on a
-   short prompt that the fused value path matches the explicit one in bf16 and records which SDPA backend each
-   attention call dispatches to;
+2. converts it at ratio 0.5 (group_size 2) in one sweep (one calibration and factorization) into the plans of
+   `VARIANTS`: the default allocator, `allocator="uniform"` (every pair of layers merged into one latent), the
+   planner over 16/8/4/2 bits, and the planner within `--max-decode-cost` with value-latent layers allowed; a
+   plan the limit rules out is recorded as such;
+3. for the base model (transformers, DynamicCache) and each converted model (`load_checkpoint`), at each batch
+   size and context (8192 and 32768 random tokens, `logits_to_keep=1`): records the cache bytes (measured and
+   analytic), the peak allocated memory during prefill and then the greedy decode speed of 128 tokens (tokens/s
+   over the batch, and against the base at the same batch and context); before that it checks on a short prompt
+   that the fused value path matches the explicit one in bf16 and records which SDPA backend each attention
+   call dispatches to. A cell that runs out of memory is recorded as OOM;
 4. prints a markdown table and writes everything to --out as JSON.
 
     PYTHONPATH=. python3 scripts/gpu_memory.py --out $OUT/gpu_memory.json          # the real run (CUDA)
     PYTHONPATH=. python scripts/gpu_memory.py --tiny --device cpu --out /tmp/gm.json  # smoke run, tiny shapes
 
+The random weights make the plans' quality meaningless; only their memory and speed are measured here.
 Conversion runs on the CPU and takes minutes at these shapes; to keep each device call short, convert first
 into an ignored folder of the checkout (`--convert-only --workdir .cache/gpu_memory`), then measure with the
 same `--workdir` in the next call while the machine is still warm. `--value-paths fused,explicit` also
@@ -38,11 +42,13 @@ from pathlib import Path
 
 import torch
 import transformers
-import yaml
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from commonkv_convert.architectures import CACHE_KWARG, cache_of
-from commonkv_convert.convert import convert
+from commonkv_convert.checkpoint.format import REPORT_FILE
+from commonkv_convert.convert import convert_sweep
+from commonkv_convert.demo import is_current
+from commonkv_convert.errors import PlanError
 from commonkv_convert.recipe import ConvertOptions
 from commonkv_convert.runtime import load_checkpoint
 from commonkv_convert.runtime import modeling_commonkv
@@ -60,6 +66,14 @@ TINY_SHAPES = dict(
     rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
 )
 MiB = 2**20
+# The plans measured: ConvertOptions fields on top of ratio 0.5, group_size 2 and the calibration settings.
+# `context` is filled in with the shortest measured context, where the planner prices the unquantized window.
+VARIANTS = {
+    "optimal": {},
+    "uniform": {"allocator": "uniform"},
+    "plan": {"bits": "16,8,4,2"},
+    "plan-fast": {"bits": "16,8,4,2", "latent_values": True, "max_decode_cost": 1.0},
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -82,36 +96,39 @@ def build_base(out_dir: Path, shapes: dict, seed: int = 0) -> Path:
     return out_dir
 
 
-def convert_variant(base: Path, out_dir: Path, reuse: bool = False, **options) -> dict:
-    """Run the library conversion (or reuse a finished one); return the plan and the converter's validation."""
+def convert_variants(base: Path, work: Path, variants: dict[str, dict], reuse: bool) -> dict[str, dict]:
+    """Convert `base` into work/commonkv-NAME for each variant in one sweep (reusing current checkpoints when
+    `reuse`); return name -> plan and validation, or the error of a variant no plan meets."""
+    wanted = {name: ConvertOptions(**fields) for name, fields in variants.items()}
+    reused = {name for name, options in wanted.items() if reuse and is_current(work / f"commonkv-{name}", options)}
+    missing = {f"commonkv-{name}": options for name, options in wanted.items() if name not in reused}
+    failed: dict[str, PlanError] = {}
     start = time.perf_counter()
-    report_file, recipe = out_dir / "commonkv_report.json", out_dir / "commonkv_recipe.yaml"
-    reused = reuse and report_file.is_file() and recipe.is_file() and _same_options(recipe, options)
-    if reused:
-        report = json.loads(report_file.read_text())
-    else:
-        report = dict(convert(str(base), out_dir, ConvertOptions(**options), overwrite=True).report)
-    return {
-        "options": options,
-        "reused": reused,
-        "seconds": round(time.perf_counter() - start, 1),
-        "plan": plan_of(report["groups"]),
-        "ratio": report["ratio"],
-        "kv_elements_per_token": report["kv_elements_per_token"],
-        "validation": report.get("validation"),
-        "peak_rss_mb": report.get("peak_rss_mb"),
-    }
-
-
-def _same_options(recipe: Path, options: dict) -> bool:
-    """The finished conversion in a reused --workdir was made with the options asked for now."""
-    resolved = {**ConvertOptions().to_dict(), **options}
-    written = yaml.safe_load(recipe.read_text()) or {}
-    return all(written.get(k) == v for k, v in resolved.items() if k in written)
+    if missing:
+        first = next(iter(missing.values()))
+        convert_sweep(str(base), first, missing, work, overwrite=True, plan_errors=failed)
+    seconds = round(time.perf_counter() - start, 1)
+    out = {}
+    for name, fields in variants.items():
+        error = failed.get(f"commonkv-{name}")
+        if error is not None:
+            out[name] = {"options": fields, "error": str(error)}
+            continue
+        report = json.loads((work / f"commonkv-{name}" / REPORT_FILE).read_text())
+        out[name] = {
+            "options": fields,
+            "reused": name in reused,
+            "sweep_seconds": None if name in reused else seconds,
+            "plan": plan_of(report["groups"]),
+            "ratio": report["ratio"],
+            "kv_elements_per_token": report["kv_elements_per_token"],
+            "validation": report.get("validation"),
+        }
+    return out
 
 
 def plan_of(groups: list[dict]) -> list[dict]:
-    return [{k: g[k] for k in ("layers", "mode", "rank", "elements") if k in g} for g in groups]
+    return [{k: g[k] for k in ("layers", "mode", "rank", "elements", "bits") if k in g} for g in groups]
 
 
 def plan_text(plan: list[dict]) -> str:
@@ -119,7 +136,8 @@ def plan_text(plan: list[dict]) -> str:
     for g in plan:
         layers = "-".join(str(l) for l in (g["layers"][0], g["layers"][-1])) if len(g["layers"]) > 1 \
             else str(g["layers"][0])
-        parts.append(f"L{layers} keep" if g["mode"] == "keep" else f"L{layers} {g['mode']} r{g['rank']}")
+        bits = f" {g['bits']}b" if g.get("bits", 16) != 16 else ""
+        parts.append((f"L{layers} keep" if g["mode"] == "keep" else f"L{layers} {g['mode']} r{g['rank']}") + bits)
     return ", ".join(parts)
 
 
@@ -234,16 +252,14 @@ def cache_bytes(cache) -> int:
     return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
 
 
-def analytic_bytes(model, tokens: int, elt: int) -> int:
-    """Converted: the plan's figure (`cache_elements` where the runtime has it: exact for weighted groups too);
-    base: 2 · n_kv · head_dim · layers per token. Batch 1."""
+def analytic_bytes(model, tokens: int, elt: int, batch: int, prompt: int) -> int:
+    """Converted: the runtime's own formula (`CommonKVConfig.cache_bytes`: per-group bits, weighted groups);
+    base: 2 · n_kv · head_dim · layers per token."""
     cfg = model.config
-    if hasattr(cfg, "cache_elements"):
-        return cfg.cache_elements(tokens) * elt
-    if hasattr(cfg, "kv_elements_per_token"):
-        return cfg.kv_elements_per_token() * tokens * elt
+    if isinstance(cfg, modeling_commonkv.CommonKVConfig):
+        return cfg.cache_bytes(tokens, elt, prompt=prompt, batch=batch)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_key_value_heads * head_dim * cfg.num_hidden_layers * tokens * elt
+    return 2 * cfg.num_key_value_heads * head_dim * cfg.num_hidden_layers * tokens * elt * batch
 
 
 def greedy_steps(model, token: torch.Tensor, cache, steps: int):
@@ -255,15 +271,16 @@ def greedy_steps(model, token: torch.Tensor, cache, steps: int):
     return token, cache
 
 
-def random_ids(length: int, vocab: int, device: torch.device, seed: int) -> torch.Tensor:
+def random_ids(length: int, vocab: int, device: torch.device, seed: int, batch: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (1, length), generator=gen).to(device)
+    return torch.randint(0, vocab, (batch, length), generator=gen).to(device)
 
 
-def measure_context(model, name: str, tokens: int, args, device: torch.device, weights: int | None) -> dict:
-    row: dict = {"model": name, "tokens": tokens}
+def measure_context(model, name: str, tokens: int, batch: int, args, device: torch.device,
+                    weights: int | None) -> dict:
+    row: dict = {"model": name, "tokens": tokens, "batch": batch}
     vocab = model.config.vocab_size
-    ids = random_ids(tokens, vocab, device, seed=tokens)
+    ids = random_ids(tokens, vocab, device, seed=tokens, batch=batch)
     elt = torch.tensor([], dtype=args.torch_dtype).element_size()
     out = cache = token = None
     try:
@@ -275,11 +292,11 @@ def measure_context(model, name: str, tokens: int, args, device: torch.device, w
             out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         sync(device)
         row["prefill_s"] = round(time.perf_counter() - t0, 4)
-        row["prefill_tok_s"] = round(tokens / row["prefill_s"], 1)
+        row["prefill_tok_s"] = round(batch * tokens / row["prefill_s"], 1)
         pk = peak(device)
         cache = cache_of(out)
         row["cache_bytes"] = cache_bytes(cache)
-        row["cache_bytes_analytic"] = analytic_bytes(model, tokens, elt)
+        row["cache_bytes_analytic"] = analytic_bytes(model, tokens, elt, batch, tokens)
         row["cache_bytes_match"] = row["cache_bytes"] == row["cache_bytes_analytic"]
         row["peak_allocated_bytes"] = pk
         row["peak_over_weights_bytes"] = None if pk is None or weights is None else pk - weights
@@ -297,13 +314,14 @@ def measure_context(model, name: str, tokens: int, args, device: torch.device, w
         dt = time.perf_counter() - t0
         row["decode_tokens"] = args.decode_tokens
         row["decode_s"] = round(dt, 4)
-        row["decode_tok_s"] = round(args.decode_tokens / dt, 2)
+        row["decode_tok_s"] = round(batch * args.decode_tokens / dt, 2)
         row["decode_ms_per_token"] = round(1000 * dt / args.decode_tokens, 3)
         pk = peak(device)
         row["decode_peak_allocated_bytes"] = pk
         final = tokens + args.decode_warmup + args.decode_tokens
         row["cache_bytes_after_decode"] = cache_bytes(cache)
-        row["cache_bytes_after_decode_match"] = row["cache_bytes_after_decode"] == analytic_bytes(model, final, elt)
+        row["cache_bytes_after_decode_match"] = (row["cache_bytes_after_decode"]
+                                                 == analytic_bytes(model, final, elt, batch, tokens))
     except torch.OutOfMemoryError as err:
         row["error"] = f"OOM: {str(err).splitlines()[0][:200]}"
     finally:
@@ -387,11 +405,12 @@ def bench_model(name: str, loader, args, device: torch.device, value_path: str |
                 entry["attention_kernels"] = attention_kernels(model, warm)
             except Exception as err:  # noqa: BLE001 - profiling is a bonus
                 entry["attention_kernels"] = [f"profiler failed: {type(err).__name__}: {err}"[:200]]
-        for tokens in args.tokens:
-            row = measure_context(model, name, tokens, args, device, weights)
-            entry["rows"].append(row)
-            print(f"  {name} @ {tokens}: " + ", ".join(f"{k}={v}" for k, v in row.items()
-                                                      if k not in ("model", "tokens")), flush=True)
+        for batch in args.batches:
+            for tokens in args.tokens:
+                row = measure_context(model, name, tokens, batch, args, device, weights)
+                entry["rows"].append(row)
+                print(f"  {name} @ {tokens} × {batch}: " + ", ".join(
+                    f"{k}={v}" for k, v in row.items() if k not in ("model", "tokens", "batch")), flush=True)
     entry["sdpa_calls"] = recorder.summary()
     del model
     free(device)
@@ -406,31 +425,38 @@ def mib(x: int | None) -> str:
 
 
 def markdown(results: dict) -> str:
-    base_bytes = {r["tokens"]: r.get("cache_bytes") for m in results["models"] if m["model"] == "base"
-                  for r in m["rows"]}
+    base = {(r["tokens"], r["batch"]): r for m in results["models"] if m["model"] == "base"
+            for r in m["rows"] if "error" not in r}
+
+    def against_base(r: dict, key: str) -> str:
+        ref = base.get((r["tokens"], r["batch"]), {}).get(key)
+        return f"{r[key] / ref:.3f}" if ref else "n/a"
+
     lines = [
-        "| model | tokens | cache MiB (measured) | cache MiB (analytic) | equal | vs base | "
-        "prefill peak MiB | peak − weights MiB | decode peak MiB | decode tok/s |",
-        "|---|---:|---:|---:|:-:|---:|---:|---:|---:|---:|",
+        "| model | tokens | batch | cache MiB (measured) | cache MiB (analytic) | equal | bytes vs base | "
+        "prefill peak MiB | peak − weights MiB | decode peak MiB | decode tok/s | tok/s vs base |",
+        "|---|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in results["models"]:
         for r in m["rows"]:
             if "error" in r:
-                lines.append(f"| {m['model']} | {r['tokens']} | {r['error']} | | | | | | | |")
+                lines.append(f"| {m['model']} | {r['tokens']} | {r['batch']} | {r['error']} |" + " |" * 8)
                 continue
-            ref = base_bytes.get(r["tokens"])
-            rel = f"{r['cache_bytes'] / ref:.3f}" if ref else "n/a"
             lines.append(
-                f"| {m['model']} | {r['tokens']} | {mib(r['cache_bytes'])} | {mib(r['cache_bytes_analytic'])} | "
-                f"{'yes' if r['cache_bytes_match'] else 'NO'} | {rel} | {mib(r['peak_allocated_bytes'])} | "
+                f"| {m['model']} | {r['tokens']} | {r['batch']} | {mib(r['cache_bytes'])} | "
+                f"{mib(r['cache_bytes_analytic'])} | {'yes' if r['cache_bytes_match'] else 'NO'} | "
+                f"{against_base(r, 'cache_bytes')} | {mib(r['peak_allocated_bytes'])} | "
                 f"{mib(r['peak_over_weights_bytes'])} | {mib(r['decode_peak_allocated_bytes'])} | "
-                f"{r['decode_tok_s']:.1f} |")
+                f"{r['decode_tok_s']:.1f} | {against_base(r, 'decode_tok_s')} |")
     lines.append("")
     for name, conv in results["conversions"].items():
-        made = "reused from --workdir" if conv["reused"] else f"converted in {conv['seconds']} s"
-        lines.append(f"- plan `{name}`: {plan_text(conv['plan'])}; achieved ratio {conv['ratio']['achieved']}, "
-                     f"{conv['kv_elements_per_token']['converted']}/{conv['kv_elements_per_token']['full']} "
-                     f"elements per token; {made}")
+        if "error" in conv:
+            lines.append(f"- plan `{name}` {conv['options']}: no plan ({conv['error']})")
+            continue
+        made = "reused from --workdir" if conv["reused"] else f"converted (whole sweep) in {conv['sweep_seconds']} s"
+        lines.append(f"- plan `{name}` {conv['options']}: {plan_text(conv['plan'])}; achieved ratio "
+                     f"{conv['ratio']['achieved']}, {conv['kv_elements_per_token']['converted']}/"
+                     f"{conv['kv_elements_per_token']['full']} elements per token; {made}")
     for m in results["models"]:
         if "fused_check" in m:
             fc = m["fused_check"]
@@ -446,7 +472,8 @@ def markdown(results: dict) -> str:
             f"v{c['v_heads_dim']}{' view' if c['v_broadcast_view'] else ''}{' gqa' if c['enable_gqa'] else ''}"
             f"{' mask' if c['mask'] else ''}{' causal' if c['is_causal'] else ''}"
             for c in m.get("sdpa_calls", []) if not c["phase"].startswith("check-")})
-        lines.append(f"- SDPA dispatch `{m['model']}`: {', '.join(backends) or 'none recorded'}")
+        lines.append(f"- SDPA dispatch `{m['model']}`: "
+                     f"{', '.join(backends) or 'no SDPA call (every layer attends with matmul_attention)'}")
     return "\n".join(lines)
 
 
@@ -458,12 +485,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--tokens", type=int, nargs="+", default=None, help="prefill lengths (default 8192 32768)")
+    p.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default 1 8 32)")
     p.add_argument("--decode-tokens", type=int, default=None, help="timed greedy decode steps (default 128)")
     p.add_argument("--decode-warmup", type=int, default=4, help="untimed decode steps before timing")
     p.add_argument("--check-tokens", type=int, default=None, help="prompt length of the fused-vs-explicit check")
     p.add_argument("--samples", type=int, default=None, help="calibration samples (default 16)")
     p.add_argument("--seq-len", type=int, default=None, help="calibration sequence length (default 256)")
-    p.add_argument("--models", default="base,optimal,uniform", help="comma list of base, optimal, uniform")
+    p.add_argument("--models", default="base," + ",".join(VARIANTS),
+                   help=f"comma list of base and the plans {', '.join(VARIANTS)}")
+    p.add_argument("--max-decode-cost", type=float, default=VARIANTS["plan-fast"]["max_decode_cost"],
+                   help="plan-fast's decode-cost limit against the full cache")
     p.add_argument("--value-paths", default="fused",
                    help="comma list: value paths of the converted models to measure (fused, explicit)")
     p.add_argument("--convert-only", action="store_true",
@@ -476,6 +507,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.convert_only and args.workdir is None:
         p.error("--convert-only needs --workdir (the models would be deleted at the end)")
     args.tokens = args.tokens or ([256, 1024] if args.tiny else [8192, 32768])
+    args.batches = args.batches or ([1, 2] if args.tiny else [1, 8, 32])
+    unknown = {m.strip() for m in args.models.split(",") if m.strip()} - {"base", *VARIANTS}
+    if unknown:
+        p.error(f"--models: unknown {sorted(unknown)}; choose from base, {', '.join(VARIANTS)}")
     args.decode_tokens = args.decode_tokens or (16 if args.tiny else 128)
     args.check_tokens = args.check_tokens or (64 if args.tiny else 256)
     args.samples = args.samples or (8 if args.tiny else 16)
@@ -513,15 +548,13 @@ def main(argv: list[str] | None = None) -> dict:
             build_base(base, shapes)
         results["build_s"] = round(time.perf_counter() - t0, 1)
         print(f"base model in {base} ({results['build_s']} s)", flush=True)
-        common = dict(ratio=0.5, group_size=2, samples=args.samples, seq_len=args.seq_len)
-        variants = {"optimal": dict(common), "uniform": dict(common, allocator="uniform")}
-        for name, opts in variants.items():
-            if name not in wanted:
-                continue
-            out = work / f"commonkv-{name}"
-            results["conversions"][name] = convert_variant(base, out, reuse=args.workdir is not None, **opts)
-            conv = results["conversions"][name]
-            print(f"converted {name}: {plan_text(conv['plan'])} ratio {conv['ratio']} ({conv['seconds']} s)",
+        common = dict(ratio=0.5, group_size=2, samples=args.samples, seq_len=args.seq_len, context=min(args.tokens))
+        variants = {name: {**common, **fields} for name, fields in VARIANTS.items() if name in wanted}
+        if "plan-fast" in variants:
+            variants["plan-fast"]["max_decode_cost"] = args.max_decode_cost
+        results["conversions"] = convert_variants(base, work, variants, reuse=args.workdir is not None)
+        for name, conv in results["conversions"].items():
+            print(f"converted {name}: " + (conv.get("error") or f"{plan_text(conv['plan'])} ratio {conv['ratio']}"),
                   flush=True)
 
         if args.convert_only:
@@ -530,8 +563,8 @@ def main(argv: list[str] | None = None) -> dict:
         if "base" in wanted:
             results["models"].append(bench_model("base", lambda: AutoModelForCausalLM.from_pretrained(
                 base, dtype=args.torch_dtype, attn_implementation=attn).to(device).eval(), args, device))
-        for name in variants:
-            if name not in wanted:
+        for name, conv in results["conversions"].items():
+            if "error" in conv:
                 continue
             path = work / f"commonkv-{name}"
             loader = lambda p=path: load_checkpoint(p, dtype=args.torch_dtype, device=str(device),  # noqa: E731
