@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from safetensors import safe_open
@@ -12,6 +15,20 @@ from commonkv_convert.convert import convert
 from commonkv_convert.recipe import ConvertOptions
 
 TINY_CALIB = dict(samples=8, seq_len=64)
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/NAME.py as a module: the benchmark drivers are files, not part of the package. Their sibling scripts
+    are importable while it loads, as when it runs from scripts/."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    return module
 
 
 def convert_tiny(src: Path, out: Path, **options) -> Path:

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from .helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def frontier():
-    sys.path.insert(0, str(REPO / "scripts"))  # frontier imports its sibling scripts
-    try:
-        spec = importlib.util.spec_from_file_location("frontier", REPO / "scripts" / "frontier.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    return load_script("frontier")
 
 
 def _row(removed: float, ppl: float, needle: float) -> dict:

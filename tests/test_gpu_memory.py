@@ -3,21 +3,16 @@ runtime's formula gives, and a plan no conversion can meet is recorded instead o
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from .helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def gpu_memory():
-    spec = importlib.util.spec_from_file_location("gpu_memory", REPO / "scripts" / "gpu_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu_memory")
 
 
 def test_tiny_run_on_cpu(gpu_memory, tmp_path):

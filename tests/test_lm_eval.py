@@ -28,22 +28,17 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from commonkv_convert.runtime import load_checkpoint  # noqa: E402
 
+from .helpers import load_script  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["commonkv_essays_ppl", "commonkv_squad_next"]
-
-
-def _data_script():
-    spec = importlib.util.spec_from_file_location("make_lm_eval_data", ROOT / "scripts" / "make_lm_eval_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
 def task_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A working directory holding the task data where the YAML files point (configs/lm_eval/data)."""
-    _data_script().main(["--out", str(tmp_path / "configs/lm_eval/data"), "--passages", "3", "--words", "30",
-                         "--squad", "3"])
+    load_script("make_lm_eval_data").main(["--out", str(tmp_path / "configs/lm_eval/data"), "--passages", "3",
+                                           "--words", "30", "--squad", "3"])
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -8,7 +8,6 @@ old validation, which reloaded the converted model, needed one).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,20 +21,13 @@ from transformers import AutoModelForCausalLM
 
 from commonkv_convert.recipe import ConvertOptions
 
-from .helpers import check_checkpoint, convert_tiny
+from .helpers import check_checkpoint, convert_tiny, load_script
 
 REPO = Path(__file__).resolve().parent.parent
 # 12 layers of a 768-wide Llama with an 8k vocabulary: 87 M parameters, 346 MB in fp32, one layer 25 MB
 MEDIUM = dict(hidden_size=768, num_hidden_layers=12, intermediate_size=2048, num_attention_heads=12,
               num_key_value_heads=3)
 FLAGS = ["--samples", "4", "--seq-len", "64", "--group-size", "2", "--rank-step", "64", "--device", "cpu"]
-
-
-def _benchmark_module():
-    spec = importlib.util.spec_from_file_location("scale_benchmark", REPO / "scripts" / "scale_benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _peak_rss_mb(model: Path, out: Path) -> float:
@@ -52,7 +44,7 @@ def _peak_rss_mb(model: Path, out: Path) -> float:
 @pytest.mark.slow
 def test_conversion_never_holds_a_copy_of_the_weights(tmp_path, tiny_model_dirs):
     model = tmp_path / "medium"
-    _benchmark_module().build(MEDIUM, model, vocab=8000)
+    load_script("scale_benchmark").build(MEDIUM, model, vocab=8000)
     source_mb = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 2**20
     assert source_mb > 300
     baseline = _peak_rss_mb(tiny_model_dirs["llama"], tmp_path / "tiny-out")  # interpreter, torch, transformers

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -10,15 +9,12 @@ import torch
 
 from commonkv_convert.evaluate.targets import load_target
 
-REPO = Path(__file__).resolve().parent.parent
+from .helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("speed_benchmark", REPO / "scripts" / "speed_benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("speed_benchmark")
 
 
 @pytest.mark.parametrize("method", ["anchor", "weighted", "kvsharer"])
