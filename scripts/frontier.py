@@ -21,7 +21,8 @@ For each model, one analysis (`convert_sweep`: calibration and factorization onc
   `plan-sym`: the same with the targets also taken from that stream (`--refit symmetric`);
 - `plan-query`, `latent-query`: the plan and the latent alone from a second analysis whose key error is the
   attention-score error it causes (`--key-metric query`); its predicted KL is ranked with the others';
-  `plan-query-sym`: those plans with `--refit symmetric`;
+  `plan-query-sym`: those plans with `--refit symmetric`; `latent-query-seq`: the latent alone with the query
+  metric and `--refit sequential`;
 - `kvpress`: NVIDIA kvpress's presses, where `scripts/peer_kvpress.py run` has written
   docs/frontier_kvpress_MODEL.json (in its own venv: kvpress pins transformers < 5.3). It runs in float32 and
   is compared with its own full-cache row; its share removed is the share of tokens evicted.
@@ -90,6 +91,7 @@ def plans(model: str) -> dict[str, dict]:
         out[f"plan-query-sym@{p:g}"] = {**out[f"plan-query@{p:g}"], "refit": "symmetric"}
     for p in POINTS[:2]:
         out[f"latent-query@{p:g}"] = {"ratio": p, "key_metric": "query"}
+    out["latent-query-seq@0.5"] = {**out["latent-query@0.5"], "refit": "sequential"}
     return out
 
 
