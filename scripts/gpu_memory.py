@@ -38,6 +38,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -478,22 +479,33 @@ def markdown(results: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
+def positive(kind: type) -> Callable[[str], int | float]:
+    """An argparse type: a number of `kind` above 0, else argparse's one-line usage error."""
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text} is not above 0")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its message
+    return parse
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="JSON results file")
     p.add_argument("--tiny", action="store_true", help="tiny shapes, short contexts (smoke test, CPU-friendly)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--tokens", type=int, nargs="+", default=None, help="prefill lengths (default 8192 32768)")
-    p.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default 1 8 32)")
-    p.add_argument("--decode-tokens", type=int, default=None, help="timed greedy decode steps (default 128)")
+    p.add_argument("--tokens", type=positive(int), nargs="+", default=None, help="prefill lengths (default 8192 32768)")
+    p.add_argument("--batches", type=positive(int), nargs="+", default=None, help="batch sizes (default 1 8 32)")
+    p.add_argument("--decode-tokens", type=positive(int), default=None, help="timed greedy decode steps (default 128)")
     p.add_argument("--decode-warmup", type=int, default=4, help="untimed decode steps before timing")
-    p.add_argument("--check-tokens", type=int, default=None, help="prompt length of the fused-vs-explicit check")
-    p.add_argument("--samples", type=int, default=None, help="calibration samples (default 16)")
-    p.add_argument("--seq-len", type=int, default=None, help="calibration sequence length (default 256)")
+    p.add_argument("--check-tokens", type=positive(int), default=None, help="prompt length of the fused-vs-explicit check")
+    p.add_argument("--samples", type=positive(int), default=None, help="calibration samples (default 16)")
+    p.add_argument("--seq-len", type=positive(int), default=None, help="calibration sequence length (default 256)")
     p.add_argument("--models", default="base," + ",".join(VARIANTS),
                    help=f"comma list of base and the plans {', '.join(VARIANTS)}")
-    p.add_argument("--max-decode-cost", type=float, default=VARIANTS["plan-fast"]["max_decode_cost"],
+    p.add_argument("--max-decode-cost", type=positive(float), default=VARIANTS["plan-fast"]["max_decode_cost"],
                    help="plan-fast's decode-cost limit against the full cache")
     p.add_argument("--value-paths", default="fused",
                    help="comma list: value paths of the converted models to measure (fused, explicit)")

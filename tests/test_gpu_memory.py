@@ -37,3 +37,10 @@ def test_tiny_run_on_cpu(gpu_memory, tmp_path):
 def test_unknown_model_is_refused(gpu_memory, tmp_path):
     with pytest.raises(SystemExit):
         gpu_memory.parse_args(["--out", str(tmp_path / "x.json"), "--models", "base,fastest"])
+
+
+@pytest.mark.parametrize("flag", [["--batches", "0"], ["--tokens", "-5"], ["--max-decode-cost", "0"]])
+def test_sizes_and_limits_must_be_positive(gpu_memory, tmp_path, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_memory.parse_args(["--out", str(tmp_path / "x.json"), *flag])
+    assert exit_info.value.code == 2 and "is not above 0" in capsys.readouterr().err
