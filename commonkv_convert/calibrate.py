@@ -29,7 +29,7 @@ from .architectures import ArchFacts, SplitQKV, layer_types
 from .checkpoint.reader import SourceModel
 from .memory import frozen_heap, release_memory
 from .progress import Reporter
-from .quant_error import kept_errors
+from .quant_error import GROUP as QUANT_GROUP, kept_errors
 from .runtime.modeling_commonkv import apply_rope, rope_at
 
 
@@ -209,6 +209,7 @@ def calibrate(
     start: int = 0,
     carry: Carry | None = None,
     devices: list[torch.device] | None = None,
+    quant_group: int = QUANT_GROUP,
 ) -> Iterator[tuple[LayerStats, Carry]]:
     """Yield (LayerStats, the Carry for the next layer) for layers start..L-1 in order. Pure: nothing is
     saved here (resume.CalibrationCache saves each Carry and continues from one).
@@ -217,7 +218,7 @@ def calibrate(
     those also get their final hidden states recorded in `result` for the post-write logit check.
     `keep_tokens` > 0 keeps that many evenly spaced tokens' activations per layer in `LayerStats.samples`.
     `start` = k > 0 continues at layer k from `carry`. `devices`: layer i runs on devices[i % len(devices)] (default: CPU);
-    statistics always come back to the CPU.
+    statistics always come back to the CPU. `quant_group`: the quantization group kept layers' errors are measured at.
     """
     reporter = reporter or Reporter()
     result = result or CalibrationResult()
@@ -255,7 +256,8 @@ def calibrate(
             stats.probe = x[held].float().cpu()
             here = kwargs_to(inputs[i], device)
             stats.quant_error = kept_errors(_attended_keys(layer.self_attn, key[held], here["position_embeddings"],
-                                                           facts.head_dim), _heads(value[held], facts.head_dim))
+                                                           facts.head_dim), _heads(value[held], facts.head_dim),
+                                            quant_group)
             current = {"hidden": hidden, "key": key, "value": value}
             if previous is not None:
                 stats.cos_prev = {k: _token_cosine(current[k], previous[k].to(device)) for k in current}

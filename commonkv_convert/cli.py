@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import os
 import shlex
@@ -25,7 +24,7 @@ from rich.table import Table
 from . import __version__
 from .errors import CommonKVError, UserInputError
 from .progress import RichReporter
-from .recipe import ConvertOptions
+from .recipe import ConvertOptions, KVCacheOptions
 
 app = typer.Typer(
     name="commonkv",
@@ -114,18 +113,6 @@ def _flags(cls, prefix: str = "", panel: str | None = None):
     return decorate
 
 
-def _cache_options_class():
-    """The runtime's KVCacheOptions, read from its file by path: importing the runtime package pulls in torch
-    and transformers, which every `--help` would wait for."""
-    name = "commonkv_convert_cache_options"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "runtime" / "cache_options.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name].KVCacheOptions
-
-
-KVCacheOptions = _cache_options_class()
 KV_PANEL = "Run-time cache options (quantization, eviction)"
 
 

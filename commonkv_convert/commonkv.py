@@ -71,6 +71,8 @@ class CommonKV:
     block: int
     bits: str
     context: int
+    quant_group: int
+    residual: int
     max_decode_cost: float | None
     latent_values: bool
     layer_weights: str
@@ -94,7 +96,8 @@ class CommonKV:
         dev = devices[0]  # factorization runs on the first device; its results come back to the CPU
         result = CalibrationResult()
         for stats in cache.run(source, facts, data.tokens, held_out=data.held_out, validation=data.validation,
-                               reporter=reporter, result=result, keep_tokens=keep_tokens, devices=devices):
+                               reporter=reporter, result=result, keep_tokens=keep_tokens, devices=devices,
+                               quant_group=self.quant_group):
             window.append(stats)
             everything[stats.layer] = _summary(stats)
             live = {s.layer: s for s in window}
@@ -148,7 +151,7 @@ class CommonKV:
         if all(p is not None for p in probes.values()):  # the held-out activations: quantization errors
             latent = probes[first].to(dev, cand.down.dtype) @ cand.down.T
             targets = {l: probes[l].to(dev, w.dtype) @ w.T for l, w in span.items()}
-            cand.quant_error = latent_errors(latent, cand.up, targets, ranks, facts.d_kv)
+            cand.quant_error = latent_errors(latent, cand.up, targets, ranks, facts.d_kv, self.quant_group)
         return _to_device(cand, "cpu")
 
     def _row_transform(self, source: SourceModel, facts: ArchFacts, layer: int, gram: torch.Tensor,
@@ -177,7 +180,7 @@ class CommonKV:
         if self.allocator == "uniform":
             plan = uniform(candidates, facts.num_layers, self.group_size, budget, facts.d_kv)
         else:
-            pricing = Pricing(parse_bits(self.bits), self.context)
+            pricing = Pricing(parse_bits(self.bits), self.context, self.quant_group, self.residual)
             if self.layer_weights == "kl" and analysis.sensitivity is None:
                 raise UserInputError("--layer-weights kl needs the layer sensitivities, which this analysis did not "
                                      "measure. To resolve, analyze with --layer-weights kl (a sweep's base options).")

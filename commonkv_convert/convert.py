@@ -149,8 +149,11 @@ def _write_validated(source: SourceModel, analysis: Analysis, out_dir: Path, opt
 def config_block(source: SourceModel, analysis: Analysis, options: ConvertOptions) -> dict:
     facts, method = analysis.facts, method_for(options)
     groups = [method.group_entry(opt, analysis) for opt in analysis.plan]
+    quantized = any("bits" in g for g in groups)
+    # the layout the quantized groups were priced and measured at; the runtime stores them so
+    layout = {"group": options.quant_group, "residual": options.residual} if quantized else None
     return {
-        "format_version": block_version(groups, analysis.sharing is not None),
+        "format_version": block_version(groups, analysis.sharing is not None, layout),
         "tool_version": __version__,
         **runtime_fields(),
         "base_model": {"id": source.model_id, "revision": source.revision, "model_type": facts.family.model_type},
@@ -158,7 +161,8 @@ def config_block(source: SourceModel, analysis: Analysis, options: ConvertOption
                   **({"basis": "asymptotic per token: a weighted group stores r per token plus per-layer sinks "
                                "and recent latents, a constant"} if options.merge == "weighted" else {}),
                   # bytes against the full cache at 16 bits; quantized groups' recent window amortized here
-                  **({"context": options.context} if any("bits" in g for g in groups) else {})},
+                  **({"context": options.context} if quantized else {})},
+        **({"quantization": layout} if layout else {}),
         "groups": groups,
         "merge_mode": options.merge,  # fixed at conversion: anchor and weighted factors differ
         "value_path": "auto",  # fused (latent-space values) where cheaper, explicit otherwise

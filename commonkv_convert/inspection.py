@@ -38,7 +38,7 @@ def describe(model: str, *, revision: str | None = None) -> dict:
                    **({"reads": sharers[g["layers"][0]]} if sharers.keys() >= set(g["layers"]) else {})}
                   for g, n in zip(block["groups"], ckv.group_elements_per_token())]
         elements = ckv.kv_elements_per_token()
-        pricing = Pricing(context=block.get("ratio", {}).get("context", Pricing.context))
+        pricing = Pricing.of_block(block)
         price = {id(g): _price(g, pricing, facts) for g in groups}
         info.update(
             converted=True,

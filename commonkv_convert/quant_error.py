@@ -32,35 +32,36 @@ def whole_groups(x: torch.Tensor, group: int = GROUP) -> torch.Tensor:
     return x[..., : x.shape[-2] // group * group, :]
 
 
-def kept_errors(keys: torch.Tensor, values: torch.Tensor) -> dict[int, tuple[float, float]]:
+def kept_errors(keys: torch.Tensor, values: torch.Tensor, group: int = GROUP) -> dict[int, tuple[float, float]]:
     """A kept layer at each of QUANT_BITS: relative error of its keys [N, h, T, hd] (RoPE applied) quantized per
-    channel and of its values quantized per token, as `CompressedKVLayer` stores them."""
-    keys, values = whole_groups(keys.float()), whole_groups(values.float())
+    channel and of its values quantized per token, as `CompressedKVLayer` stores them in groups of `group`."""
+    keys, values = whole_groups(keys.float(), group), whole_groups(values.float(), group)
     out = {}
     for bits in QUANT_BITS:
-        out[bits] = tuple(float((x - round_trip(x, bits, axis)).square().sum() / x.square().sum().clamp_min(1e-30))
+        out[bits] = tuple(float((x - round_trip(x, bits, axis, group)).square().sum()
+                                / x.square().sum().clamp_min(1e-30))
                           for x, axis in ((keys, "channel"), (values, "token")))
     return out
 
 
 def latent_errors(latent: torch.Tensor, ups: dict[int, torch.Tensor], targets: dict[int, torch.Tensor],
-                  ranks: torch.Tensor, d_kv: int) -> dict[int, torch.Tensor]:
-    """Quantization error of a latent at every rank of `ranks` and each of QUANT_BITS.
+                  ranks: torch.Tensor, d_kv: int, group: int = GROUP) -> dict[int, torch.Tensor]:
+    """Quantization error of a latent at every rank of `ranks` and each of QUANT_BITS, in groups of `group` tokens.
 
     latent: [N, T, r_max] held-out latents A X_p; ups: layer → [2·d_kv, r_max] (key rows, then value rows);
     targets: layer → the exact keys and values [W_k; W_v] X_l [N, T, 2·d_kv] the errors are relative to. The latent's
     channels are quantized independently (per channel), so the rank-r error uses the first r channels' noise.
     Returns layer → [len(QUANT_BITS), 2, len(ranks)] (key, value) relative errors.
     """
-    latent = whole_groups(latent.float())
+    latent = whole_groups(latent.float(), group)
     tokens = latent.shape[0] * latent.shape[1]
     out = {l: torch.zeros(len(QUANT_BITS), 2, len(ranks)) for l in ups}
-    totals = {l: [whole_groups(t.float()).reshape(tokens, -1)[:, rows].square().sum().double()
+    totals = {l: [whole_groups(t.float(), group).reshape(tokens, -1)[:, rows].square().sum().double()
                   for rows in (slice(0, d_kv), slice(d_kv, None))] for l, t in targets.items()}
     # ‖Σ_{j<r} B_j e_j‖² = Σ_{j,k<r} (BᵀB)_jk (EᵀE)_jk: every rank from one cumulative sum; BᵀB per layer
     # and EᵀE per precision are each computed once (float32 products, float64 sums)
-    noise_grams = [(lambda e: (e.T @ e).double())((latent - round_trip(latent, bits, "channel")).reshape(tokens, -1))
-                   for bits in QUANT_BITS]
+    noises = ((latent - round_trip(latent, bits, "channel", group)).reshape(tokens, -1) for bits in QUANT_BITS)
+    noise_grams = [(e.T @ e).double() for e in noises]
     for l, up in ups.items():
         up = up.float()
         for half, rows in enumerate((slice(0, d_kv), slice(d_kv, None))):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +12,19 @@ import yaml
 
 from .errors import UserInputError
 
+
+def _cache_options_class():
+    """The runtime's KVCacheOptions, read from its file by path: importing the runtime package pulls in torch
+    and transformers, which every `--help` would wait for."""
+    name = "commonkv_convert_cache_options"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "runtime" / "cache_options.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name].KVCacheOptions
+
+
+KVCacheOptions = _cache_options_class()
 
 # The parts the options fall into (the CLI shows one help panel per part).
 CALIBRATION, FACTORIZATION, BUDGET, SHARING, OUTPUT = "Calibration", "Factorization", "Budget", "KVSharer", "Output"
@@ -35,6 +50,13 @@ class ConvertOptions:
                        sweep=True)
     context: int = option(4096, "--bits: context length at which the planner prices a quantized group's unquantized "
                                 "recent tokens.", BUDGET, sweep=True)
+    quant_group: int = option(KVCacheOptions.group, "--bits: values per quantization group (tokens of a channel, "
+                                                    "features of a token; a multiple of 4). Each precision's error is "
+                                                    "measured at it and the checkpoint's runtime uses it, e.g. 64: "
+                                                    "half the scale bytes, coarser codes.", BUDGET)
+    residual: int = option(KVCacheOptions.residual, "--bits: most recent tokens a quantized group keeps unquantized; "
+                                                    "the checkpoint's runtime uses it (0: quantize every whole group).",
+                           BUDGET, sweep=True)
     max_decode_cost: float | None = option(None, "Largest predicted decode step against the full cache's "
                                                  "(commonkv_convert/decode_cost.py: one sequence at --context tokens, "
                                                  "2-core CPU balance), e.g. 1.0: the best plan within both budgets.",
@@ -131,6 +153,12 @@ class ConvertOptions:
             raise UserInputError(f"--max-decode-cost {self.max_decode_cost} must be positive. To resolve, pass e.g. 1.0.")
         if self.context < 1:
             raise UserInputError(f"--context {self.context} is below 1. To resolve, pass e.g. 4096.")
+        try:
+            KVCacheOptions(group=self.quant_group, residual=self.residual)
+        except ValueError as err:
+            default = KVCacheOptions()
+            raise UserInputError(f"--quant-group {self.quant_group} / --residual {self.residual}: {err} To resolve, "
+                                 f"pass e.g. --quant-group {default.group} --residual {default.residual}.") from None
         if self.rank_step < 1:
             raise UserInputError(f"--rank-step {self.rank_step} is below 1. To resolve, pass e.g. 8.")
         if self.allocator not in ("optimal", "uniform"):

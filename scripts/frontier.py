@@ -19,6 +19,10 @@ For each model, one analysis (`convert_sweep`: calibration and factorization onc
 - extra planner variants (`--bits 16,8` …) so the loss ranking below spans at least 12 plans;
 - `plan-seq`: the plan with its factors refitted on the compressed model's own stream (`--refit sequential`);
   `plan-sym`: the same with the targets also taken from that stream (`--refit symmetric`);
+- `plan-lean`: the planner with the lean quantization layout (`--quant-group 64 --residual 0`: half the scale
+  bytes, no unquantized recent window; a third analysis, since each precision's error is measured at the group);
+  `plan-r0`: the default group with `--residual 0`; `quant4-lean`, `quant2-r0`: quantization alone at those
+  layouts (`full-lean` is that analysis's ratio-0 plan, the full cache);
 - `plan-query`, `latent-query`: the plan and the latent alone from a second analysis whose key error is the
   attention-score error it causes (`--key-metric query`); its predicted KL is ranked with the others';
   `plan-query-sym`: those plans with `--refit symmetric`; `latent-query-seq`: the latent alone with the query
@@ -65,6 +69,9 @@ OBSERVE = 32  # eviction's observation window (KVCacheOptions.observe), always k
 # --max-decode-cost of the plan-fast plans at 0.75 (at 0.5: speed_benchmark's FAST_LIMIT, the per-model limit
 # whose plan measured as fast as the full cache)
 FAST_AT_075 = 1.5
+# the lean quantization layout (--quant-group, --residual): one float16 min and step per 64 values, no unquantized
+# recent window, so 4-bit codes cost 4.5 bits per element instead of about 5.3 at C=1024
+LEAN = {"quant_group": 64, "residual": 0}
 
 
 def plans(model: str) -> dict[str, dict]:
@@ -92,6 +99,12 @@ def plans(model: str) -> dict[str, dict]:
     for p in POINTS[:2]:
         out[f"latent-query@{p:g}"] = {"ratio": p, "key_metric": "query"}
     out["latent-query-seq@0.5"] = {**out["latent-query@0.5"], "refit": "sequential"}
+    out["plan-r0@0.875"] = {"ratio": 0.875, **bits, "residual": 0}
+    # a third analysis, its errors measured at the lean layout; its ratio-0 plan is the full cache, for the
+    # quantization baselines at the same layouts
+    out["full-lean"] = {"ratio": 0.0, **LEAN}
+    for p in POINTS[1:]:
+        out[f"plan-lean@{p:g}"] = {"ratio": p, **bits, **LEAN}
     return out
 
 
@@ -100,6 +113,8 @@ def runs(model: str) -> dict[str, tuple[str, dict, float]]:
     out = {name: (name, {}, 1.0) for name in plans(model)}
     for bits in (8, 4, 2):
         out[f"quant{bits}"] = ("full", {"bits": bits}, 1.0)
+    out["quant4-lean"] = ("full-lean", {"bits": 4, "group": LEAN["quant_group"], "residual": LEAN["residual"]}, 1.0)
+    out["quant2-r0"] = ("full-lean", {"bits": 2, "residual": 0}, 1.0)  # group 64 at 2 bits measured far worse
     for p in POINTS:
         out[f"evict@{p:g}"] = ("full", {}, 1 - p)
     for p in POINTS[1:]:  # the 50% plan, then eviction keeps (1 − p) / 0.5 of the tokens
@@ -273,7 +288,7 @@ def report(args: argparse.Namespace, results: dict) -> None:
 # the issue's targets on the essays: bytes removed → largest ctx-ppl rise against the full cache (needle: the full's)
 TARGETS = {0.5: 0.01, 0.75: 0.03, 0.875: 0.08}
 PLANNER_ROWS = ("plan", "plan-seq", "plan-sym", "plan-fast", "plan-fast-lv", "plan-8bit", "plan-query",
-                "plan-query-sym")
+                "plan-query-sym", "plan-r0", "plan-lean")
 SAME_BYTES = 0.002  # a row removing this much less still counts as equal memory (plans land on 50.1% for 50%)
 
 

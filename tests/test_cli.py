@@ -162,6 +162,13 @@ def test_group_size_out_of_range(work: Path, llama: Path, group_size: str) -> No
                  "--group-size")
 
 
+@pytest.mark.parametrize(("flag", "value"), [("--quant-group", "30"), ("--quant-group", "0"), ("--residual", "-1")])
+def test_bad_quantization_layout(work: Path, llama: Path, flag: str, value: str) -> None:
+    line = assert_fails(["convert", llama, OUT, "--bits", "16,4", flag, value, *TINY], UserInputError.exit_code, work,
+                        flag)
+    assert "--quant-group 32 --residual 32" in line
+
+
 def test_pickle_weights_need_allow_pickle(work: Path, inputs: dict[str, Path]) -> None:
     assert_fails(["convert", inputs["pickle_only"], OUT, *TINY], ModelSourceError.exit_code, work,
                  "pickle", "--allow-pickle")

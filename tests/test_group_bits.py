@@ -182,6 +182,42 @@ def test_bits_on_a_weighted_group_are_refused(weighted_dirs, tmp_path):
     assert config.kv_options() is None and not any(config.layer_options(r) for r in config.layer_roles())
 
 
+def _with_layout(src: Path, dst: Path, layout: object) -> Path:
+    """A copy of checkpoint `src` whose block records the quantization `layout` (at this runtime's version)."""
+    shutil.copytree(src, dst)
+
+    def change(block: dict) -> None:
+        block["quantization"], block["format_version"] = layout, FORMAT_VERSION
+    _edit_block(dst, change)
+    return dst
+
+
+def test_block_layout_is_the_cache_layout(plans, tmp_path):
+    """The block's quantization layout is what the quantized groups store (and what their bytes count), a load-time
+    kv_cache entry overrides it field by field, and a checkpoint without one keeps the runtime defaults."""
+    ckpt = _with_layout(plans["mixed"][1], tmp_path / "ckpt", {"group": 8, "residual": 0})
+    model = load_checkpoint(ckpt, dtype=torch.float32)
+    layouts = {(o.group, o.residual) for o in map(model.config.layer_options, model.config.layer_roles()) if o}
+    assert layouts == {(8, 0)}
+    for cache, seen, _ in _run(model):
+        assert cache.nbytes() == model.config.cache_bytes(seen, 4, batch=2), seen
+    # with residual 0 every whole group of 8 is quantized: fewer bytes than the default layout's at 48 tokens
+    default = load_checkpoint(plans["mixed"][1], dtype=torch.float32)
+    assert model.config.cache_bytes(48, 2) < default.config.cache_bytes(48, 2)
+    assert {(o.group, o.residual) for o in map(default.config.layer_options, default.config.layer_roles()) if o} \
+        == {(runtime_config.KVCacheOptions.group, runtime_config.KVCacheOptions.residual)}
+    override = CommonKVConfig.from_pretrained(ckpt, kv_cache={"group": 16})
+    assert {(o.group, o.residual) for o in map(override.layer_options, override.layer_roles()) if o} == {(16, 0)}
+
+
+@pytest.mark.parametrize("layout", [{"group": 30}, {"residual": -1}, {"window": 4}, [8, 0], {"group": "8"}])
+def test_bad_layout_is_refused(plans, tmp_path, layout):
+    ckpt = _with_layout(plans["mixed"][1], tmp_path / "ckpt", layout)
+    with pytest.raises(CheckpointError, match=r"commonkv.quantization .* is malformed") as err:
+        CommonKVForCausalLM.from_pretrained(ckpt)
+    assert "\n" not in str(err.value) and "To resolve" in str(err.value)
+
+
 def test_cache_options_take_bits_16():
     assert runtime_config.KVCacheOptions(bits=16).active is False
     with pytest.raises(ValueError, match=r"bits=3 is not supported; pass 8, 4 or 2, 16 \(unquantized\)"):
@@ -191,7 +227,10 @@ def test_cache_options_take_bits_16():
 def test_block_version_and_an_older_runtime(plans, monkeypatch):
     """A block with bits is written as version 3, which a runtime that knew only the sharing map (2) refuses
     instead of caching the group unquantized."""
-    assert block_version([{"mode": "keep", "bits": 8}], has_sharing=False) == FORMAT_VERSION - 1 == 3
+    assert block_version([{"mode": "keep", "bits": 8}], has_sharing=False) == 3
+    # a quantization layout: 5 where it differs from the runtime's defaults (an older runtime would ignore it)
+    assert block_version([{"mode": "keep", "bits": 8}], False, {"group": 32, "residual": 32}) == 3
+    assert block_version([{"mode": "keep", "bits": 8}], False, {"group": 64, "residual": 0}) == FORMAT_VERSION == 5
     assert block_version([{"mode": "keep"}], has_sharing=True) == 2
     assert block_version([{"mode": "keep"}], has_sharing=False) == 1
     config = CommonKVConfig.from_pretrained(plans["merged"][1])

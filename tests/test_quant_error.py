@@ -23,21 +23,25 @@ def test_fewer_bits_lose_more():
     assert errors[8][0] < 1e-3  # 8-bit codes of Gaussian data: ~1e-4 relative error
 
 
-def test_latent_errors_equal_the_direct_computation():
-    """The cumulative per-rank error must equal ‖B_r (c − ĉ)_r‖² / ‖target‖² computed from scratch."""
+@pytest.mark.parametrize("group", [32, 16])
+def test_latent_errors_equal_the_direct_computation(group):
+    """The cumulative per-rank error must equal ‖B_r (c − ĉ)_r‖² / ‖target‖² computed from scratch, at the
+    quantization group it is asked for (72 tokens: the last partial group is never quantized)."""
     torch.manual_seed(1)
-    n, t, r, d_kv = 2, 64, 12, 5
+    n, t, r, d_kv = 2, 72, 12, 5
     latent = torch.randn(n, t, r) * torch.linspace(3, 0.1, r)  # channels of falling energy, as SVD latents
     up = {0: torch.randn(2 * d_kv, r), 1: torch.randn(2 * d_kv, r)}
     targets = {l: torch.randn(n, t, 2 * d_kv) for l in up}
     ranks = torch.tensor([4, 8, 12])
-    got = latent_errors(latent, up, targets, ranks, d_kv)
+    got = latent_errors(latent, up, targets, ranks, d_kv, group)
+    whole = t // group * group
     for b, bits in enumerate(QUANT_BITS):
-        noise = (latent - round_trip(latent, bits, "channel")).reshape(n * t, r)
+        kept = latent[:, :whole]
+        noise = (kept - round_trip(kept, bits, "channel", group)).reshape(n * whole, r)
         for l, u in up.items():
             for i, rank in enumerate(ranks.tolist()):
                 err = noise[:, :rank] @ u[:, :rank].T
-                flat = targets[l].reshape(n * t, -1)
+                flat = targets[l][:, :whole].reshape(n * whole, -1)
                 expect_k = err[:, :d_kv].square().sum() / flat[:, :d_kv].square().sum()
                 expect_v = err[:, d_kv:].square().sum() / flat[:, d_kv:].square().sum()
                 assert got[l][b, 0, i] == pytest.approx(float(expect_k), rel=1e-4)
@@ -161,3 +165,29 @@ def test_sweep_records_a_variant_no_plan_meets(tiny_model_dir, tmp_path):
     assert not (tmp_path / "never").exists()
     with pytest.raises(PlanError, match="--max-decode-cost"):
         convert_sweep(str(tiny_model_dir), base, variants, tmp_path / "strict")
+
+
+def test_a_leaner_layout_is_planned_recorded_and_honoured(tiny_model_dir, tmp_path):
+    """--quant-group 16 --residual 0: each precision's error is measured at groups of 16, the plan is priced at
+    them, the block records the layout, and the runtime stores the cache so: its bytes at --context remove the
+    share the plan states. At the same precision the leaner layout costs fewer bits per element."""
+    from commonkv_convert.runtime import load_checkpoint
+    from commonkv_convert.validate import removed_at_16_bits
+
+    from .helpers import convert_tiny
+
+    assert Pricing(group=64, residual=0, context=1024).kept(4, 64, 1) == 4.5  # 4 + 2 float16 per 64 values
+    assert Pricing(group=64, residual=0).latent(2, 64) < Pricing().latent(2, 64)
+    out = convert_tiny(tiny_model_dir, tmp_path / "lean", ratio=0.7, bits="16,4", context=256, quant_group=16,
+                       residual=0)
+    block = json.loads((out / "config.json").read_text())["commonkv"]
+    assert block["quantization"] == {"group": 16, "residual": 0} and block["format_version"] == 5
+    assert any("bits" in g for g in block["groups"]), block["groups"]
+    report = json.loads((out / "commonkv_report.json").read_text())
+    assert report["validation"]["bytes_match"]
+    assert report["validation"]["removed_at_16_bits"]["measured"] == pytest.approx(block["ratio"]["achieved"],
+                                                                                   abs=1e-6)
+    model = load_checkpoint(out, dtype=torch.float32)
+    assert {(o.group, o.residual) for o in map(model.config.layer_options, model.config.layer_roles()) if o} \
+        == {(16, 0)}
+    assert removed_at_16_bits(model.config, 256) >= 0.7

@@ -16,6 +16,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from ..decode_cost import CPU_MACS_PER_BYTE, config_predictions
+from ..runtime.cache_options import KVCacheOptions
 from .format import CARD_FILE, CONFIG_FILE, EVAL_FILE
 
 TEMPLATE = """---
@@ -49,8 +50,10 @@ With `pip install commonkv`, `trust_remote_code` is not needed.
 |---|---|---|{% if bits %}---|{% endif %}---|---|---|
 {% for g in groups %}| {{ g.layers | join(",") }} | {{ g.mode }} | {{ g.rank }} |{% if bits %} {{ g.bits }} |{% endif %} {{ g.elements }} | {{ g.key_error }} | {{ g.value_error }} |
 {% endfor %}{% if bits %}
-bits: the precision a group's cache is stored at (packed codes with float16 scales; "-": the model dtype). Load
-with `kv_cache={"bits": 16}` to store every group unquantized, or 8, 4, 2 to store every group at that precision.
+bits: the precision a group's cache is stored at (packed codes with a float16 minimum and step per
+{{ layout.group }} values; the {{ layout.residual }} most recent tokens stay in the model dtype; "-": the model dtype).
+Load with `kv_cache={"bits": 16}` to store every group unquantized, or 8, 4, 2 to store every group at that
+precision.
 {% endif %}
 ## Reproduce
 
@@ -103,6 +106,7 @@ def render_card(config_block: dict, source: str, name: str, command: str, full_e
         decode=_section("decode", decode_markdown(model_config)),
         groups=rows,
         bits=any("bits" in g for g in groups),  # a bits column only for plans that quantize a group
+        layout=KVCacheOptions.from_entry(config_block.get("quantization")),
         command=command,
     )
     return str(card)

@@ -12,6 +12,7 @@ import json
 import struct
 from pathlib import Path
 
+from ..runtime.cache_options import KVCacheOptions
 from ..runtime.configuration_commonkv import TESTED_TRANSFORMERS, group_elements
 
 __all__ = ["group_elements"]  # the per-token formula lives with the runtime (a checkpoint must count alone)
@@ -31,10 +32,12 @@ CARD_FILE = "README.md"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def block_version(groups: list[dict], has_sharing: bool) -> int:
+def block_version(groups: list[dict], has_sharing: bool, quantization: dict | None = None) -> int:
     """format_version a block is written with: the oldest that can describe it (2 adds the sharing map, 3 a group's
-    `bits`, 4 the `latent_values` mode), so a runtime that predates a feature refuses the checkpoint instead of
-    ignoring the feature or calling it damaged."""
+    `bits`, 4 the `latent_values` mode, 5 a `quantization` layout other than the runtime's defaults), so a runtime
+    that predates a feature refuses the checkpoint instead of ignoring the feature or calling it damaged."""
+    if KVCacheOptions.from_entry(quantization) != KVCacheOptions():
+        return 5
     if any(g["mode"] == "latent_values" for g in groups):
         return 4
     return 3 if any("bits" in g for g in groups) else 2 if has_sharing else 1

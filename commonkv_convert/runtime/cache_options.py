@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields
 SCALE_BYTES = 2  # quantization mins and steps are stored as float16
 POSITION_BYTES = 4  # positions of the tokens kept by eviction, int32
 GROUP_BITS = (8, 4, 2)  # the precisions a checkpoint's group may be stored at (`bits` of a group entry)
+# the fields a checkpoint's `quantization` entry may set: the layout its plan priced and measured quantized groups at
+LAYOUT_FIELDS = ("group", "residual")
 
 
 def _kv(default, help: str):
@@ -98,4 +100,4 @@ class KVCacheOptions:
         return heads * (quantized + (held - q) * width * element_size)
 
 
-__all__ = ["GROUP_BITS", "KVCacheOptions", "POSITION_BYTES", "SCALE_BYTES"]
+__all__ = ["GROUP_BITS", "KVCacheOptions", "LAYOUT_FIELDS", "POSITION_BYTES", "SCALE_BYTES"]

@@ -16,12 +16,12 @@ from dataclasses import dataclass, fields, replace
 import transformers
 from transformers import AutoConfig, PretrainedConfig
 
-from .cache_options import GROUP_BITS, POSITION_BYTES, KVCacheOptions
+from .cache_options import GROUP_BITS, LAYOUT_FIELDS, POSITION_BYTES, KVCacheOptions
 
 # 2 adds the optional `sharing` map (KVSharer), 3 a group's `bits` (a runtime that read up to 2 would cache such a
-# group unquantized, not as planned), 4 the `latent_values` mode; the converter writes the oldest version that
-# describes a plan
-FORMAT_VERSION = 4
+# group unquantized, not as planned), 4 the `latent_values` mode, 5 a `quantization` layout (group size, recent
+# window) other than KVCacheOptions' defaults; the converter writes the oldest version that describes a plan
+FORMAT_VERSION = 5
 # The transformers releases this runtime's test suite ran on (oldest, newest); the converter records them in the
 # block, and loading under a release outside them warns once. Keep in step with pyproject.toml and .ci/run.
 TESTED_TRANSFORMERS = ("5.23.0", "5.25.0")
@@ -175,6 +175,13 @@ class CommonKVConfig(PretrainedConfig):
                 raise CheckpointError(f"commonkv.groups[{g}] is malformed ({str(group)[:80]}). {fix}")
             self._check_bits(g, group)
             seen += layers
+        layout = block.get("quantization", {})
+        try:
+            if not isinstance(layout, dict) or set(layout) - set(LAYOUT_FIELDS):
+                raise ValueError(f"only {' and '.join(LAYOUT_FIELDS)} may be given.")
+            KVCacheOptions(**layout)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"commonkv.quantization {str(layout)[:80]} is malformed: {err} {fix}") from None
         if sorted(seen) != list(range(self.num_hidden_layers)):
             raise CheckpointError(f"commonkv.groups cover layers {sorted(seen)[:8]}…, not each of the "
                              f"{self.num_hidden_layers} layers once. {fix}")
@@ -295,8 +302,9 @@ class CommonKVConfig(PretrainedConfig):
 
         The one place a layer's precision is decided, so the cache (`CommonKVCache`) and its byte count
         (`cache_bytes`) cannot disagree: the load-time `kv_cache` bits override every group's (16: unquantized),
-        else the group's `bits`, else unquantized. Eviction, the quantization group, the residual window and the
-        latent axis are the load-time entry's. The result's bits are 8, 4, 2 or None (unquantized).
+        else the group's `bits`, else unquantized. Eviction and the latent axis are the load-time entry's; the
+        quantization group and the residual window its, else the block's `quantization` layout. The result's bits
+        are 8, 4, 2 or None (unquantized).
         """
         if not role.stores:
             return None
@@ -305,9 +313,15 @@ class CommonKVConfig(PretrainedConfig):
         options = replace(options, bits=None if bits == 16 else bits)
         return options if options.active else None
 
+    def quantization_layout(self) -> dict:
+        """The block's `quantization` entry: the group size and recent window its quantized groups were planned at
+        (the runtime defaults where absent). A load-time `kv_cache` entry may override either."""
+        return dict((self.commonkv or {}).get("quantization", {}))
+
     def _kv_entry(self) -> KVCacheOptions:
-        """The load-time `kv_cache` entry (defaults where absent), refused where the plan cannot honour it."""
-        options = KVCacheOptions.from_entry(self.kv_cache)
+        """The load-time `kv_cache` entry over the block's quantization layout (defaults where absent either way),
+        refused where the plan cannot honour it."""
+        options = KVCacheOptions.from_entry({**self.quantization_layout(), **(self.kv_cache or {})})
         weighted = any(g["mode"] == "merged" and g.get("merge", "anchor") == "weighted" for g in self.commonkv["groups"])
         if options.active and weighted:
             raise ValueError("kv_cache bits/budget do not support weighted merge groups (their merged latent is folded "
