@@ -191,3 +191,11 @@ def test_a_leaner_layout_is_planned_recorded_and_honoured(tiny_model_dir, tmp_pa
     assert {(o.group, o.residual) for o in map(model.config.layer_options, model.config.layer_roles()) if o} \
         == {(16, 0)}
     assert removed_at_16_bits(model.config, 256) >= 0.7
+    from typer.testing import CliRunner
+
+    from commonkv_convert.cli import app
+
+    shown = CliRunner().invoke(app, ["inspect", str(out), "--json"], catch_exceptions=False)
+    assert json.loads(shown.stdout)["achieved_ratio"] == pytest.approx(block["ratio"]["achieved"], abs=1e-6)
+    card = (out / "README.md").read_text()
+    assert "float16 minimum and step per\n16 values;\n" in card and "most recent tokens" not in card
