@@ -22,8 +22,8 @@ For each model, one analysis (`convert_sweep`: calibration and factorization onc
 - `plan-lean`: the planner with the lean quantization layout (`--quant-group 64 --residual 0`: half the scale
   bytes, no unquantized recent window; a third analysis, since each precision's error is measured at the group);
   `plan-lean-seq`, `plan-lean-query`: the same with `--refit sequential`, or from an analysis with
-  `--key-metric query`; `plan-r0`: the default group with `--residual 0`; `quant4-lean`, `quant2-r0`: quantization alone at those
-  layouts (`full-lean` is that analysis's ratio-0 plan, the full cache);
+  `--key-metric query`; `plan-r0`: the default group with `--residual 0`; `quant4-lean`, `quant2-lean`,
+  `quant2-r0`: quantization alone at those layouts (`full-lean`: the lean analysis's ratio-0 plan, the full cache);
 - `plan-query`, `latent-query`: the plan and the latent alone from a second analysis whose key error is the
   attention-score error it causes (`--key-metric query`); its predicted KL is ranked with the others';
   `plan-query-sym`: those plans with `--refit symmetric`; `latent-query-seq`: the latent alone with the query
@@ -117,7 +117,8 @@ def runs(model: str) -> dict[str, tuple[str, dict, float]]:
     for bits in (8, 4, 2):
         out[f"quant{bits}"] = ("full", {"bits": bits}, 1.0)
     out["quant4-lean"] = ("full-lean", {"bits": 4, "group": LEAN["quant_group"], "residual": LEAN["residual"]}, 1.0)
-    out["quant2-r0"] = ("full-lean", {"bits": 2, "residual": 0}, 1.0)  # group 64 at 2 bits measured far worse
+    out["quant2-r0"] = ("full-lean", {"bits": 2, "residual": 0}, 1.0)
+    out["quant2-lean"] = ("full-lean", {"bits": 2, "group": LEAN["quant_group"], "residual": LEAN["residual"]}, 1.0)
     for p in POINTS:
         out[f"evict@{p:g}"] = ("full", {}, 1 - p)
     for p in POINTS[1:]:  # the 50% plan, then eviction keeps (1 − p) / 0.5 of the tokens
