@@ -24,6 +24,7 @@ For each model, one analysis (`convert_sweep`: calibration and factorization onc
   `plan-lean-seq`, `plan-lean-query`: the same with `--refit sequential`, or from an analysis with
   `--key-metric query`; `plan-r0`: the default group with `--residual 0`; `quant4-lean`, `quant2-lean`,
   `quant2-r0`: quantization alone at those layouts (`full-lean`: the lean analysis's ratio-0 plan, the full cache);
+  `-sink` rows: the same checkpoints with the first token of every stream kept exact at run time (`sink`);
 - `plan-query`, `latent-query`: the plan and the latent alone from a second analysis whose key error is the
   attention-score error it causes (`--key-metric query`); its predicted KL is ranked with the others';
   `plan-query-sym`: those plans with `--refit symmetric`; `latent-query-seq`: the latent alone with the query
@@ -73,6 +74,7 @@ FAST_AT_075 = 1.5
 # the lean quantization layout (--quant-group, --residual): one float16 min and step per 64 values, no unquantized
 # recent window, so 4-bit codes cost 4.5 bits per element instead of about 5.3 at C=1024
 LEAN = {"quant_group": 64, "residual": 0}
+SINK = 1  # attention-sink tokens kept unquantized (KVCacheOptions.sink) in the -sink rows
 
 
 def plans(model: str) -> dict[str, dict]:
@@ -119,6 +121,11 @@ def runs(model: str) -> dict[str, tuple[str, dict, float]]:
     out["quant4-lean"] = ("full-lean", {"bits": 4, "group": LEAN["quant_group"], "residual": LEAN["residual"]}, 1.0)
     out["quant2-r0"] = ("full-lean", {"bits": 2, "residual": 0}, 1.0)
     out["quant2-lean"] = ("full-lean", {"bits": 2, "group": LEAN["quant_group"], "residual": LEAN["residual"]}, 1.0)
+    # the first token of every stream kept exact, out of its group's range (run-time `sink`; the plans priced
+    # and measured their groups without it)
+    out["quant2-lean-sink"] = ("full-lean", {**out["quant2-lean"][1], "sink": SINK}, 1.0)
+    for name in ("plan-lean@0.875", "plan-lean-seq@0.875", "plan-lean-query@0.875"):
+        out[name.replace("@", "-sink@")] = (name, {"sink": SINK}, 1.0)
     for p in POINTS:
         out[f"evict@{p:g}"] = ("full", {}, 1 - p)
     for p in POINTS[1:]:  # the 50% plan, then eviction keeps (1 − p) / 0.5 of the tokens

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from commonkv_convert.runtime import CommonKVConfig, load_checkpoint
-from commonkv_convert.runtime.quantization import dequantize, pack, quantize, unpack
+from commonkv_convert.runtime.quantization import TokenStream, dequantize, pack, quantize, unpack
 
 from .helpers import convert_tiny
 
@@ -43,11 +43,11 @@ def test_codes_round_trip_within_half_a_step(bits, axis):
     assert ((y - x).abs() <= per_value * (0.5 + 1e-4) + 1e-6).all()
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits,sink", [(2, 0), (4, 0), (8, 0), (2, 1)])
 @pytest.mark.parametrize("which", ["merged", "keep"])
-def test_cache_bytes_equal_plan(merged_dirs, keep_dir, which, bits):
+def test_cache_bytes_equal_plan(merged_dirs, keep_dir, which, bits, sink):
     path = merged_dirs["llama"] if which == "merged" else keep_dir
-    model = load_checkpoint(path, dtype=torch.float32, kv_cache=dict(bits=bits, group=8, residual=5))
+    model = load_checkpoint(path, dtype=torch.float32, kv_cache=dict(bits=bits, group=8, residual=5, sink=sink))
     full = load_checkpoint(path, dtype=torch.float32).config
     cache, seen = None, 0
     with torch.inference_mode():
@@ -59,8 +59,8 @@ def test_cache_bytes_equal_plan(merged_dirs, keep_dir, which, bits):
     if which == "keep":  # by hand: 80 of 87 tokens quantized; keys per channel (groups of 8 tokens), values per token
         c = model.config
         hd, rows = c.head_dim, 2 * c.num_key_value_heads * c.num_hidden_layers  # batch 2
-        keys = 80 * hd * bits // 8 + 80 // 8 * hd * 2 * 2 + 7 * hd * 4
-        values = 80 * (hd * bits // 8 + hd // 8 * 2 * 2) + 7 * hd * 4
+        keys = 80 * hd * bits // 8 + 80 // 8 * hd * 2 * 2 + (7 + sink) * hd * 4
+        values = 80 * (hd * bits // 8 + hd // 8 * 2 * 2) + (7 + sink) * hd * 4
         assert cache.nbytes() == rows * (keys + values)
 
 
@@ -79,6 +79,25 @@ def test_eight_bits_close_to_unquantized(merged_dirs, keep_dir):
         # the error follows the quantization step (255 vs 15 levels: ~17x), and greedy tokens do not move
         assert errors[8] < errors[4] / 8, errors
         assert agree[8] == 1.0, agree
+
+
+@pytest.mark.parametrize("axis", ["token", "channel"])
+def test_sink_tokens_are_exact_and_leave_their_group_s_range(axis):
+    """A first token far larger than the rest (an attention sink) is read back exactly, and the other tokens of its
+    group are quantized at their own range: a smaller error than when the sink widens it."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 40, 16)
+    x[..., 0, :] *= 50
+    reads = {}
+    for sink in (0, 1):
+        stream = TokenStream(2, 8, 0, axis, sink=sink)
+        stream.append(x)
+        stream.compress()
+        assert stream.length == 40 and stream.quantized == 40
+        reads[sink] = stream.full()
+    assert torch.equal(reads[1][..., 0, :], x[..., 0, :])
+    errors = {sink: (y - x)[..., 1:8, :].square().sum() for sink, y in reads.items()}
+    assert errors[1] < errors[0] / 4 if axis == "channel" else torch.equal(reads[1][..., 1:, :], reads[0][..., 1:, :])
 
 
 def test_bad_options_are_refused():
@@ -137,7 +156,8 @@ def test_copied_checkpoint_quantizes_with_remote_code_only(merged_dirs, tmp_path
     assert run.stdout.split()[-4:] == ["OK", "CompressedLatentLayer", "50", "True"]
 
 
-@pytest.mark.parametrize("flags,message", [(["--kv-bits", "3"], "bits=3"), (["--kv-budget", "0"], "budget=0")])
+@pytest.mark.parametrize("flags,message", [(["--kv-bits", "3"], "bits=3"), (["--kv-budget", "0"], "budget=0"),
+                                           (["--kv-sink", "32"], "sink=32 must be in [0, group=32)")])
 def test_cli_refuses_bad_cache_options(merged_dirs, flags, message):
     from typer.testing import CliRunner
 

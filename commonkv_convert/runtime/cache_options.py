@@ -36,6 +36,8 @@ class KVCacheOptions:
                                  "the checkpoint's).")
     group: int = _kv(32, "bits: values per quantization group (a multiple of 4).")
     residual: int = _kv(32, "bits: most recent tokens kept unquantized.")
+    sink: int = _kv(0, "bits: first tokens kept unquantized (attention sinks; fewer than group), left out of the "
+                       "range of the group they open.")
     latent_axis: str = _kv("channel", "bits: quantize latents per channel or per token.")
     budget: int | None = _kv(None, "After a prefill longer than budget + observe, keep per layer this many context "
                                    "tokens (those the last observe queries attend to most) plus the observe tokens.")
@@ -51,6 +53,7 @@ class KVCacheOptions:
                                                     "(unquantized) or None (as the checkpoint says)")),
             (self.group > 0 and self.group % 4 == 0, f"kv_cache group={self.group} must be a positive multiple of 4"),
             (self.residual >= 0, f"kv_cache residual={self.residual} must be >= 0"),
+            (0 <= self.sink < self.group, f"kv_cache sink={self.sink} must be in [0, group={self.group})"),
             (self.budget is None or self.budget > 0, f"kv_cache budget={self.budget} must be positive (or None)"),
             (self.observe > 0, f"kv_cache observe={self.observe} must be positive"),
             (self.pool > 0 and self.pool % 2 == 1, f"kv_cache pool={self.pool} must be a positive odd number"),
@@ -90,14 +93,16 @@ class KVCacheOptions:
         return max(0, held - self.residual) // self.group * self.group
 
     def stream_bytes(self, held: int, width: int, heads: int, axis: str, element_size: int) -> int:
-        """Bytes of one cached stream [B=1, heads, held, width]: packed codes + float16 mins/steps + recent part."""
+        """Bytes of one cached stream [B=1, heads, held, width]: packed codes + float16 mins/steps + the recent part
+        and, once their group is quantized, the `sink` first tokens in the model dtype."""
         q = self.quantized_tokens(held)
         if axis == "token":
             groups = -(-width // self.group)
             quantized = q * (groups * self.group * self.bits // 8 + 2 * SCALE_BYTES * groups) if q else 0
         else:
             quantized = q * -(-width * self.bits // 8) + (q // self.group) * width * 2 * SCALE_BYTES if q else 0
-        return heads * (quantized + (held - q) * width * element_size)
+        exact = held - q + (self.sink if q else 0)
+        return heads * (quantized + exact * width * element_size)
 
 
 __all__ = ["GROUP_BITS", "KVCacheOptions", "LAYOUT_FIELDS", "POSITION_BYTES", "SCALE_BYTES"]

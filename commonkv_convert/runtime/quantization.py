@@ -12,7 +12,9 @@ as q·s + m; m and s are float16. A group is
 - `channel`: one feature over g consecutive tokens (per channel; KIVI's choice for keys: a channel whose
   magnitude differs from its neighbours' gets its own scale — SVD latents are such channels).
 
-Codes are packed 8/b per byte along the feature axis, so the bytes really drop. Tokens are quantized in whole
+The first `sink` tokens of a stream (attention sinks: the model's first token often carries keys and values far
+larger than the rest) are also held in the model dtype; their group is quantized as if they repeated the next
+token, so they do not widen its range. Codes are packed 8/b per byte along the feature axis, so the bytes really drop. Tokens are quantized in whole
 blocks of g once more than `residual` recent ones are held, after the forward that added them (`compress`), so
 a prefill attends with exact values and the byte count depends on the token count only. Attention reads the
 dequantized stream (`full`), a transient the size of one layer's stream, which the layers of a cache share
@@ -155,13 +157,14 @@ class TokenStream:
     """One cached stream [B, h, T, n]: quantized old tokens (none when bits is None) and recent ones."""
 
     def __init__(self, bits: int | None, group: int, residual: int, axis: str,
-                 workspace: tuple[Workspace, str] | None = None):
-        self.bits, self.group, self.residual, self.axis = bits, group, residual, axis
+                 workspace: tuple[Workspace, str] | None = None, sink: int = 0):
+        self.bits, self.group, self.residual, self.axis, self.sink = bits, group, residual, axis, sink
         self.workspace = workspace  # (the cache's workspace, this stream's slot) for `full`, or None: fresh memory
         self.clear()
 
     def clear(self) -> None:
         self.recent: torch.Tensor | None = None
+        self.head: torch.Tensor | None = None  # the first `sink` tokens, exact, once their group is quantized
         self.data = self.lo = self.step = None
         self.quantized = 0
 
@@ -182,6 +185,8 @@ class TokenStream:
         dequantize(self.data, self.lo, self.step, self.bits, self.group, self.axis, recent.shape[-1], recent.dtype,
                    out=out[..., :old, :])
         out[..., old:, :] = recent
+        if self.head is not None:
+            out[..., : self.head.shape[-2], :] = self.head
         return out
 
     def compress(self) -> None:
@@ -191,7 +196,12 @@ class TokenStream:
         move = max(0, self.length - self.residual) // self.group * self.group - self.quantized
         if move <= 0:
             return
-        parts = quantize(self.recent[..., :move, :], self.bits, self.group, self.axis)
+        x = self.recent[..., :move, :]
+        if self.sink and not self.quantized:
+            self.head = x[..., : self.sink, :].clone()
+            x = x.clone()
+            x[..., : self.sink, :] = x[..., self.sink : self.sink + 1, :]
+        parts = quantize(x, self.bits, self.group, self.axis)
         if self.data is None:
             self.data, self.lo, self.step = parts
         else:
@@ -208,12 +218,12 @@ class TokenStream:
         self.recent = self.recent.gather(-2, index[:, None, :, None].expand(b, h, index.shape[-1], n))
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.recent, self.data, self.lo, self.step) if t is not None]
+        return [t for t in (self.head, self.recent, self.data, self.lo, self.step) if t is not None]
 
     def apply(self, fn) -> None:
         """Apply `fn` to every tensor (batch reorders, device moves)."""
-        self.recent, self.data, self.lo, self.step = (None if t is None else fn(t) for t in
-                                                      (self.recent, self.data, self.lo, self.step))
+        self.head, self.recent, self.data, self.lo, self.step = (None if t is None else fn(t) for t in
+                                                                 (self.head, self.recent, self.data, self.lo, self.step))
 
 
 class _CompressedLayer(CacheLayerMixin):
@@ -291,8 +301,8 @@ class CompressedLatentLayer(_CompressedLayer):
     _layer_type = "commonkv_latent_compressed"
 
     def __init__(self, bits: int | None = None, group: int = 32, residual: int = 32, axis: str = "channel",
-                 workspace: Workspace | None = None, **kwargs):
-        super().__init__([TokenStream(bits, group, residual, axis, workspace and (workspace, "latent"))])
+                 workspace: Workspace | None = None, sink: int = 0, **kwargs):
+        super().__init__([TokenStream(bits, group, residual, axis, workspace and (workspace, "latent"), sink)])
 
     @property
     def latent(self) -> torch.Tensor | None:
@@ -313,9 +323,9 @@ class CompressedKVLayer(_CompressedLayer):
     _layer_type = "commonkv_kv_compressed"
 
     def __init__(self, bits: int | None = None, group: int = 32, residual: int = 32,
-                 workspace: Workspace | None = None, value_axis: str = "token", **kwargs):
-        super().__init__([TokenStream(bits, group, residual, "channel", workspace and (workspace, "keys")),
-                          TokenStream(bits, group, residual, value_axis, workspace and (workspace, "values"))])
+                 workspace: Workspace | None = None, value_axis: str = "token", sink: int = 0, **kwargs):
+        super().__init__([TokenStream(bits, group, residual, "channel", workspace and (workspace, "keys"), sink),
+                          TokenStream(bits, group, residual, value_axis, workspace and (workspace, "values"), sink)])
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
