@@ -14,7 +14,9 @@ as q·s + m; m and s are float16. A group is
 
 The first `sink` tokens of a stream (attention sinks: the model's first token often carries keys and values far
 larger than the rest) are also held in the model dtype; their group is quantized as if they repeated the next
-token, so they do not widen its range. Codes are packed 8/b per byte along the feature axis, so the bytes really drop. Tokens are quantized in whole
+token, so they do not widen its range.
+
+Codes are packed 8/b per byte along the feature axis, so the bytes really drop. Tokens are quantized in whole
 blocks of g once more than `residual` recent ones are held, after the forward that added them (`compress`), so
 a prefill attends with exact values and the byte count depends on the token count only. Attention reads the
 dequantized stream (`full`), a transient the size of one layer's stream, which the layers of a cache share
@@ -222,8 +224,8 @@ class TokenStream:
 
     def apply(self, fn) -> None:
         """Apply `fn` to every tensor (batch reorders, device moves)."""
-        self.head, self.recent, self.data, self.lo, self.step = (None if t is None else fn(t) for t in
-                                                                 (self.head, self.recent, self.data, self.lo, self.step))
+        parts = (self.head, self.recent, self.data, self.lo, self.step)
+        self.head, self.recent, self.data, self.lo, self.step = (None if t is None else fn(t) for t in parts)
 
 
 class _CompressedLayer(CacheLayerMixin):
