@@ -50,21 +50,22 @@ class Option:
 @dataclass(frozen=True)
 class Pricing:
     """Bits per stored element of each allowed precision, at a context of `context` tokens: the codes, their
-    float16 scales (one pair per `group` values) and the runtime's unquantized recent window (`residual`
-    tokens and a partial group), counted by the runtime's own byte formula (`KVCacheOptions.stream_bytes`) for
+    float16 scales (one pair per `group` values), the runtime's unquantized recent window (`residual` tokens and
+    a partial group) and its `sink` first tokens, counted by the runtime's own byte formula (`KVCacheOptions.stream_bytes`) for
     the stream's real width, so padding of a last group counts too."""
 
     bits: tuple[int, ...] = (FULL_BITS,)
     context: int = 4096
     group: int = KVCacheOptions.group
     residual: int = KVCacheOptions.residual
+    sink: int = KVCacheOptions.sink
 
     @classmethod
     def of_block(cls, block: dict) -> Pricing:
         """The pricing a checkpoint's plan was made with (its `commonkv` block: ratio.context, quantization)."""
-        layout = block.get("quantization", {})
+        layout = KVCacheOptions.from_entry(block.get("quantization"))
         return cls(context=block.get("ratio", {}).get("context", cls.context),
-                   group=layout.get("group", cls.group), residual=layout.get("residual", cls.residual))
+                   group=layout.group, residual=layout.residual, sink=layout.sink)
 
     def latent(self, bits: int, rank: int) -> float:
         return self._price(bits, rank, 1, ("channel",))  # KVCacheOptions.latent_axis
@@ -81,7 +82,7 @@ class Pricing:
     def _price(self, bits: int, width: int, heads: int, axes: tuple[str, ...]) -> float:
         if bits >= FULL_BITS:
             return float(FULL_BITS)
-        options = KVCacheOptions(bits=bits, group=self.group, residual=self.residual)
+        options = KVCacheOptions(bits=bits, group=self.group, residual=self.residual, sink=self.sink)
         stored = sum(options.stream_bytes(self.context, width, heads, axis, FULL_BITS // 8) for axis in axes)
         return stored * 8 / (self.context * width * heads * len(axes))
 

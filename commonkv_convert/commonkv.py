@@ -72,6 +72,7 @@ class CommonKV:
     bits: str
     context: int
     quant_group: int
+    quant_sink: int
     residual: int
     max_decode_cost: float | None
     latent_values: bool
@@ -97,7 +98,7 @@ class CommonKV:
         result = CalibrationResult()
         for stats in cache.run(source, facts, data.tokens, held_out=data.held_out, validation=data.validation,
                                reporter=reporter, result=result, keep_tokens=keep_tokens, devices=devices,
-                               quant_group=self.quant_group):
+                               quant_group=self.quant_group, quant_sink=self.quant_sink):
             window.append(stats)
             everything[stats.layer] = _summary(stats)
             live = {s.layer: s for s in window}
@@ -151,7 +152,8 @@ class CommonKV:
         if all(p is not None for p in probes.values()):  # the held-out activations: quantization errors
             latent = probes[first].to(dev, cand.down.dtype) @ cand.down.T
             targets = {l: probes[l].to(dev, w.dtype) @ w.T for l, w in span.items()}
-            cand.quant_error = latent_errors(latent, cand.up, targets, ranks, facts.d_kv, self.quant_group)
+            cand.quant_error = latent_errors(latent, cand.up, targets, ranks, facts.d_kv, self.quant_group,
+                                             self.quant_sink)
         return _to_device(cand, "cpu")
 
     def _row_transform(self, source: SourceModel, facts: ArchFacts, layer: int, gram: torch.Tensor,
@@ -180,7 +182,7 @@ class CommonKV:
         if self.allocator == "uniform":
             plan = uniform(candidates, facts.num_layers, self.group_size, budget, facts.d_kv)
         else:
-            pricing = Pricing(parse_bits(self.bits), self.context, self.quant_group, self.residual)
+            pricing = Pricing(parse_bits(self.bits), self.context, self.quant_group, self.residual, self.quant_sink)
             if self.layer_weights == "kl" and analysis.sensitivity is None:
                 raise UserInputError("--layer-weights kl needs the layer sensitivities, which this analysis did not "
                                      "measure. To resolve, analyze with --layer-weights kl (a sweep's base options).")

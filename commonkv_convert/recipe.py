@@ -54,6 +54,11 @@ class ConvertOptions:
                                                     "features of a token; a multiple of 4). Each precision's error is "
                                                     "measured at it and the checkpoint's runtime uses it, e.g. 64: "
                                                     "half the scale bytes, coarser codes.", BUDGET)
+    quant_sink: int = option(KVCacheOptions.sink, "--bits: first tokens of every quantized stream kept in the model "
+                                                  "dtype and out of their group's range (attention sinks: the first "
+                                                  "token's outliers would coarsen its group). Each precision's error "
+                                                  "is measured with them and the checkpoint's runtime keeps them, "
+                                                  "e.g. 1.", BUDGET)
     residual: int = option(KVCacheOptions.residual, "--bits: most recent tokens a quantized group keeps unquantized; "
                                                     "the checkpoint's runtime uses it (0: quantize every whole group).",
                            BUDGET, sweep=True)
@@ -154,11 +159,12 @@ class ConvertOptions:
         if self.context < 1:
             raise UserInputError(f"--context {self.context} is below 1. To resolve, pass e.g. 4096.")
         try:
-            KVCacheOptions(group=self.quant_group, residual=self.residual)
+            KVCacheOptions(group=self.quant_group, residual=self.residual, sink=self.quant_sink)
         except ValueError as err:
             default = KVCacheOptions()
-            raise UserInputError(f"--quant-group {self.quant_group} / --residual {self.residual}: {err} To resolve, "
-                                 f"pass e.g. --quant-group {default.group} --residual {default.residual}.") from None
+            raise UserInputError(f"--quant-group {self.quant_group} / --residual {self.residual} / --quant-sink "
+                                 f"{self.quant_sink}: {err} To resolve, pass e.g. --quant-group {default.group} "
+                                 f"--residual {default.residual} --quant-sink {default.sink}.") from None
         if self.rank_step < 1:
             raise UserInputError(f"--rank-step {self.rank_step} is below 1. To resolve, pass e.g. 8.")
         if self.allocator not in ("optimal", "uniform"):

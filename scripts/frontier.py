@@ -25,6 +25,8 @@ For each model, one analysis (`convert_sweep`: calibration and factorization onc
   `--key-metric query`; `plan-r0`: the default group with `--residual 0`; `quant4-lean`, `quant2-lean`,
   `quant2-r0`: quantization alone at those layouts (`full-lean`: the lean analysis's ratio-0 plan, the full cache);
   `-sink` rows: the same checkpoints with the first token of every stream kept exact at run time (`sink`);
+  `plan-sink`, `plan-sink-seq`, `plan-sink-query`: the lean layout with that sink planned (`--quant-sink 1`: each
+  precision's error measured with the first token exact, its bytes priced; a fifth and sixth analysis);
 - `plan-query`, `latent-query`: the plan and the latent alone from a second analysis whose key error is the
   attention-score error it causes (`--key-metric query`); its predicted KL is ranked with the others';
   `plan-query-sym`: those plans with `--refit symmetric`; `latent-query-seq`: the latent alone with the query
@@ -74,7 +76,7 @@ FAST_AT_075 = 1.5
 # the lean quantization layout (--quant-group, --residual): one float16 min and step per 64 values, no unquantized
 # recent window, so 4-bit codes cost 4.5 bits per element instead of about 5.3 at C=1024
 LEAN = {"quant_group": 64, "residual": 0}
-SINK = 1  # attention-sink tokens kept unquantized (KVCacheOptions.sink) in the -sink rows
+SINK = 1  # attention-sink tokens kept unquantized (KVCacheOptions.sink) in the -sink and plan-sink rows
 
 
 def plans(model: str) -> dict[str, dict]:
@@ -110,6 +112,10 @@ def plans(model: str) -> dict[str, dict]:
         out[f"plan-lean@{p:g}"] = {"ratio": p, **bits, **LEAN}
     out["plan-lean-seq@0.875"] = {**out["plan-lean@0.875"], "refit": "sequential"}
     out["plan-lean-query@0.875"] = {**out["plan-lean@0.875"], "key_metric": "query"}  # a fourth analysis
+    for p in POINTS[1:]:  # the sink planned: its errors measured with the first token exact (--quant-sink)
+        out[f"plan-sink@{p:g}"] = {**out[f"plan-lean@{p:g}"], "quant_sink": SINK}
+    out["plan-sink-seq@0.875"] = {**out["plan-sink@0.875"], "refit": "sequential"}
+    out["plan-sink-query@0.875"] = {**out["plan-sink@0.875"], "key_metric": "query"}
     return out
 
 
@@ -299,7 +305,8 @@ def report(args: argparse.Namespace, results: dict) -> None:
 # the issue's targets on the essays: bytes removed → largest ctx-ppl rise against the full cache (needle: the full's)
 TARGETS = {0.5: 0.01, 0.75: 0.03, 0.875: 0.08}
 PLANNER_ROWS = ("plan", "plan-seq", "plan-sym", "plan-fast", "plan-fast-lv", "plan-8bit", "plan-query",
-                "plan-query-sym", "plan-r0", "plan-lean", "plan-lean-seq", "plan-lean-query")
+                "plan-query-sym", "plan-r0", "plan-lean", "plan-lean-seq", "plan-lean-query", "plan-sink",
+                "plan-sink-seq", "plan-sink-query")
 SAME_BYTES = 0.002  # a row removing this much less still counts as equal memory (plans land on 50.1% for 50%)
 
 

@@ -162,7 +162,8 @@ def test_group_size_out_of_range(work: Path, llama: Path, group_size: str) -> No
                  "--group-size")
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--quant-group", "30"), ("--quant-group", "0"), ("--residual", "-1")])
+@pytest.mark.parametrize(("flag", "value"), [("--quant-group", "30"), ("--quant-group", "0"), ("--residual", "-1"),
+                                             ("--quant-sink", "32")])
 def test_bad_quantization_layout(work: Path, llama: Path, flag: str, value: str) -> None:
     line = assert_fails(["convert", llama, OUT, "--bits", "16,4", flag, value, *TINY], UserInputError.exit_code, work,
                         flag)

@@ -210,7 +210,8 @@ def test_block_layout_is_the_cache_layout(plans, tmp_path):
     assert {(o.group, o.residual) for o in map(override.layer_options, override.layer_roles()) if o} == {(16, 0)}
 
 
-@pytest.mark.parametrize("layout", [{"group": 30}, {"residual": -1}, {"window": 4}, [8, 0], {"group": "8"}])
+@pytest.mark.parametrize("layout", [{"group": 30}, {"residual": -1}, {"window": 4}, [8, 0], {"group": "8"},
+                                    {"group": 8, "sink": 8}])
 def test_bad_layout_is_refused(plans, tmp_path, layout):
     ckpt = _with_layout(plans["mixed"][1], tmp_path / "ckpt", layout)
     with pytest.raises(CheckpointError, match=r"commonkv.quantization .* is malformed") as err:
@@ -230,7 +231,10 @@ def test_block_version_and_an_older_runtime(plans, monkeypatch):
     assert block_version([{"mode": "keep", "bits": 8}], has_sharing=False) == 3
     # a quantization layout: 5 where it differs from the runtime's defaults (an older runtime would ignore it)
     assert block_version([{"mode": "keep", "bits": 8}], False, {"group": 32, "residual": 32}) == 3
-    assert block_version([{"mode": "keep", "bits": 8}], False, {"group": 64, "residual": 0}) == FORMAT_VERSION == 5
+    assert block_version([{"mode": "keep", "bits": 8}], False, {"group": 64, "residual": 0}) == 5
+    # its sink: 6 (a runtime that read up to 5 would call the layout malformed)
+    assert block_version([{"mode": "keep", "bits": 8}], False, {"group": 64, "residual": 0, "sink": 1}) \
+        == FORMAT_VERSION == 6
     assert block_version([{"mode": "keep"}], has_sharing=True) == 2
     assert block_version([{"mode": "keep"}], has_sharing=False) == 1
     config = CommonKVConfig.from_pretrained(plans["merged"][1])

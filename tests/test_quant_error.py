@@ -23,8 +23,8 @@ def test_fewer_bits_lose_more():
     assert errors[8][0] < 1e-3  # 8-bit codes of Gaussian data: ~1e-4 relative error
 
 
-@pytest.mark.parametrize("group", [32, 16])
-def test_latent_errors_equal_the_direct_computation(group):
+@pytest.mark.parametrize(("group", "sink"), [(32, 0), (16, 0), (16, 1)])
+def test_latent_errors_equal_the_direct_computation(group, sink):
     """The cumulative per-rank error must equal ‖B_r (c − ĉ)_r‖² / ‖target‖² computed from scratch, at the
     quantization group it is asked for (72 tokens: the last partial group is never quantized)."""
     torch.manual_seed(1)
@@ -33,11 +33,11 @@ def test_latent_errors_equal_the_direct_computation(group):
     up = {0: torch.randn(2 * d_kv, r), 1: torch.randn(2 * d_kv, r)}
     targets = {l: torch.randn(n, t, 2 * d_kv) for l in up}
     ranks = torch.tensor([4, 8, 12])
-    got = latent_errors(latent, up, targets, ranks, d_kv, group)
+    got = latent_errors(latent, up, targets, ranks, d_kv, group, sink)
     whole = t // group * group
     for b, bits in enumerate(QUANT_BITS):
         kept = latent[:, :whole]
-        noise = (kept - round_trip(kept, bits, "channel", group)).reshape(n * whole, r)
+        noise = (kept - round_trip(kept, bits, "channel", group, sink)).reshape(n * whole, r)
         for l, u in up.items():
             for i, rank in enumerate(ranks.tolist()):
                 err = noise[:, :rank] @ u[:, :rank].T
@@ -46,6 +46,34 @@ def test_latent_errors_equal_the_direct_computation(group):
                 expect_v = err[:, d_kv:].square().sum() / flat[:, d_kv:].square().sum()
                 assert got[l][b, 0, i] == pytest.approx(float(expect_k), rel=1e-4)
                 assert got[l][b, 1, i] == pytest.approx(float(expect_v), rel=1e-4)
+
+
+@pytest.mark.parametrize("axis", ["channel", "token"])
+def test_round_trip_is_what_the_runtime_reads_back(axis):
+    """The analysis measures what the cache will hold: `round_trip` equals a stream that quantized the same
+    tokens, with and without a sink, so the planner's errors are the runtime's."""
+    from commonkv_convert.runtime.quantization import TokenStream
+
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 48, 16)
+    x[..., 0, :] *= 40  # an attention sink
+    for sink in (0, 1, 3):
+        stream = TokenStream(2, 16, 0, axis, sink=sink)
+        stream.append(x)
+        stream.compress()
+        assert torch.allclose(round_trip(x, 2, axis, 16, sink), stream.full(), atol=1e-6), sink
+
+
+def test_a_sink_lowers_the_measured_error_of_an_outlier_first_token():
+    """Keys per channel: one huge first token sets its group's range, so keeping it exact lowers the error of
+    the whole group by far (values per token: only the first token's own error goes)."""
+    torch.manual_seed(3)
+    keys, values = torch.randn(2, 3, 64, 8), torch.randn(2, 3, 64, 8)
+    keys[..., 0, :] *= 50
+    values[..., 0, :] *= 50
+    plain, sunk = kept_errors(keys, values, 32), kept_errors(keys, values, 32, sink=1)
+    for bits in QUANT_BITS:
+        assert sunk[bits][0] < plain[bits][0] / 4 and sunk[bits][1] < plain[bits][1], bits
 
 
 def test_prices_count_codes_scales_and_the_recent_window():
@@ -57,6 +85,9 @@ def test_prices_count_codes_scales_and_the_recent_window():
     assert pricing.kept(4, 64, 3) == pytest.approx((1 - recent) * 5 + recent * 16)
     # a head narrower than a quantization group pads its values' last group: the price counts the padding
     assert pricing.kept(4, 16, 2) > pricing.kept(4, 64, 2)
+    # a sink of 2 tokens: their exact copies at 16 bits on top (their codes keep the group whole)
+    sunk = Pricing((16, 4), context=4096, sink=2)
+    assert sunk.latent(4, 64) == pytest.approx(pricing.latent(4, 64) + 2 / 4096 * 16)
 
 
 def _opt(layer: int, bits: int, loss: float, prices: dict[int, float]) -> Option:
@@ -167,10 +198,11 @@ def test_sweep_records_a_variant_no_plan_meets(tiny_model_dir, tmp_path):
         convert_sweep(str(tiny_model_dir), base, variants, tmp_path / "strict")
 
 
-def test_a_leaner_layout_is_planned_recorded_and_honoured(tiny_model_dir, tmp_path):
-    """--quant-group 16 --residual 0: each precision's error is measured at groups of 16, the plan is priced at
-    them, the block records the layout, and the runtime stores the cache so: its bytes at --context remove the
-    share the plan states. At the same precision the leaner layout costs fewer bits per element."""
+@pytest.mark.parametrize("sink", [0, 1])
+def test_a_leaner_layout_is_planned_recorded_and_honoured(tiny_model_dir, tmp_path, sink):
+    """--quant-group 16 --residual 0 (--quant-sink 1): each precision's error is measured at groups of 16, the plan
+    is priced at them, the block records the layout, and the runtime stores the cache so: its bytes at --context
+    remove the share the plan states. At the same precision the leaner layout costs fewer bits per element."""
     from commonkv_convert.runtime import load_checkpoint
     from commonkv_convert.validate import removed_at_16_bits
 
@@ -179,17 +211,18 @@ def test_a_leaner_layout_is_planned_recorded_and_honoured(tiny_model_dir, tmp_pa
     assert Pricing(group=64, residual=0, context=1024).kept(4, 64, 1) == 4.5  # 4 + 2 float16 per 64 values
     assert Pricing(group=64, residual=0).latent(2, 64) < Pricing().latent(2, 64)
     out = convert_tiny(tiny_model_dir, tmp_path / "lean", ratio=0.7, bits="16,4", context=256, quant_group=16,
-                       residual=0)
+                       residual=0, quant_sink=sink)
     block = json.loads((out / "config.json").read_text())["commonkv"]
-    assert block["quantization"] == {"group": 16, "residual": 0} and block["format_version"] == 5
+    layout = {"group": 16, "residual": 0, **({"sink": sink} if sink else {})}
+    assert block["quantization"] == layout and block["format_version"] == (6 if sink else 5)
     assert any("bits" in g for g in block["groups"]), block["groups"]
     report = json.loads((out / "commonkv_report.json").read_text())
     assert report["validation"]["bytes_match"]
     assert report["validation"]["removed_at_16_bits"]["measured"] == pytest.approx(block["ratio"]["achieved"],
                                                                                    abs=1e-6)
     model = load_checkpoint(out, dtype=torch.float32)
-    assert {(o.group, o.residual) for o in map(model.config.layer_options, model.config.layer_roles()) if o} \
-        == {(16, 0)}
+    assert {(o.group, o.residual, o.sink) for o in map(model.config.layer_options, model.config.layer_roles())
+            if o} == {(16, 0, sink)}
     assert removed_at_16_bits(model.config, 256) >= 0.7
     from typer.testing import CliRunner
 
@@ -198,4 +231,5 @@ def test_a_leaner_layout_is_planned_recorded_and_honoured(tiny_model_dir, tmp_pa
     shown = CliRunner().invoke(app, ["inspect", str(out), "--json"], catch_exceptions=False)
     assert json.loads(shown.stdout)["achieved_ratio"] == pytest.approx(block["ratio"]["achieved"], abs=1e-6)
     card = (out / "README.md").read_text()
-    assert "float16 minimum and step per\n16 values;\n" in card and "most recent tokens" not in card
+    shown = "16 values, the first 1 in the model dtype and out of their group's range;" if sink else "16 values;"
+    assert f"float16 minimum and step per\n{shown}\n" in card and "most recent tokens" not in card

@@ -12,7 +12,7 @@ SCALE_BYTES = 2  # quantization mins and steps are stored as float16
 POSITION_BYTES = 4  # positions of the tokens kept by eviction, int32
 GROUP_BITS = (8, 4, 2)  # the precisions a checkpoint's group may be stored at (`bits` of a group entry)
 # the fields a checkpoint's `quantization` entry may set: the layout its plan priced and measured quantized groups at
-LAYOUT_FIELDS = ("group", "residual")
+LAYOUT_FIELDS = ("group", "residual", "sink")
 
 
 def _kv(default, help: str):

@@ -20,8 +20,9 @@ from .cache_options import GROUP_BITS, LAYOUT_FIELDS, POSITION_BYTES, KVCacheOpt
 
 # 2 adds the optional `sharing` map (KVSharer), 3 a group's `bits` (a runtime that read up to 2 would cache such a
 # group unquantized, not as planned), 4 the `latent_values` mode, 5 a `quantization` layout (group size, recent
-# window) other than KVCacheOptions' defaults; the converter writes the oldest version that describes a plan
-FORMAT_VERSION = 5
+# window) other than KVCacheOptions' defaults, 6 a layout's `sink` (first tokens kept exact); the converter writes the
+# oldest version that describes a plan
+FORMAT_VERSION = 6
 # The transformers releases this runtime's test suite ran on (oldest, newest); the converter records them in the
 # block, and loading under a release outside them warns once. Keep in step with pyproject.toml and .ci/run.
 TESTED_TRANSFORMERS = ("5.23.0", "5.25.0")
@@ -178,7 +179,7 @@ class CommonKVConfig(PretrainedConfig):
         layout = block.get("quantization", {})
         try:
             if not isinstance(layout, dict) or set(layout) - set(LAYOUT_FIELDS):
-                raise ValueError(f"only {' and '.join(LAYOUT_FIELDS)} may be given.")
+                raise ValueError(f"only {', '.join(LAYOUT_FIELDS)} may be given.")
             KVCacheOptions(**layout)
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"commonkv.quantization {str(layout)[:80]} is malformed: {err} {fix}") from None
@@ -314,8 +315,8 @@ class CommonKVConfig(PretrainedConfig):
         return options if options.active else None
 
     def quantization_layout(self) -> dict:
-        """The block's `quantization` entry: the group size and recent window its quantized groups were planned at
-        (the runtime defaults where absent). A load-time `kv_cache` entry may override either."""
+        """The block's `quantization` entry: the group size, recent window and sink its quantized groups were
+        planned at (the runtime defaults where absent). A load-time `kv_cache` entry may override each."""
         return dict((self.commonkv or {}).get("quantization", {}))
 
     def _kv_entry(self) -> KVCacheOptions:
