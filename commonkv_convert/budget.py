@@ -51,8 +51,8 @@ class Option:
 class Pricing:
     """Bits per stored element of each allowed precision, at a context of `context` tokens: the codes, their
     float16 scales (one pair per `group` values), the runtime's unquantized recent window (`residual` tokens and
-    a partial group) and its `sink` first tokens, counted by the runtime's own byte formula (`KVCacheOptions.stream_bytes`) for
-    the stream's real width, so padding of a last group counts too."""
+    a partial group) and its `sink` first tokens, counted by the runtime's own byte formula
+    (`KVCacheOptions.stream_bytes`) for the stream's real width, so padding of a last group counts too."""
 
     bits: tuple[int, ...] = (FULL_BITS,)
     context: int = 4096

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .runtime.cache_options import GROUP_BITS, KVCacheOptions
-from .runtime.quantization import dequantize, quantize
+from .runtime.quantization import dequantize, quantize, without_sink
 
 
 QUANT_BITS = GROUP_BITS  # the precisions a plan may choose below 16 bits
@@ -26,11 +26,8 @@ GROUP = KVCacheOptions.group  # tokens (channel axis) or features (token axis) p
 def round_trip(x: torch.Tensor, bits: int, axis: str, group: int = GROUP, sink: int = 0) -> torch.Tensor:
     """x [..., T, n] quantized and read back as the runtime stores it (T a multiple of `group` for `channel`): the
     first `sink` tokens exact, and in the range of their group token `sink` stands in for them (`TokenStream`)."""
-    coded = x
-    if sink:
-        coded = x.clone()
-        coded[..., :sink, :] = x[..., sink : sink + 1, :]
-    out = dequantize(*quantize(coded, bits, group, axis), bits, group, axis, x.shape[-1], torch.float32)
+    out = dequantize(*quantize(without_sink(x, sink), bits, group, axis), bits, group, axis, x.shape[-1],
+                     torch.float32)
     if sink:
         out[..., :sink, :] = x[..., :sink, :].float()
     return out

@@ -79,6 +79,16 @@ def _codes(x: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int) -> 
     return ((x - lo.float()) / step.float()).round_().clamp_(0, (1 << bits) - 1).to(torch.uint8)
 
 
+def without_sink(x: torch.Tensor, sink: int) -> torch.Tensor:
+    """x [..., T, n] with token `sink` standing in for the first `sink` ones (kept exact elsewhere), so their
+    outliers do not set the range of the group they open; x itself when `sink` is 0."""
+    if not sink:
+        return x
+    x = x.clone()
+    x[..., :sink, :] = x[..., sink : sink + 1, :]
+    return x
+
+
 def quantize(x: torch.Tensor, bits: int, group: int, axis: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [..., T, n] → (packed codes [..., T, bytes], mins, steps); `channel` needs T a multiple of `group`.
 
@@ -201,9 +211,7 @@ class TokenStream:
         x = self.recent[..., :move, :]
         if self.sink and not self.quantized:
             self.head = x[..., : self.sink, :].clone()
-            x = x.clone()
-            x[..., : self.sink, :] = x[..., self.sink : self.sink + 1, :]
-        parts = quantize(x, self.bits, self.group, self.axis)
+        parts = quantize(without_sink(x, 0 if self.quantized else self.sink), self.bits, self.group, self.axis)
         if self.data is None:
             self.data, self.lo, self.step = parts
         else:
@@ -337,5 +345,5 @@ class CompressedKVLayer(_CompressedLayer):
         return self.streams[0].full(), self.streams[1].full()
 
 
-__all__ = ["CompressedKVLayer", "CompressedLatentLayer", "TokenStream", "Workspace", "quantize", "dequantize", "pack",
+__all__ = ["CompressedKVLayer", "CompressedLatentLayer", "TokenStream", "Workspace", "quantize", "dequantize", "without_sink", "pack",
            "unpack"]
