@@ -27,6 +27,7 @@ For each model, one analysis (`convert_sweep`: calibration and factorization onc
   `-sink` rows: the same checkpoints with the first token of every stream kept exact at run time (`sink`);
   `plan-sink`, `plan-sink-seq`, `plan-sink-query`: the lean layout with that sink planned (`--quant-sink 1`: each
   precision's error measured with the first token exact, its bytes priced; a fifth and sixth analysis);
+  `plan-sink-query-sym`: the last with `--refit symmetric`;
 - `plan-query`, `latent-query`: the plan and the latent alone from a second analysis whose key error is the
   attention-score error it causes (`--key-metric query`); its predicted KL is ranked with the others';
   `plan-query-sym`: those plans with `--refit symmetric`; `latent-query-seq`: the latent alone with the query
@@ -116,6 +117,7 @@ def plans(model: str) -> dict[str, dict]:
         out[f"plan-sink@{p:g}"] = {**out[f"plan-lean@{p:g}"], "quant_sink": SINK}
     out["plan-sink-seq@0.875"] = {**out["plan-sink@0.875"], "refit": "sequential"}
     out["plan-sink-query@0.875"] = {**out["plan-sink@0.875"], "key_metric": "query"}
+    out["plan-sink-query-sym@0.875"] = {**out["plan-sink-query@0.875"], "refit": "symmetric"}
     return out
 
 
@@ -306,7 +308,7 @@ def report(args: argparse.Namespace, results: dict) -> None:
 TARGETS = {0.5: 0.01, 0.75: 0.03, 0.875: 0.08}
 PLANNER_ROWS = ("plan", "plan-seq", "plan-sym", "plan-fast", "plan-fast-lv", "plan-8bit", "plan-query",
                 "plan-query-sym", "plan-r0", "plan-lean", "plan-lean-seq", "plan-lean-query", "plan-sink",
-                "plan-sink-seq", "plan-sink-query")
+                "plan-sink-seq", "plan-sink-query", "plan-sink-query-sym")
 SAME_BYTES = 0.002  # a row removing this much less still counts as equal memory (plans land on 50.1% for 50%)
 
 
