@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import numpy as np
 
@@ -36,6 +37,7 @@ class Option:
     errors: dict = field(default_factory=dict, compare=False)  # layer -> (key error, value error)
     bits: int = FULL_BITS  # precision of what it stores: 16 (unquantized) or one of QUANT_BITS
     price: float = FULL_BITS  # bits per stored element, scales and recent window included
+    tail: tuple[int, int] | None = None  # a latent's (first channel, bits) stored at fewer bits than `bits`
 
     @property
     def layers(self) -> list[int]:
@@ -67,8 +69,13 @@ class Pricing:
         return cls(context=block.get("ratio", {}).get("context", cls.context),
                    group=layout.group, residual=layout.residual, sink=layout.sink)
 
-    def latent(self, bits: int, rank: int) -> float:
-        return self._price(bits, rank, 1, ("channel",))  # KVCacheOptions.latent_axis
+    def latent(self, bits: int, rank: int, tail: tuple[int, int] | None = None) -> float:
+        """Per element of a rank-`rank` latent; with a `tail` (first channel s, bits), channels s.. at those bits."""
+        if tail is None:
+            return self._price(bits, rank, 1, ("channel",))  # KVCacheOptions.latent_axis
+        start, tail_bits = tail
+        return (self._price(bits, start, 1, ("channel",)) * start
+                + self._price(tail_bits, rank - start, 1, ("channel",)) * (rank - start)) / rank
 
     def kept(self, bits: int, head_dim: int, kv_heads: int) -> float:
         return self._price(bits, head_dim, kv_heads, ("channel", "token"))  # keys per channel, values per token
@@ -101,9 +108,11 @@ def weighted_loss(errors: dict[int, tuple[float, float]], weights: Weights | Non
     return total
 
 
-def candidate_options(cand: Candidate, weights: Weights | None = None, pricing: Pricing = Pricing()) -> list[Option]:
+def candidate_options(cand: Candidate, weights: Weights | None = None, pricing: Pricing = Pricing(),
+                      tails: bool = False) -> list[Option]:
     """One option per rank and allowed precision of a factorization (per-layer when it has one layer, merged
-    otherwise); a quantized option's errors add the latent's measured quantization error to the truncation's."""
+    otherwise); a quantized option's errors add the latent's measured quantization error to the truncation's.
+    With `tails`, also every latent whose trailing channels take the next lower allowed precision (`tail_options`)."""
     layers = cand.layers
     mode = "per_layer" if len(layers) == 1 else "merged"
     out = []
@@ -112,13 +121,52 @@ def candidate_options(cand: Candidate, weights: Weights | None = None, pricing: 
         for bits in pricing.bits:
             if bits < FULL_BITS and cand.quant_error is None:
                 continue  # no measured quantization error (a weighted merge): not offered quantized
-            q = QUANT_BITS.index(bits) if bits < FULL_BITS else None
-            errors = {l: (float(cand.err_k[l][idx]) + (0.0 if q is None else float(cand.quant_error[l][q, 0, idx])),
-                          float(cand.err_v[l][idx]) + (0.0 if q is None else float(cand.quant_error[l][q, 1, idx])))
-                      for l in layers}
+            errors = {l: tuple(float((cand.err_k, cand.err_v)[h][l][idx]) + _quant_error(cand, l, bits, h, idx)
+                               for h in (0, 1)) for l in layers}
             out.append(Option(layers[0], len(layers), mode, rank, cost, weighted_loss(errors, weights), errors, bits,
                               pricing.latent(bits, rank)))
+    if tails and cand.quant_error is not None:
+        out += tail_options(cand, mode, weights, pricing)
     return out
+
+
+def _quant_error(cand: Candidate, layer: int, bits: int, half: int, idx: int) -> float:
+    """The measured error quantizing the first ranks[idx] channels of the latent at `bits` adds to layer's keys
+    (half 0) or values (1); 0 at 16 bits."""
+    return 0.0 if bits >= FULL_BITS else float(cand.quant_error[layer][QUANT_BITS.index(bits), half, idx])
+
+
+def tail_options(cand: Candidate, mode: str, weights: Weights | None, pricing: Pricing) -> list[Option]:
+    """Latents of every rank r whose channels s.. (s a smaller rank) are stored at the next lower allowed
+    precision than channels ..s-1: the SVD's trailing directions carry the least energy, so fewer bits cost them
+    less error (reverse water-filling). The latent's channels are quantized independently and their noises
+    are nearly uncorrelated, so the error is the leading block's at its bits plus the tail's share at its own:
+    q_b(s) + q_t(r) − q_t(s), each from the cumulative errors the analysis measured. Of one latent's options only
+    those no other option beats on both bits and loss are kept: the allocator could pick no other."""
+    quantized = sorted((b for b in pricing.bits if b < FULL_BITS), reverse=True)
+    ranks = cand.ranks.tolist()
+    out = []
+    for bits, tail_bits in pairwise(quantized):
+        for idx, rank in enumerate(ranks):
+            cost = group_elements(mode, len(cand.layers), rank, 0)
+            for s_idx, start in enumerate(ranks[:idx]):
+                errors = {l: tuple(float((cand.err_k, cand.err_v)[h][l][idx]) + _quant_error(cand, l, bits, h, s_idx)
+                                   + _quant_error(cand, l, tail_bits, h, idx)
+                                   - _quant_error(cand, l, tail_bits, h, s_idx) for h in (0, 1)) for l in cand.layers}
+                tail = (start, tail_bits)
+                out.append(Option(cand.layers[0], len(cand.layers), mode, rank, cost, weighted_loss(errors, weights),
+                                  errors, bits, pricing.latent(bits, rank, tail), tail))
+    return _undominated(out)
+
+
+def _undominated(options: list[Option]) -> list[Option]:
+    """The options no other one beats on both stored bits and loss."""
+    kept, best = [], math.inf
+    for o in sorted(options, key=lambda o: (o.stored_bits, o.loss)):
+        if o.loss < best:
+            kept.append(o)
+            best = o.loss
+    return kept
 
 
 def latent_values_options(cand: Candidate, kept_error: dict[int, tuple[float, float]], head_dim: int,

@@ -217,19 +217,22 @@ def _plan_rows(analysis) -> list[dict]:
         k = sum(e[0] for e in opt.errors.values()) / opt.size
         v = sum(e[1] for e in opt.errors.values()) / opt.size
         rows.append({"layers": opt.layers, "mode": opt.mode, "rank": opt.rank, "bits": opt.bits,
+                     **({"tail": {"start": opt.tail[0], "bits": opt.tail[1]}} if opt.tail else {}),
                      "elements_before": group_elements("keep", opt.size, 0, analysis.facts.d_kv), "elements_after": opt.cost,
                      "key_error": round(k, 5), "value_error": round(v, 5)})
     return rows
 
 
 def _plan_table(analysis) -> Table:
+    from .checkpoint.format import bits_label
+
     table = Table(title="CommonKV plan")
     for col in ("layers", "mode", "rank", "bits", "KV elements/token", "est. key err", "est. value err"):
         table.add_column(col, justify="right" if col != "mode" else "left")
     for row in _plan_rows(analysis):
         layers = row["layers"]
         span = str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
-        table.add_row(span, row["mode"], str(row["rank"] or "-"), str(row["bits"]),
+        table.add_row(span, row["mode"], str(row["rank"] or "-"), bits_label(row),
                       f"{row['elements_before']} → {row['elements_after']}",
                       f"{row['key_error']:.4f}", f"{row['value_error']:.4f}")
     return table
@@ -244,6 +247,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
     """Architecture facts and KV-cache bytes per token; groups and achieved ratio for a converted model."""
+    from .checkpoint.format import bits_label
     from .inspection import describe
 
     info = describe(path, revision=revision)
@@ -263,7 +267,7 @@ def inspect(
         for g in info["groups"]:
             mode = g["mode"] + (f" (reads layer {g['reads']})" if "reads" in g else "")
             groups.add_row(",".join(map(str, g["layers"])), mode, str(g.get("rank", "-")),
-                           *((str(g.get("bits", "-")),) if bits else ()), str(g["elements"]))
+                           *((bits_label(g),) if bits else ()), str(g["elements"]))
         out.print(groups)
 
 

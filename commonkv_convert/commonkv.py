@@ -76,6 +76,7 @@ class CommonKV:
     residual: int
     max_decode_cost: float | None
     latent_values: bool
+    latent_tail: bool
     layer_weights: str
     refit: str
     device: str
@@ -191,7 +192,7 @@ class CommonKV:
                 l, facts.head_dim, facts.num_kv_heads, analysis.kept_quant_error.get(l, {}), pricing, weights)] \
                 if self.allow_keep else []
             for cand in candidates.values():
-                opts.extend(candidate_options(cand, weights, pricing))
+                opts.extend(candidate_options(cand, weights, pricing, tails=self.latent_tail))
             sharing = analysis.sharing.pairs if analysis.sharing else {}
             if self.latent_values:  # not for a KVSharer source: its sharers attend over its rebuilt keys and values
                 for l, cand in analysis.value_candidates.items():
@@ -261,6 +262,8 @@ class CommonKV:
         group["elements"] = opt.cost
         if opt.bits < FULL_BITS:
             group["bits"] = opt.bits
+        if opt.tail is not None:
+            group["tail"] = {"start": opt.tail[0], "bits": opt.tail[1]}
         if opt.mode != "keep" or opt.bits < FULL_BITS:
             group["est_error"] = {"key": round(sum(e[0] for e in opt.errors.values()) / opt.size, 6),
                                   "value": round(sum(e[1] for e in opt.errors.values()) / opt.size, 6)}

@@ -34,7 +34,7 @@ def describe(model: str, *, revision: str | None = None) -> dict:
         block = ckv.commonkv
         sharers = ckv.sharing_pairs()
         groups = [{"layers": g["layers"], "mode": "shared" if sharers.keys() >= set(g["layers"]) else g["mode"],
-                   "rank": g.get("rank"), "elements": n, **({"bits": g["bits"]} if "bits" in g else {}),
+                   "rank": g.get("rank"), "elements": n, **{k: g[k] for k in ("bits", "tail") if k in g},
                    **({"reads": sharers[g["layers"][0]]} if sharers.keys() >= set(g["layers"]) else {})}
                   for g, n in zip(block["groups"], ckv.group_elements_per_token())]
         elements = ckv.kv_elements_per_token()
@@ -64,7 +64,8 @@ def _price(group: dict, pricing: Pricing, facts) -> float:
         return pricing.kept(bits, facts.head_dim, facts.num_kv_heads)
     if group["mode"] == "latent_values":
         return pricing.latent_values(bits, group["rank"], facts.head_dim, facts.num_kv_heads)
-    return pricing.latent(bits, group["rank"] or 0)
+    tail = group.get("tail")
+    return pricing.latent(bits, group["rank"] or 0, tail and (tail["start"], tail["bits"]))
 
 
 def decode_costs(config: dict) -> dict:

@@ -71,6 +71,10 @@ class ConvertOptions:
                                         "at a decode step, at head_dim·kv_heads + rank elements per token. Pairs "
                                         "with --max-decode-cost and --bits.", BUDGET,
                                  "--latent-values/--no-latent-values", sweep=True)
+    latent_tail: bool = option(False, "--bits: also let the planner store a latent's trailing channels (its SVD's "
+                                      "weakest directions) at the next lower allowed precision than its leading "
+                                      "ones, e.g. channels 0-95 at 4 bits and the rest at 2.", BUDGET,
+                               "--latent-tail/--no-latent-tail", sweep=True)
     layer_weights: str = option("kl", "How the planner weighs each layer's estimated K/V errors: kl (by their measured "
                                       "effect on the output, the KL divergence of the next-token distribution on "
                                       "held-out tokens with that layer alone compressed) or uniform.", BUDGET,
@@ -176,6 +180,10 @@ class ConvertOptions:
                                  "To resolve, pass sink ≥ 0, window ≥ 0 and block ≥ 1 (defaults 4, 32, 16).")
         if not self.value_weight > 0:
             raise UserInputError(f"value_weight {self.value_weight} must be positive. To resolve, pass e.g. 1.0.")
+        if self.latent_tail and sum(b < 16 for b in parse_bits(self.bits)) < 2:
+            raise UserInputError(f"--latent-tail stores a latent's trailing channels at a lower precision than its "
+                                 f"leading ones, and --bits {self.bits} allows fewer than two below 16. To resolve, "
+                                 "pass e.g. --bits 16,8,4,2.")
         if self.latent_values and self.refit != "none":
             raise UserInputError("--latent-values cannot be combined with --refit yet (the refit rebuilds keys from the "
                                  "latent). To resolve, pass --refit none or drop --latent-values.")

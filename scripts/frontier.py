@@ -27,7 +27,8 @@ For each model, one analysis (`convert_sweep`: calibration and factorization onc
   `-sink` rows: the same checkpoints with the first token of every stream kept exact at run time (`sink`);
   `plan-sink`, `plan-sink-seq`, `plan-sink-query`: the lean layout with that sink planned (`--quant-sink 1`: each
   precision's error measured with the first token exact, its bytes priced; a fifth and sixth analysis);
-  `plan-sink-query-sym`: the last with `--refit symmetric`;
+  `plan-sink-query-sym`: the last with `--refit symmetric`; `plan-tail`, `plan-tail-seq`, `plan-tail-query`: the
+  plan-sink rows with `--latent-tail` (a latent's trailing channels at the next lower precision);
 - `plan-query`, `latent-query`: the plan and the latent alone from a second analysis whose key error is the
   attention-score error it causes (`--key-metric query`); its predicted KL is ranked with the others';
   `plan-query-sym`: those plans with `--refit symmetric`; `latent-query-seq`: the latent alone with the query
@@ -118,6 +119,10 @@ def plans(model: str) -> dict[str, dict]:
     out["plan-sink-seq@0.875"] = {**out["plan-sink@0.875"], "refit": "sequential"}
     out["plan-sink-query@0.875"] = {**out["plan-sink@0.875"], "key_metric": "query"}
     out["plan-sink-query-sym@0.875"] = {**out["plan-sink-query@0.875"], "refit": "symmetric"}
+    for p in POINTS[1:]:  # latents' trailing channels at the next lower precision (--latent-tail): a plan field
+        out[f"plan-tail@{p:g}"] = {**out[f"plan-sink@{p:g}"], "latent_tail": True}
+    out["plan-tail-seq@0.875"] = {**out["plan-tail@0.875"], "refit": "sequential"}
+    out["plan-tail-query@0.875"] = {**out["plan-sink-query@0.875"], "latent_tail": True}
     return out
 
 
@@ -308,7 +313,8 @@ def report(args: argparse.Namespace, results: dict) -> None:
 TARGETS = {0.5: 0.01, 0.75: 0.03, 0.875: 0.08}
 PLANNER_ROWS = ("plan", "plan-seq", "plan-sym", "plan-fast", "plan-fast-lv", "plan-8bit", "plan-query",
                 "plan-query-sym", "plan-r0", "plan-lean", "plan-lean-seq", "plan-lean-query", "plan-sink",
-                "plan-sink-seq", "plan-sink-query", "plan-sink-query-sym")
+                "plan-sink-seq", "plan-sink-query", "plan-sink-query-sym", "plan-tail", "plan-tail-seq",
+                "plan-tail-query")
 SAME_BYTES = 0.002  # a row removing this much less still counts as equal memory (plans land on 50.1% for 50%)
 
 

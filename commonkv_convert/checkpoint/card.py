@@ -17,7 +17,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from ..decode_cost import CPU_MACS_PER_BYTE, config_predictions
 from ..runtime.cache_options import KVCacheOptions
-from .format import CARD_FILE, CONFIG_FILE, EVAL_FILE
+from .format import CARD_FILE, CONFIG_FILE, EVAL_FILE, bits_label
 
 TEMPLATE = """---
 {{ card_data }}
@@ -52,7 +52,7 @@ With `pip install commonkv`, `trust_remote_code` is not needed.
 {% endfor %}{% if bits %}
 bits: the precision a group's cache is stored at (packed codes with a float16 minimum and step per
 {{ layout.group }} values{% if layout.residual %}, the {{ layout.residual }} most recent tokens in the model dtype{% endif %}{% if layout.sink %}, the first {{ layout.sink }} in the model dtype and out of their group's range{% endif %};
-"-": the model dtype).
+"-": the model dtype{% if tails %}; "4, 2 from 96": latent channels 0-95 at 4 bits, the rest at 2{% endif %}).
 Load with `kv_cache={"bits": 16}` to store every group unquantized, or 8, 4, 2 to store every group at that
 precision.
 {% endif %}
@@ -77,7 +77,8 @@ def render_card(config_block: dict, source: str, name: str, command: str, full_e
     for g in groups:
         errs = g.get("est_error", {})
         rows.append({
-            "layers": g["layers"], "mode": g["mode"], "rank": g.get("rank", "-"), "bits": g.get("bits", "-"),
+            "layers": g["layers"], "mode": g["mode"], "rank": g.get("rank", "-"),
+            "bits": bits_label(g),
             "elements": g.get("elements", "-"),
             "key_error": f"{errs['key']:.4f}" if errs else "-",
             "value_error": f"{errs['value']:.4f}" if errs else "-",
@@ -107,6 +108,7 @@ def render_card(config_block: dict, source: str, name: str, command: str, full_e
         decode=_section("decode", decode_markdown(model_config)),
         groups=rows,
         bits=any("bits" in g for g in groups),  # a bits column only for plans that quantize a group
+        tails=any("tail" in g for g in groups),
         layout=KVCacheOptions.from_entry(config_block.get("quantization")),
         command=command,
     )

@@ -34,10 +34,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 def block_version(groups: list[dict], has_sharing: bool, quantization: dict | None = None) -> int:
     """format_version a block is written with: the oldest that can describe it (2 adds the sharing map, 3 a group's
-    `bits`, 4 the `latent_values` mode, 5 a `quantization` layout other than the runtime's defaults, 6 its `sink`),
+    `bits`, 4 the `latent_values` mode, 5 a `quantization` layout other than the runtime's defaults, 6 its `sink`,
+    7 a group's `tail`),
     so a runtime that predates a feature refuses the checkpoint instead of ignoring the feature or calling it
     damaged."""
     layout = KVCacheOptions.from_entry(quantization)
+    if any("tail" in g for g in groups):
+        return 7
     if layout.sink:
         return 6
     if layout != KVCacheOptions():
@@ -45,6 +48,15 @@ def block_version(groups: list[dict], has_sharing: bool, quantization: dict | No
     if any(g["mode"] == "latent_values" for g in groups):
         return 4
     return 3 if any("bits" in g for g in groups) else 2 if has_sharing else 1
+
+
+def bits_label(group: dict) -> str:
+    """A group's precision as the card, inspect and the plan table show it: "4", "4, 2 from 96" (latent channels
+    96.. at 2 bits) or "-" (the model dtype)."""
+    if "bits" not in group:
+        return "-"
+    tail = group.get("tail")
+    return f"{group['bits']}, {tail['bits']} from {tail['start']}" if tail else str(group["bits"])
 
 
 def runtime_fields() -> dict:

@@ -20,9 +20,9 @@ from .cache_options import GROUP_BITS, LAYOUT_FIELDS, POSITION_BYTES, KVCacheOpt
 
 # 2 adds the optional `sharing` map (KVSharer), 3 a group's `bits` (a runtime that read up to 2 would cache such a
 # group unquantized, not as planned), 4 the `latent_values` mode, 5 a `quantization` layout (group size, recent
-# window) other than KVCacheOptions' defaults, 6 a layout's `sink` (first tokens kept exact); the converter writes the
-# oldest version that describes a plan
-FORMAT_VERSION = 6
+# window) other than KVCacheOptions' defaults, 6 a layout's `sink` (first tokens kept exact), 7 a group's `tail` (its
+# latent's trailing channels at fewer bits); the converter writes the oldest version that describes a plan
+FORMAT_VERSION = 7
 # The transformers releases this runtime's test suite ran on (oldest, newest); the converter records them in the
 # block, and loading under a release outside them warns once. Keep in step with pyproject.toml and .ci/run.
 TESTED_TRANSFORMERS = ("5.23.0", "5.25.0")
@@ -175,6 +175,7 @@ class CommonKVConfig(PretrainedConfig):
             if not ok:
                 raise CheckpointError(f"commonkv.groups[{g}] is malformed ({str(group)[:80]}). {fix}")
             self._check_bits(g, group)
+            self._check_tail(g, group)
             seen += layers
         layout = block.get("quantization", {})
         try:
@@ -202,6 +203,22 @@ class CommonKVConfig(PretrainedConfig):
             raise CheckpointError(f"commonkv.groups[{g}] is a weighted merge group with bits={bits}; weighted "
                                   "groups cannot be quantized. To resolve, remove its bits entry or convert with "
                                   "--merge anchor.")
+
+    @staticmethod
+    def _check_tail(g: int, group: dict) -> None:
+        """A group's `tail`, where present: {"start": s, "bits": b}, the latent's channels s.. stored at b bits, fewer
+        than the group's `bits` (those of channels ..s-1), on an anchor-merged or per-layer latent of rank above s."""
+        if "tail" not in group:
+            return
+        tail, bits = group["tail"], group.get("bits")
+        start = tail.get("start") if isinstance(tail, dict) else None
+        tail_bits = tail.get("bits") if isinstance(tail, dict) else None
+        if not (isinstance(tail, dict) and set(tail) == {"start", "bits"} and isinstance(start, int)
+                and group["mode"] in ("per_layer", "merged") and group.get("merge", "anchor") == "anchor"
+                and 0 < start < group["rank"] and bits in GROUP_BITS and tail_bits in GROUP_BITS and tail_bits < bits):
+            raise CheckpointError(f"commonkv.groups[{g}] has tail={tail!r}; a tail is {{'start': s, 'bits': b}} on a "
+                                  "per-layer or anchor-merged latent with bits, 0 < s < its rank and b below its bits. "
+                                  "To resolve, correct or remove it in config.json, or convert the model again.")
 
     def warn_untested_transformers(self) -> None:
         """Warn once when the installed transformers is outside the releases this runtime was tested with."""
@@ -314,6 +331,14 @@ class CommonKVConfig(PretrainedConfig):
         options = replace(options, bits=None if bits == 16 else bits)
         return options if options.active else None
 
+    def layer_tail(self, role: LayerRole) -> tuple[int, int] | None:
+        """(first channel, bits) of the lower-precision tail of `role`'s latent; None where it has none or the
+        load-time `kv_cache` bits store every group at one precision."""
+        tail = self.commonkv["groups"][role.group].get("tail")
+        if tail is None or not role.stores or not role.latent or self._kv_entry().bits is not None:
+            return None
+        return tail["start"], tail["bits"]
+
     def quantization_layout(self) -> dict:
         """The block's `quantization` entry: the group size, recent window and sink its quantized groups were
         planned at (the runtime defaults where absent). A load-time `kv_cache` entry may override each."""
@@ -344,7 +369,11 @@ class CommonKVConfig(PretrainedConfig):
                 continue
             plain[role.group] = 0  # the storing layers of a group share its options: counted stream by stream
             if role.latent:
-                total += o.stream_bytes(held, role.rank, 1, o.latent_axis, element_size)
+                start, tail_bits = self.layer_tail(role) or (role.rank, o.bits)
+                total += o.stream_bytes(held, start, 1, o.latent_axis, element_size)
+                if start < role.rank:
+                    total += replace(o, bits=tail_bits).stream_bytes(held, role.rank - start, 1, o.latent_axis,
+                                                                     element_size)
                 total += o.budget * POSITION_BYTES if held < tokens else 0
             elif role.value_latent:
                 total += o.stream_bytes(held, self.head_dim, self.num_key_value_heads, "channel", element_size)

@@ -330,11 +330,13 @@ class CommonKVCache(Cache):
                   if group["mode"] == "merged" and group.get("merge", "anchor") == "weighted"}
         layers: list = []
         for role in self.roles:
-            layers.append(self._layer(role, config.layer_options(role), groups, layers))
+            layers.append(self._layer(role, config.layer_options(role), config.layer_tail(role), groups, layers))
         super().__init__(layers=layers)
 
-    def _layer(self, role: LayerRole, o: KVCacheOptions | None, groups: dict[int, WeightedGroup], earlier: list):
-        """The cache layer of one decoder layer, stored as `o` says (earlier: those of the layers before it)."""
+    def _layer(self, role: LayerRole, o: KVCacheOptions | None, tail: tuple[int, int] | None,
+               groups: dict[int, WeightedGroup], earlier: list):
+        """The cache layer of one decoder layer, stored as `o` and its latent's `tail` say (earlier: those of the
+        layers before it)."""
         if role.group in groups:
             return WeightedLayer(groups[role.group], role.layer)
         if role.borrow >= 0:
@@ -343,7 +345,7 @@ class CommonKVCache(Cache):
             return ReaderLayer(earlier[role.source], role.source)
         if o is not None:
             if role.latent:
-                return CompressedLatentLayer(o.bits, o.group, o.residual, o.latent_axis, self.workspace, o.sink)
+                return CompressedLatentLayer(o.bits, o.group, o.residual, o.latent_axis, self.workspace, o.sink, tail)
             if role.value_latent:  # keys per channel, the value latent as a latent layer stores one
                 return CompressedKVLayer(o.bits, o.group, o.residual, self.workspace, value_axis=o.latent_axis,
                                          sink=o.sink)

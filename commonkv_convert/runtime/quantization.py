@@ -306,23 +306,37 @@ class _CompressedLayer(CacheLayerMixin):
 
 
 class CompressedLatentLayer(_CompressedLayer):
-    """A latent `[B, 1, T, r]` cache layer, quantized and/or evicted; `latent` reads it back in the model dtype."""
+    """A latent `[B, 1, T, r]` cache layer, quantized and/or evicted; `latent` reads it back in the model dtype.
+
+    With a `tail` (first channel s, bits), channels s.. are a second stream at those fewer bits: an SVD latent's
+    trailing channels carry the least energy, so their coarser codes cost less error than the leading ones'."""
 
     _layer_type = "commonkv_latent_compressed"
 
     def __init__(self, bits: int | None = None, group: int = 32, residual: int = 32, axis: str = "channel",
-                 workspace: Workspace | None = None, sink: int = 0, **kwargs):
-        super().__init__([TokenStream(bits, group, residual, axis, workspace and (workspace, "latent"), sink)])
+                 workspace: Workspace | None = None, sink: int = 0, tail: tuple[int, int] | None = None, **kwargs):
+        self.split = None if tail is None else tail[0]
+        parts = [(bits, "latent")] + ([] if tail is None else [(tail[1], "latent_tail")])
+        super().__init__([TokenStream(b, group, residual, axis, workspace and (workspace, slot), sink)
+                          for b, slot in parts])
 
     @property
     def latent(self) -> torch.Tensor | None:
-        return self.streams[0].full() if self.streams[0].recent is not None else None
+        if self.streams[0].recent is None:
+            return None
+        if self.split is None:
+            return self.streams[0].full()
+        return torch.cat([stream.full() for stream in self.streams], dim=-1)
 
     def update(self, key_states: torch.Tensor, value_states=None, *args, **kwargs):
         """Append `[B, 1, t, r]` latents; returns the whole latent (second item unused)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states)
-        self.streams[0].append(key_states)
+        if self.split is None:
+            self.streams[0].append(key_states)
+        else:  # each stream holds its own channels (contiguous: a view would keep the whole latent alive)
+            self.streams[0].append(key_states[..., : self.split].contiguous())
+            self.streams[1].append(key_states[..., self.split:].contiguous())
         return self.latent, None
 
 
