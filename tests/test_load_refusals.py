@@ -46,10 +46,12 @@ def _edit_weights(path: Path, change) -> None:
     save_file(tensors, shard, metadata={"format": "pt"})
 
 
+NEWER = runtime_config.FORMAT_VERSION + 1  # a format this runtime cannot read
 BREAKAGES = {
     "no block": (lambda p: _edit_config(p, lambda c: c.pop("commonkv")), "no commonkv block"),
     "block not a dict": (lambda p: _edit_config(p, lambda c: c.update(commonkv=[1])), "no commonkv block"),
-    "newer format": (lambda p: _edit_config(p, lambda c: c["commonkv"].update(format_version=7)), "format_version 7"),
+    "newer format": (lambda p: _edit_config(p, lambda c: c["commonkv"].update(format_version=NEWER)),
+                     f"format_version {NEWER}"),
     "group lost": (lambda p: _edit_config(p, lambda c: c["commonkv"]["groups"].pop()), "not each of the 4 layers"),
     "bad mode": (lambda p: _edit_config(p, lambda c: c["commonkv"]["groups"][0].update(mode="fused")), "malformed"),
     "rank gone": (lambda p: _edit_config(p, lambda c: c["commonkv"]["groups"][0].pop("rank")), "malformed"),
