@@ -211,6 +211,7 @@ def calibrate(
     devices: list[torch.device] | None = None,
     quant_group: int = QUANT_GROUP,
     quant_sink: int = 0,
+    quant_clip: bool = False,
 ) -> Iterator[tuple[LayerStats, Carry]]:
     """Yield (LayerStats, the Carry for the next layer) for layers start..L-1 in order. Pure: nothing is
     saved here (resume.CalibrationCache saves each Carry and continues from one).
@@ -219,8 +220,8 @@ def calibrate(
     those also get their final hidden states recorded in `result` for the post-write logit check.
     `keep_tokens` > 0 keeps that many evenly spaced tokens' activations per layer in `LayerStats.samples`.
     `start` = k > 0 continues at layer k from `carry`. `devices`: layer i runs on devices[i % len(devices)] (default: CPU);
-    statistics always come back to the CPU. `quant_group`, `quant_sink`: the quantization group and sink kept
-    layers' errors are measured at.
+    statistics always come back to the CPU. `quant_group`, `quant_sink`, `quant_clip`: the quantization layout
+    kept layers' errors are measured at.
     """
     reporter = reporter or Reporter()
     result = result or CalibrationResult()
@@ -259,7 +260,7 @@ def calibrate(
             here = kwargs_to(inputs[i], device)
             stats.quant_error = kept_errors(_attended_keys(layer.self_attn, key[held], here["position_embeddings"],
                                                            facts.head_dim), _heads(value[held], facts.head_dim),
-                                            quant_group, quant_sink)
+                                            quant_group, quant_sink, quant_clip)
             current = {"hidden": hidden, "key": key, "value": value}
             if previous is not None:
                 stats.cos_prev = {k: _token_cosine(current[k], previous[k].to(device)) for k in current}

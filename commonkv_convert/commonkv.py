@@ -73,6 +73,7 @@ class CommonKV:
     context: int
     quant_group: int
     quant_sink: int
+    quant_clip: bool
     residual: int
     max_decode_cost: float | None
     latent_values: bool
@@ -99,7 +100,8 @@ class CommonKV:
         result = CalibrationResult()
         for stats in cache.run(source, facts, data.tokens, held_out=data.held_out, validation=data.validation,
                                reporter=reporter, result=result, keep_tokens=keep_tokens, devices=devices,
-                               quant_group=self.quant_group, quant_sink=self.quant_sink):
+                               quant_group=self.quant_group, quant_sink=self.quant_sink,
+                               quant_clip=self.quant_clip):
             window.append(stats)
             everything[stats.layer] = _summary(stats)
             live = {s.layer: s for s in window}
@@ -154,7 +156,7 @@ class CommonKV:
             latent = probes[first].to(dev, cand.down.dtype) @ cand.down.T
             targets = {l: probes[l].to(dev, w.dtype) @ w.T for l, w in span.items()}
             cand.quant_error = latent_errors(latent, cand.up, targets, ranks, facts.d_kv, self.quant_group,
-                                             self.quant_sink)
+                                             self.quant_sink, self.quant_clip)
         return _to_device(cand, "cpu")
 
     def _row_transform(self, source: SourceModel, facts: ArchFacts, layer: int, gram: torch.Tensor,

@@ -152,7 +152,8 @@ def config_block(source: SourceModel, analysis: Analysis, options: ConvertOption
     quantized = any("bits" in g for g in groups)
     # the layout the quantized groups were priced and measured at; the runtime stores them so
     layout = ({"group": options.quant_group, "residual": options.residual,
-               **({"sink": options.quant_sink} if options.quant_sink else {})} if quantized else None)
+               **({"sink": options.quant_sink} if options.quant_sink else {}),
+               **({"clip": True} if options.quant_clip else {})} if quantized else None)
     return {
         "format_version": block_version(groups, analysis.sharing is not None, layout),
         "tool_version": __version__,

@@ -59,6 +59,11 @@ class ConvertOptions:
                                                   "token's outliers would coarsen its group). Each precision's error "
                                                   "is measured with them and the checkpoint's runtime keeps them, "
                                                   "e.g. 1.", BUDGET)
+    quant_clip: bool = option(KVCacheOptions.clip, "--bits: give each quantization group the range that reads it "
+                                                   "back with the least squared error, of its min-max range and a "
+                                                   "few shrunk ones (2 bits: about half the error). Each "
+                                                   "precision's error is measured with it and the checkpoint's "
+                                                   "runtime uses it.", BUDGET, "--quant-clip/--no-quant-clip")
     residual: int = option(KVCacheOptions.residual, "--bits: most recent tokens a quantized group keeps unquantized; "
                                                     "the checkpoint's runtime uses it (0: quantize every whole group).",
                            BUDGET, sweep=True)

@@ -51,7 +51,7 @@ With `pip install commonkv`, `trust_remote_code` is not needed.
 {% for g in groups %}| {{ g.layers | join(",") }} | {{ g.mode }} | {{ g.rank }} |{% if bits %} {{ g.bits }} |{% endif %} {{ g.elements }} | {{ g.key_error }} | {{ g.value_error }} |
 {% endfor %}{% if bits %}
 bits: the precision a group's cache is stored at (packed codes with a float16 minimum and step per
-{{ layout.group }} values{% if layout.residual %}, the {{ layout.residual }} most recent tokens in the model dtype{% endif %}{% if layout.sink %}, the first {{ layout.sink }} in the model dtype and out of their group's range{% endif %};
+{{ layout.group }} values{% if layout.residual %}, the {{ layout.residual }} most recent tokens in the model dtype{% endif %}{% if layout.sink %}, the first {{ layout.sink }} in the model dtype and out of their group's range{% endif %}{% if layout.clip %}, each group's range chosen for the least squared error{% endif %};
 "-": the model dtype{% if tails %}; "4, 2 from 96": latent channels 0-95 at 4 bits, the rest at 2{% endif %}).
 Load with `kv_cache={"bits": 16}` to store every group unquantized, or 8, 4, 2 to store every group at that
 precision.

@@ -35,10 +35,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 def block_version(groups: list[dict], has_sharing: bool, quantization: dict | None = None) -> int:
     """format_version a block is written with: the oldest that can describe it (2 adds the sharing map, 3 a group's
     `bits`, 4 the `latent_values` mode, 5 a `quantization` layout other than the runtime's defaults, 6 its `sink`,
-    7 a group's `tail`),
+    7 a group's `tail`, 8 the layout's `clip`),
     so a runtime that predates a feature refuses the checkpoint instead of ignoring the feature or calling it
     damaged."""
     layout = KVCacheOptions.from_entry(quantization)
+    if layout.clip:
+        return 8
     if any("tail" in g for g in groups):
         return 7
     if layout.sink:

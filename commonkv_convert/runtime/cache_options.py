@@ -12,7 +12,7 @@ SCALE_BYTES = 2  # quantization mins and steps are stored as float16
 POSITION_BYTES = 4  # positions of the tokens kept by eviction, int32
 GROUP_BITS = (8, 4, 2)  # the precisions a checkpoint's group may be stored at (`bits` of a group entry)
 # the fields a checkpoint's `quantization` entry may set: the layout its plan priced and measured quantized groups at
-LAYOUT_FIELDS = ("group", "residual", "sink")
+LAYOUT_FIELDS = ("group", "residual", "sink", "clip")
 
 
 def _kv(default, help: str):
@@ -38,6 +38,9 @@ class KVCacheOptions:
     residual: int = _kv(32, "bits: most recent tokens kept unquantized.")
     sink: int = _kv(0, "bits: first tokens kept unquantized (attention sinks; fewer than group), left out of the "
                        "range of the group they open.")
+    clip: bool = _kv(False, "bits: give each group the range, of its min-max range and a few shrunk about its middle, "
+                            "that reads it back with the least squared error (2 bits: about half the error; costs "
+                            "time when tokens are quantized, none when read).")
     latent_axis: str = _kv("channel", "bits: quantize latents per channel or per token.")
     budget: int | None = _kv(None, "After a prefill longer than budget + observe, keep per layer this many context "
                                    "tokens (those the last observe queries attend to most) plus the observe tokens.")
@@ -54,6 +57,7 @@ class KVCacheOptions:
             (self.group > 0 and self.group % 4 == 0, f"kv_cache group={self.group} must be a positive multiple of 4"),
             (self.residual >= 0, f"kv_cache residual={self.residual} must be >= 0"),
             (0 <= self.sink < self.group, f"kv_cache sink={self.sink} must be in [0, group={self.group})"),
+            (isinstance(self.clip, bool), f"kv_cache clip={self.clip!r} must be true or false"),
             (self.budget is None or self.budget > 0, f"kv_cache budget={self.budget} must be positive (or None)"),
             (self.observe > 0, f"kv_cache observe={self.observe} must be positive"),
             (self.pool > 0 and self.pool % 2 == 1, f"kv_cache pool={self.pool} must be a positive odd number"),

@@ -21,8 +21,8 @@ from .cache_options import GROUP_BITS, LAYOUT_FIELDS, POSITION_BYTES, KVCacheOpt
 # 2 adds the optional `sharing` map (KVSharer), 3 a group's `bits` (a runtime that read up to 2 would cache such a
 # group unquantized, not as planned), 4 the `latent_values` mode, 5 a `quantization` layout (group size, recent
 # window) other than KVCacheOptions' defaults, 6 a layout's `sink` (first tokens kept exact), 7 a group's `tail` (its
-# latent's trailing channels at fewer bits); the converter writes the oldest version that describes a plan
-FORMAT_VERSION = 7
+# latent's trailing channels at fewer bits), 8 a layout's `clip` (ranges by least squared error); the converter writes the oldest version that describes a plan
+FORMAT_VERSION = 8
 # The transformers releases this runtime's test suite ran on (oldest, newest); the converter records them in the
 # block, and loading under a release outside them warns once. Keep in step with pyproject.toml and .ci/run.
 TESTED_TRANSFORMERS = ("5.23.0", "5.25.0")

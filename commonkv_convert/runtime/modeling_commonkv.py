@@ -345,12 +345,14 @@ class CommonKVCache(Cache):
             return ReaderLayer(earlier[role.source], role.source)
         if o is not None:
             if role.latent:
-                return CompressedLatentLayer(o.bits, o.group, o.residual, o.latent_axis, self.workspace, o.sink, tail)
+                return CompressedLatentLayer(o.bits, o.group, o.residual, o.latent_axis, self.workspace, o.sink, tail,
+                                             o.clip)
             if role.value_latent:  # keys per channel, the value latent as a latent layer stores one
                 return CompressedKVLayer(o.bits, o.group, o.residual, self.workspace, value_axis=o.latent_axis,
-                                         sink=o.sink)
+                                         sink=o.sink, clip=o.clip)
             lends = role.layer in self.handovers  # its keys/values are read after later layers have dequantized
-            return CompressedKVLayer(o.bits, o.group, o.residual, None if lends else self.workspace, sink=o.sink)
+            return CompressedKVLayer(o.bits, o.group, o.residual, None if lends else self.workspace, sink=o.sink,
+                                     clip=o.clip)
         return LatentLayer() if role.latent else DynamicLayer()  # DynamicLayer: keys, and values or a value latent
 
     # ---- around each forward: eviction scores during a long prefill, then evict, fold and quantize after it ----
