@@ -28,7 +28,9 @@ For each model, one analysis (`convert_sweep`: calibration and factorization onc
   `plan-sink`, `plan-sink-seq`, `plan-sink-query`: the lean layout with that sink planned (`--quant-sink 1`: each
   precision's error measured with the first token exact, its bytes priced; a fifth and sixth analysis);
   `plan-sink-query-sym`: the last with `--refit symmetric`; `plan-tail`, `plan-tail-seq`, `plan-tail-query`: the
-  plan-sink rows with `--latent-tail` (a latent's trailing channels at the next lower precision);
+  plan-sink rows with `--latent-tail` (a latent's trailing channels at the next lower precision); `-clip`: the
+  same with `--quant-clip` (each quantization group's range by least squared error; another analysis), and
+  `quant4-lean-sink-clip`, `quant2-lean-sink-clip` quantization alone with it (run-time `clip`);
 - `plan-query`, `latent-query`: the plan and the latent alone from a second analysis whose key error is the
   attention-score error it causes (`--key-metric query`); its predicted KL is ranked with the others';
   `plan-query-sym`: those plans with `--refit symmetric`; `latent-query-seq`: the latent alone with the query
@@ -123,6 +125,9 @@ def plans(model: str) -> dict[str, dict]:
         out[f"plan-tail@{p:g}"] = {**out[f"plan-sink@{p:g}"], "latent_tail": True}
     out["plan-tail-seq@0.875"] = {**out["plan-tail@0.875"], "refit": "sequential"}
     out["plan-tail-query@0.875"] = {**out["plan-sink-query@0.875"], "latent_tail": True}
+    for p in POINTS[2:]:  # each quantization group's range by least squared error (--quant-clip): another analysis
+        out[f"plan-tail-clip@{p:g}"] = {**out[f"plan-tail@{p:g}"], "quant_clip": True}
+    out["plan-tail-query-clip@0.875"] = {**out["plan-tail-query@0.875"], "quant_clip": True}
     return out
 
 
@@ -137,6 +142,9 @@ def runs(model: str) -> dict[str, tuple[str, dict, float]]:
     # the first token of every stream kept exact, out of its group's range (run-time `sink`; the plans priced
     # and measured their groups without it)
     out["quant2-lean-sink"] = ("full-lean", {**out["quant2-lean"][1], "sink": SINK}, 1.0)
+    for bits in (4, 2):  # quantization alone with the clipped ranges too (run-time `clip`), sink kept
+        out[f"quant{bits}-lean-sink-clip"] = ("full-lean", {**out[f"quant{bits}-lean"][1], "sink": SINK, "clip": True},
+                                              1.0)
     for name in ("plan-lean@0.875", "plan-lean-seq@0.875", "plan-lean-query@0.875"):
         out[name.replace("@", "-sink@")] = (name, {"sink": SINK}, 1.0)
     for p in POINTS:
@@ -314,7 +322,7 @@ TARGETS = {0.5: 0.01, 0.75: 0.03, 0.875: 0.08}
 PLANNER_ROWS = ("plan", "plan-seq", "plan-sym", "plan-fast", "plan-fast-lv", "plan-8bit", "plan-query",
                 "plan-query-sym", "plan-r0", "plan-lean", "plan-lean-seq", "plan-lean-query", "plan-sink",
                 "plan-sink-seq", "plan-sink-query", "plan-sink-query-sym", "plan-tail", "plan-tail-seq",
-                "plan-tail-query")
+                "plan-tail-query", "plan-tail-clip", "plan-tail-query-clip")
 SAME_BYTES = 0.002  # a row removing this much less still counts as equal memory (plans land on 50.1% for 50%)
 
 
