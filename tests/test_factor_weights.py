@@ -71,3 +71,23 @@ def test_a_kl_weighted_conversion_plans_writes_and_validates(tiny_model_dir, tmp
     report = json.loads((out / "commonkv_report.json").read_text())
     assert report["validation"]["passed"]
     assert "factor_weights: kl" in (out / "commonkv_recipe.yaml").read_text()
+
+
+def test_a_resumed_conversion_does_not_measure_the_first_pass_again(tiny_model_dir, tmp_path, monkeypatch):
+    from commonkv_convert import commonkv
+    from commonkv_convert.resume import WorkDir
+
+    options = ConvertOptions(ratio=0.5, group_size=2, validate=False, factor_weights="kl", **TINY_CALIB)
+    with open_model(str(tiny_model_dir)) as opened:
+        source = source_view(opened)
+        work = WorkDir(tmp_path / "work", persistent=True)
+        first = analyze_source(source, options, Reporter(), work=work)
+        work._lock.close()  # as if the process had ended: the next run may take the directory
+        assert (work.root / commonkv.CommonKV.FIRST_PASS).is_file()
+
+        def no_probe(*args, **kwargs):
+            raise AssertionError("the sensitivities were measured again")
+        monkeypatch.setattr(commonkv, "probe", no_probe)
+        again = analyze_source(source, options, Reporter(), work=WorkDir(tmp_path / "work", persistent=True))
+    assert again.sensitivity == first.sensitivity
+    assert [(o.start, o.size, o.rank) for o in again.plan] == [(o.start, o.size, o.rank) for o in first.plan]
