@@ -46,7 +46,7 @@ from .quant_error import latent_errors
 from .recipe import parse_bits
 from .refit import refit
 from .resume import CalibrationCache, CandidateStore, WorkDir
-from .sensitivity import curves, probe
+from .sensitivity import curves, factor_scales, probe
 from .similarity import adjacent_pairs, latent_similarity
 from .weighted import weighted_factorize
 
@@ -65,6 +65,7 @@ class CommonKV:
     key_metric: str
     value_metric: str
     value_weight: float
+    factor_weights: str
     merge: str
     sink: int
     window: int
@@ -90,6 +91,8 @@ class CommonKV:
         if self.group_size > facts.num_layers:
             raise UserInputError(f"--group-size {self.group_size} exceeds the model's {facts.num_layers} layers. "
                                  f"To resolve, pass a value from 1 to {facts.num_layers}.")
+        prior = self._first_pass(source, facts, data, work, reporter, devices) if self.factor_weights == "kl" else {}
+        scales = prior.get("scales", {})
         cache, store = CalibrationCache(work, self.group_size), CandidateStore(work)
         candidates, group_sim, value_candidates = store.restore(cache.start)
         everything = cache.finished()
@@ -106,7 +109,8 @@ class CommonKV:
             everything[stats.layer] = _summary(stats)
             live = {s.layer: s for s in window}
             transforms = {l: transforms[l] if l in transforms else
-                          self._row_transform(source, facts, l, live[l].gram["fit"], live[l].query_energy)
+                          self._row_transform(source, facts, l, live[l].gram["fit"], live[l].query_energy,
+                                              scales.get(l))
                           for l in live}  # only the window's: these dicts must not grow with the model
             weights = {l: weights[l] if l in weights else (transforms[l] @ _kv_weight(source, l)).to(dev)
                        for l in live}
@@ -121,8 +125,8 @@ class CommonKV:
             # the values alone, for --latent-values (cheap: one layer's d_kv rows); always, so a sweep may turn it on
             values = self._factorize_span(stats.layer, 1, weights, live, facts, dev, values_only=True)
             value_candidates[stats.layer] = store.put(_undo_transform(values, transforms), values_only=True)
-        sensitivity = None
-        if self.layer_weights == "kl":  # the one stage whose cost grows with layers²: only when the plan uses it
+        sensitivity = prior.get("sensitivity")  # --factor-weights kl measured it in its first pass
+        if self.layer_weights == "kl" and sensitivity is None:  # the one stage whose cost grows with layers²
             per_layer = {l: candidates[(l, 1)] for l in range(facts.num_layers) if (l, 1) in candidates}
             sensitivity = probe(source, facts, data.tokens[-data.held_out:], per_layer, store, reporter, dev)
         analysis = Analysis(facts, data, [], self.ratio, store, result.final_hidden, candidates,
@@ -160,19 +164,48 @@ class CommonKV:
         return _to_device(cand, "cpu")
 
     def _row_transform(self, source: SourceModel, facts: ArchFacts, layer: int, gram: torch.Tensor,
-                       query_energy: torch.Tensor | None) -> torch.Tensor:
+                       query_energy: torch.Tensor | None, scale: tuple[float, float] | None = None) -> torch.Tensor:
         """The balance transform of a layer's [W_k; W_v] rows (identity without --balance), from the Gram of its
-        attention inputs and its queries' energy per key channel (calibrate.query_energy)."""
+        attention inputs and its queries' energy per key channel (calibrate.query_energy); `scale`: the (key,
+        value) weights of --factor-weights kl on top, so the joint SVD spends rank where the KL is."""
         w = _kv_weight(source, layer)
         if not self.balance:
-            return torch.eye(w.shape[0], dtype=w.dtype)
-        metric = key = None
-        if self.value_metric == "output":
-            w_o = source.get_tensor(facts.layer_prefix(layer) + "self_attn.o_proj.weight", torch.float64)
-            metric = value_output_metric(w_o, facts.num_kv_heads, facts.head_dim)
-        if self.key_metric == "query":
-            key = key_score_metric(query_energy)
-        return balance_transform(w[: facts.d_kv], w[facts.d_kv:], metric, gram, self.value_weight, key)
+            transform = torch.eye(w.shape[0], dtype=w.dtype)
+        else:
+            metric = key = None
+            if self.value_metric == "output":
+                w_o = source.get_tensor(facts.layer_prefix(layer) + "self_attn.o_proj.weight", torch.float64)
+                metric = value_output_metric(w_o, facts.num_kv_heads, facts.head_dim)
+            if self.key_metric == "query":
+                key = key_score_metric(query_energy)
+            transform = balance_transform(w[: facts.d_kv], w[facts.d_kv:], metric, gram, self.value_weight, key)
+        if scale is None:
+            return transform
+        rows = torch.tensor(scale, dtype=transform.dtype).sqrt().repeat_interleave(facts.d_kv)
+        return rows[:, None] * transform
+
+    FIRST_PASS = "factor_weights.pt"  # in the work directory: a resumed --factor-weights kl run skips the pass
+
+    def _first_pass(self, source: SourceModel, facts: ArchFacts, data: CalibrationData, work: WorkDir,
+                    reporter: Reporter, devices: list[torch.device]) -> dict:
+        """--factor-weights kl: {"sensitivity", "scales"} from an analysis of per-layer latents with energy
+        weights, planned at this ratio and precisions (in a temporary work directory): its layer sensitivities, and
+        each layer's (key, value) weight, the slope of its KL curves at the errors that plan gave it."""
+        if (work.root / self.FIRST_PASS).is_file():
+            return work.load(self.FIRST_PASS)
+        reporter.log("--factor-weights kl: a first pass over per-layer latents measures the layer sensitivities.")
+        single = dataclasses.replace(self, group_size=1, factor_weights="energy", layer_weights="kl", refit="none",
+                                     max_decode_cost=None, latent_values=False)
+        temp = WorkDir.for_output(None)
+        temp.bind("first pass", reporter.log)
+        try:
+            analysis = single.analyze(source, facts, data, temp, reporter, devices)
+        finally:
+            temp.close(remove=True)
+        errors = {l: e for opt in analysis.plan for l, e in opt.errors.items()}
+        out = {"sensitivity": analysis.sensitivity, "scales": factor_scales(curves(analysis.sensitivity), errors)}
+        work.save(self.FIRST_PASS, out)
+        return out
 
     def plan(self, analysis: Analysis) -> Analysis:
         """The budget stage: spans up to group_size at the allowed precisions, at most (1 − ratio) of the full

@@ -102,6 +102,11 @@ class ConvertOptions:
     key_metric: str = option("plain", "Measure key error as the attention-score error it causes (query: weighted by "
                                       "the calibration queries' energy per channel) or as is (plain).", FACTORIZATION)
     value_weight: float = option(1.0, "Weight of value error relative to key error.", FACTORIZATION)
+    factor_weights: str = option("energy", "How the joint SVD weighs each layer's key and value errors: energy (each "
+                                           "relative to its own energy, all alike) or kl (by the slope of the layer's "
+                                           "measured KL curves at the errors a per-layer plan gives them: a first "
+                                           "pass over per-layer latents measures the sensitivities, about one more "
+                                           "calibration).", FACTORIZATION)
     refit: str = option("none", "Once planned, refit each group's factors on all calibration tokens but the "
                                 "validation rows (pooled), also fed by the compressed layers before it (sequential), "
                                 "with targets from that same compressed stream (symmetric), or not (none).",
@@ -194,6 +199,8 @@ class ConvertOptions:
                                  "latent). To resolve, pass --refit none or drop --latent-values.")
         if self.layer_weights not in ("kl", "uniform"):
             raise UserInputError(f"layer_weights {self.layer_weights!r} is unknown. To resolve, pass kl or uniform.")
+        if self.factor_weights not in ("energy", "kl"):
+            raise UserInputError(f"--factor-weights {self.factor_weights!r} is unknown. To resolve, pass energy or kl.")
         if self.key_metric not in ("query", "plain"):
             raise UserInputError(f"--key-metric {self.key_metric!r} is unknown. To resolve, pass query or plain.")
         if self.value_metric not in ("output", "plain"):

@@ -64,6 +64,25 @@ def curves(probes: Probes) -> dict[int, tuple[Curve, Curve]]:
     return {layer: (fit_curve(roles["k"]), fit_curve(roles["v"])) for layer, roles in probes.items()}
 
 
+FLOOR = 1e-3  # factor_scales: the least weight of a role, as a share of the mean, so no role's error is free
+
+
+def factor_scales(curves: dict[int, tuple[Curve, Curve]],
+                  errors: dict[int, tuple[float, float]]) -> dict[int, tuple[float, float]]:
+    """Layer → (key, value) weight of its rows in the joint SVD (--factor-weights kl): the slope a + 2b·e of each
+    role's curve at the error e a first plan gave it (none: 0), over the mean slope.
+
+    With equal weights the SVD minimizes the plain sum of relative K/V errors over a span; with these it minimizes
+    the planner's predicted KL to first order around that plan, so a layer whose values move the output ten times
+    more than its keys gets its rank spent on its values."""
+    slopes = {l: tuple(a + 2 * b * e for (a, b), e in zip(pair, errors.get(l, (0.0, 0.0))))
+              for l, pair in curves.items()}
+    mean = sum(sum(s) for s in slopes.values()) / max(2 * len(slopes), 1)
+    if not mean > 0:
+        return {l: (1.0, 1.0) for l in slopes}
+    return {l: tuple(max(s / mean, FLOOR) for s in pair) for l, pair in slopes.items()}
+
+
 def probe(source: SourceModel, facts: ArchFacts, tokens: torch.Tensor, candidates: dict[int, Candidate],
           store: CandidateStore, reporter: Reporter | None = None, device: torch.device | str = "cpu") -> Probes:
     """Layer → role → [(estimated error, KL(source ‖ probed))] on the first SEQUENCES of `tokens` [n, T].
