@@ -34,7 +34,8 @@ For each model, one analysis (`convert_sweep`: calibration and factorization onc
 - `plan-query`, `latent-query`: the plan and the latent alone from a second analysis whose key error is the
   attention-score error it causes (`--key-metric query`); its predicted KL is ranked with the others';
   `plan-query-sym`: those plans with `--refit symmetric`; `latent-query-seq`: the latent alone with the query
-  metric and `--refit sequential`;
+  metric and `--refit sequential`; `latent-fw`, `latent-query-fw`: the latent alone with `--factor-weights kl`
+  (each layer's keys and values weighted in the joint SVD by the slope of their measured KL curves);
 - `kvpress`: NVIDIA kvpress's presses, where `scripts/peer_kvpress.py run` has written
   docs/frontier_kvpress_MODEL.json (in its own venv: kvpress pins transformers < 5.3). It runs in float32 and
   is compared with its own full-cache row; its share removed is the share of tokens evicted.
@@ -108,6 +109,8 @@ def plans(model: str) -> dict[str, dict]:
     for p in POINTS[:2]:
         out[f"latent-query@{p:g}"] = {"ratio": p, "key_metric": "query"}
     out["latent-query-seq@0.5"] = {**out["latent-query@0.5"], "refit": "sequential"}
+    for name in ("latent@0.5", "latent-query@0.5"):  # the joint SVD weighted by the KL curves: another analysis
+        out[name.replace("@", "-fw@")] = {**out[name], "factor_weights": "kl"}
     out["plan-r0@0.875"] = {"ratio": 0.875, **bits, "residual": 0}
     # a third analysis, its errors measured at the lean layout; its ratio-0 plan is the full cache, for the
     # quantization baselines at the same layouts
