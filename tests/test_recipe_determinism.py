@@ -28,6 +28,7 @@ RUN_FIELDS = ("wall_time_s", "peak_rss_mb")
 
 # Valid values other than the defaults, for the fields whose type alone does not give one.
 OTHER_CHOICES = {"allocator": "uniform", "value_metric": "plain", "key_metric": "query", "layer_weights": "uniform",
+                 "factor_weights": "kl",
                  "merge": "weighted", "method": "kvsharer",
                  "share_order": "similar-first", "share_latent": "source", "max_shard_size": "1GB", "device": "cpu",
                  "revision": "a1b2c3d", "base_model": "org/base-model", "bits": "16,8,4", "quant_group": 64}
